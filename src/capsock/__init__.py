@@ -1,0 +1,63 @@
+"""capsock: capability-based, end-to-end encrypted byte streams.
+
+A stream endpoint is named by a capability URI (``capsock://<node-id>/<token>``):
+holding the URI is the permission to open an encrypted stream to it, and the
+node id in it makes sure you reach the right node.
+
+    async with capsock.Node(listen=["tcp:127.0.0.1:0"]) as node:
+        listener = await node.listen()
+        print(listener.uri)                  # hand this string to a peer
+        stream = await listener.accept()     # an anyio.abc.ByteStream
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    CapabilityRejected,
+    CapsockError,
+    ConnectionLost,
+    ErrorCode,
+    HandshakeError,
+    InvalidCapability,
+    LocalUsageError,
+    PeerAuthenticationError,
+    ProtocolError,
+    ResourceLimitExceeded,
+    StreamReset,
+    Unreachable,
+)
+from .keys import KeyPair, NodeId
+from .mux import MuxConfig
+from .node import Listener, Node, NodeConfig
+from .session import SessionConfig
+from .stream import CapsockAttribute, Stream
+from .uri import Capability, parse
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CapabilityRejected",
+    "Capability",
+    "CapsockAttribute",
+    "CapsockError",
+    "ConnectionLost",
+    "ErrorCode",
+    "HandshakeError",
+    "InvalidCapability",
+    "KeyPair",
+    "Listener",
+    "LocalUsageError",
+    "MuxConfig",
+    "Node",
+    "NodeConfig",
+    "NodeId",
+    "PeerAuthenticationError",
+    "ProtocolError",
+    "ResourceLimitExceeded",
+    "SessionConfig",
+    "Stream",
+    "StreamReset",
+    "Unreachable",
+    "__version__",
+    "parse",
+]

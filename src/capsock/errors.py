@@ -1,0 +1,140 @@
+"""The whole capsock error hierarchy, and the error codes carried on the wire.
+
+Every exception capsock raises on purpose derives from :class:`CapsockError`.
+The split follows h2: :class:`LocalUsageError` is *your* program misusing the
+API, :class:`ProtocolError` is the *remote* side misbehaving, and the other
+classes describe outcomes (a capability refused, a peer that is not who the URI
+says, no route that worked).
+
+At the stream boundary (:mod:`capsock.stream`) errors additionally derive from
+anyio's stream exceptions, so generic anyio code that catches
+``anyio.BrokenResourceError`` keeps working.  This module itself stays free of
+anyio so the sans-IO core can import it.
+
+No message built here ever contains a capability token or key material.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+__all__ = [
+    "CapabilityRejected",
+    "CapsockError",
+    "ConnectionLost",
+    "ErrorCode",
+    "HandshakeError",
+    "InvalidCapability",
+    "LocalUsageError",
+    "PeerAuthenticationError",
+    "ProtocolError",
+    "ResourceLimitExceeded",
+    "StreamReset",
+    "Unreachable",
+]
+
+
+class ErrorCode(IntEnum):
+    """Codes carried in REJECT, RESET and GOAWAY frames (16 bits on the wire)."""
+
+    NO_ERROR = 0
+    """Graceful: nothing went wrong."""
+    PROTOCOL_ERROR = 1
+    """The peer broke the protocol."""
+    INTERNAL_ERROR = 2
+    """The sender hit a bug or an unexpected condition."""
+    FLOW_CONTROL_ERROR = 3
+    """The peer sent more than the credit it was granted."""
+    REFUSED = 4
+    """The capability was refused.  Deliberately uniform: unknown root, bad tag,
+    expired, used up, wrong peer and revoked all use this one code."""
+    CANCELLED = 5
+    """The application closed the stream before finishing it."""
+    BUSY = 6
+    """The endpoint is valid but cannot take more streams right now."""
+    LIMIT_EXCEEDED = 7
+    """A configured limit (streams, frame size, pending opens) was exceeded."""
+    SHUTTING_DOWN = 8
+    """The node is going away (GOAWAY)."""
+    TIMEOUT = 9
+    """A timer ran out (handshake, keepalive, open)."""
+
+    @classmethod
+    def from_wire(cls, value: int) -> ErrorCode:
+        """Map a received code to the enum; unknown codes become INTERNAL_ERROR."""
+        try:
+            return cls(value)
+        except ValueError:
+            return cls.INTERNAL_ERROR
+
+
+class CapsockError(Exception):
+    """Base class of every error capsock raises on purpose."""
+
+
+class LocalUsageError(CapsockError):
+    """The calling program used the API wrongly (closed object, bad argument)."""
+
+
+class InvalidCapability(CapsockError, ValueError):
+    """A capability URI or token is malformed.
+
+    The message says which part is wrong; it never repeats the token.
+    """
+
+
+class CapabilityRejected(CapsockError):
+    """The endpoint refused a well-formed capability.
+
+    The reason is deliberately not disclosed by the endpoint (unknown, forged,
+    expired, used up, wrong peer and revoked all look the same on the wire).
+    """
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.REFUSED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class PeerAuthenticationError(CapsockError):
+    """The remote node could not prove it holds the key named in the capability."""
+
+
+class Unreachable(CapsockError):
+    """No route to the node worked; ``attempts`` lists each route and why it failed."""
+
+    def __init__(self, message: str, attempts: tuple[tuple[str, str], ...] = ()) -> None:
+        if attempts:
+            message += "; tried: " + "; ".join(f"{route}: {why}" for route, why in attempts)
+        super().__init__(message)
+        self.attempts = attempts
+
+
+class ProtocolError(CapsockError):
+    """The remote side broke the capsock protocol; the session is closed."""
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.PROTOCOL_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class HandshakeError(ProtocolError):
+    """The Noise handshake failed: malformed, truncated, or not authentic."""
+
+
+class ResourceLimitExceeded(ProtocolError):
+    """The remote side exceeded a configured limit (denial-of-service guard)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, ErrorCode.LIMIT_EXCEEDED)
+
+
+class StreamReset(CapsockError):
+    """The stream was reset by the peer or by the session ending; ``code`` says why."""
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.INTERNAL_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ConnectionLost(StreamReset):
+    """The session carrying the stream ended without an authenticated EOF."""

@@ -1,0 +1,166 @@
+"""Node identities: Ed25519 key pairs, their 52-character text form, key files.
+
+A :class:`NodeId` is the 32-byte Ed25519 public key of a node.  Its text form is
+RFC 4648 base32, lower case, without padding (52 characters).  The X25519 keys
+used by the Noise handshake are the standard libsodium conversion of the
+Ed25519 keys (``crypto_sign_ed25519_pk_to_curve25519`` and friends).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nacl.bindings
+import nacl.exceptions
+import nacl.signing
+
+from .errors import InvalidCapability, LocalUsageError, PeerAuthenticationError
+
+__all__ = ["KeyPair", "NodeId"]
+
+NODE_ID_LEN = 32
+NODE_ID_TEXT_LEN = 52
+_KEY_FILE_HEADER = "capsock-node-key-v1\n"
+_B32_ALPHABET = frozenset("abcdefghijklmnopqrstuvwxyz234567")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeId:
+    """A node's identity: its Ed25519 public key (public, not a secret)."""
+
+    raw: bytes
+    """The 32 raw bytes of the Ed25519 public key."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.raw, bytes) or len(self.raw) != NODE_ID_LEN:
+            raise InvalidCapability("a node id is exactly 32 bytes")
+
+    @classmethod
+    def parse(cls, text: str) -> NodeId:
+        """Parse the 52-character base32 text form.
+
+        Raises:
+            InvalidCapability: the text is not a canonical node id.
+        """
+        if not isinstance(text, str) or len(text) != NODE_ID_TEXT_LEN:
+            raise InvalidCapability(
+                f"a node id is {NODE_ID_TEXT_LEN} base32 characters "
+                f"(got {len(text) if isinstance(text, str) else type(text).__name__})"
+            )
+        if not set(text) <= _B32_ALPHABET:
+            raise InvalidCapability("a node id uses only lower-case base32 (a-z, 2-7)")
+        raw = base64.b32decode(text.upper() + "====")
+        node = cls(raw)
+        if str(node) != text:  # the last character carries 4 unused bits
+            raise InvalidCapability("node id is not in canonical form (non-zero trailing bits)")
+        return node
+
+    def x25519(self) -> bytes:
+        """The X25519 public key for Noise (libsodium's Ed25519 -> X25519 conversion).
+
+        Raises:
+            PeerAuthenticationError: the bytes are not a valid Ed25519 point.
+        """
+        try:
+            return bytes(nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(self.raw))
+        except (nacl.exceptions.CryptoError, ValueError, RuntimeError) as exc:
+            raise PeerAuthenticationError(
+                f"node id {self.short()} is not a valid Ed25519 public key"
+            ) from exc
+
+    def short(self) -> str:
+        """A short prefix for logs and messages (public, like the whole id)."""
+        return str(self)[:12]
+
+    def __str__(self) -> str:
+        return base64.b32encode(self.raw).decode("ascii").rstrip("=").lower()
+
+    def __repr__(self) -> str:
+        return f"NodeId({str(self)!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPair:
+    """A node's Ed25519 key pair.  ``repr()`` never shows the secret."""
+
+    seed: bytes = field(repr=False)
+    """The 32-byte Ed25519 seed (secret)."""
+    node_id: NodeId = field(init=False)
+    """The public half."""
+    x25519_private: bytes = field(init=False, repr=False)
+    """The converted X25519 private key used as the Noise static key (secret)."""
+    x25519_public: bytes = field(init=False, repr=False)
+    """The converted X25519 public key."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.seed, bytes) or len(self.seed) != 32:
+            raise LocalUsageError("an Ed25519 seed is exactly 32 bytes")
+        signing = nacl.signing.SigningKey(self.seed)
+        object.__setattr__(self, "node_id", NodeId(bytes(signing.verify_key)))
+        object.__setattr__(
+            self, "x25519_private", bytes(signing.to_curve25519_private_key())
+        )
+        object.__setattr__(
+            self, "x25519_public", bytes(signing.verify_key.to_curve25519_public_key())
+        )
+
+    @classmethod
+    def generate(cls) -> KeyPair:
+        """A fresh key pair from the operating system's CSPRNG."""
+        return cls(os.urandom(32))
+
+    def __repr__(self) -> str:
+        return f"KeyPair(node_id={self.node_id!r})"
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the key file atomically with mode 0600 (created, never widened)."""
+        target = Path(path)
+        tmp = target.with_name(target.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, (_KEY_FILE_HEADER + self.seed.hex() + "\n").encode("ascii"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> KeyPair:
+        """Read a key file written by :meth:`save`.
+
+        Raises:
+            LocalUsageError: the file is malformed or readable by others.
+        """
+        target = Path(path)
+        mode = target.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise LocalUsageError(
+                f"key file {target} has mode {mode:o}; run `chmod 600 {target}` "
+                "(it must not be readable by group or others)"
+            )
+        text = target.read_text("ascii")
+        if not text.startswith(_KEY_FILE_HEADER):
+            raise LocalUsageError(f"{target} is not a capsock node key file")
+        body = text[len(_KEY_FILE_HEADER) :].strip()
+        try:
+            seed = bytes.fromhex(body)
+        except ValueError:
+            seed = b""
+        if len(seed) != 32:
+            raise LocalUsageError(f"{target} is damaged (bad key length)")
+        return cls(seed)
+
+    @classmethod
+    def load_or_create(cls, path: str | os.PathLike[str]) -> KeyPair:
+        """Load the key file at ``path``, creating it (0600) if it does not exist."""
+        target = Path(path)
+        if target.exists():
+            return cls.load(target)
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        pair = cls.generate()
+        pair.save(target)
+        return pair

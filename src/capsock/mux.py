@@ -1,0 +1,655 @@
+"""The sans-IO session engine: streams, credit windows, open/accept, close/reset.
+
+Theory of operation
+-------------------
+A :class:`Mux` is one side of a session's multiplexer.  It never touches a
+socket or a clock.  The owner feeds it each decrypted transport message with
+:meth:`Mux.receive_message`, which returns past-tense events
+(:class:`DataReceived`, :class:`StreamAccepted`, ...), and drains the bytes it
+wants sent with :meth:`Mux.data_to_send`, one record's plaintext at a time.
+Local actions (:meth:`open_stream`, :meth:`send_data`, :meth:`send_eof`,
+:meth:`reset_stream`, ...) only queue frames.
+
+Stream ids: the session's dialer uses odd ids, the listener even ones; each
+side's ids only grow.  A stream is *opening* (we sent OPEN), *pending* (the
+peer sent OPEN, the application has not decided) or *open*.  It is forgotten
+when both directions have seen EOF, or on REJECT or RESET; late frames for a
+forgotten id are ignored (DATA still returns its session credit).
+
+Flow control follows h2: a sender may only send DATA within the credit the
+receiver granted, per stream and per session.  Both sides start from the
+protocol constants :data:`INITIAL_STREAM_WINDOW` and
+:data:`INITIAL_SESSION_WINDOW`; a receiver configured for larger windows
+grants the difference with a WINDOW frame right after OPEN / ACCEPT (or at
+session start).  Credit is given back only when the *application* acknowledges
+that it consumed bytes (:meth:`acknowledge_received_data`), batched until half
+a window is due, so a slow reader slows the writer and buffers stay bounded.
+
+Everything the remote side can do wrong raises :class:`~capsock.errors.ProtocolError`
+(or its :class:`~capsock.errors.ResourceLimitExceeded` subclass) out of
+:meth:`receive_message`; the session must then be closed.  Local misuse raises
+:class:`~capsock.errors.LocalUsageError`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum
+
+from .errors import ErrorCode, LocalUsageError, ProtocolError, ResourceLimitExceeded
+from .frames import (
+    HEADER_LEN,
+    MAX_TOKEN_LEN,
+    Accept,
+    Control,
+    Data,
+    Eof,
+    GoAway,
+    Open,
+    Ping,
+    Pong,
+    Reject,
+    Reset,
+    Window,
+    data_header,
+    decode_frames,
+    encode_frame,
+)
+
+__all__ = [
+    "INITIAL_SESSION_WINDOW",
+    "INITIAL_STREAM_WINDOW",
+    "ControlReceived",
+    "CreditGranted",
+    "DataReceived",
+    "EofReceived",
+    "Event",
+    "GoAwayReceived",
+    "Mux",
+    "MuxConfig",
+    "OpenRequested",
+    "PongReceived",
+    "ResetReceived",
+    "StreamAccepted",
+    "StreamRejected",
+]
+
+INITIAL_STREAM_WINDOW = 256 * 1024
+"""Credit every new stream starts with, in each direction (protocol constant)."""
+INITIAL_SESSION_WINDOW = 1024 * 1024
+"""Credit every new session starts with, in each direction (protocol constant)."""
+MAX_MESSAGE_PLAINTEXT = 65535 - 16
+"""The largest plaintext one Noise transport message can carry."""
+MAX_WINDOW = 2**31 - 1
+_MAX_STREAM_ID = 2**32 - 1
+
+
+@dataclass(slots=True)
+class MuxConfig:
+    """Per-session limits.  Every field has a sane default; all are documented."""
+
+    stream_window: int = 1024 * 1024
+    """Receive window per stream: the most a peer may have in flight or buffered
+    on one stream before the application reads (>= INITIAL_STREAM_WINDOW)."""
+    session_window: int = 16 * 1024 * 1024
+    """Receive window for the whole session, over all streams (>= INITIAL_SESSION_WINDOW)."""
+    max_streams: int = 4096
+    """Concurrent streams per session (opened by either side)."""
+    max_pending_opens: int = 128
+    """Remote OPENs waiting for the endpoint's decision; more are refused (BUSY)."""
+    max_frame_data: int = MAX_MESSAGE_PLAINTEXT - HEADER_LEN
+    """Largest DATA payload per frame this side sends."""
+    max_queued_control: int = 1024 * 1024
+    """Bytes of answers (PONG, REJECT, ...) queued for a peer that does not read
+    before the session is closed as abusive."""
+
+    def __post_init__(self) -> None:
+        if not INITIAL_STREAM_WINDOW <= self.stream_window <= MAX_WINDOW:
+            raise LocalUsageError(f"stream_window must be in [{INITIAL_STREAM_WINDOW}, 2**31-1]")
+        if not INITIAL_SESSION_WINDOW <= self.session_window <= MAX_WINDOW:
+            raise LocalUsageError(
+                f"session_window must be in [{INITIAL_SESSION_WINDOW}, 2**31-1]"
+            )
+        if self.max_streams < 1 or self.max_pending_opens < 1:
+            raise LocalUsageError("max_streams and max_pending_opens must be positive")
+        if not 1 <= self.max_frame_data <= MAX_MESSAGE_PLAINTEXT - HEADER_LEN:
+            raise LocalUsageError("max_frame_data out of range")
+
+
+# ---------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class OpenRequested:
+    """The peer asks to open ``stream_id`` with ``token``; accept or reject it."""
+
+    stream_id: int
+    token: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StreamAccepted:
+    """The endpoint accepted a stream we opened."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRejected:
+    """The endpoint refused a stream we opened."""
+
+    stream_id: int
+    code: ErrorCode
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived:
+    """Bytes arrived; acknowledge them once the application consumed them."""
+
+    stream_id: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EofReceived:
+    """The peer half-closed the stream: no more data will come."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResetReceived:
+    """The stream was reset by the peer (or dropped by its GOAWAY)."""
+
+    stream_id: int
+    code: ErrorCode
+
+
+@dataclass(frozen=True, slots=True)
+class CreditGranted:
+    """Send credit grew on ``stream_id`` (0: on the session, so on every stream)."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class PongReceived:
+    """The answer to one of our PINGs."""
+
+    opaque: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class GoAwayReceived:
+    """The peer is shutting down; streams above ``last_stream_id`` were reset."""
+
+    last_stream_id: int
+    code: ErrorCode
+
+
+@dataclass(frozen=True, slots=True)
+class ControlReceived:
+    """A CONTROL message (msgpack body, interpreted by the node)."""
+
+    body: bytes
+
+
+Event = (
+    OpenRequested
+    | StreamAccepted
+    | StreamRejected
+    | DataReceived
+    | EofReceived
+    | ResetReceived
+    | CreditGranted
+    | PongReceived
+    | GoAwayReceived
+    | ControlReceived
+)
+
+
+# ---------------------------------------------------------------- streams
+
+
+class _State(Enum):
+    OPENING = "opening"
+    PENDING = "pending"
+    OPEN = "open"
+
+
+class _Stream:
+    __slots__ = ("local_eof", "recv_unacked", "recv_window", "remote_eof", "send_credit", "state")
+
+    def __init__(self, state: _State, recv_window: int) -> None:
+        self.state = state
+        self.send_credit = INITIAL_STREAM_WINDOW
+        self.recv_window = recv_window
+        self.recv_unacked = 0
+        self.local_eof = False
+        self.remote_eof = False
+
+
+class _Chunk:
+    __slots__ = ("stream_id", "view")
+
+    def __init__(self, stream_id: int, view: memoryview) -> None:
+        self.stream_id = stream_id
+        self.view = view
+
+
+class Mux:
+    """One side of a session's stream multiplexer (sans-IO)."""
+
+    def __init__(self, *, dialer: bool, config: MuxConfig | None = None) -> None:
+        self.config = config or MuxConfig()
+        self.dialer = dialer
+        self._streams: dict[int, _Stream] = {}
+        self._next_local = 1 if dialer else 2
+        self._highest_remote = 0
+        self._pending_opens = 0
+        self._send_session_credit = INITIAL_SESSION_WINDOW
+        self._recv_session_window = self.config.session_window
+        self._recv_session_unacked = 0
+        # Ordered frames: bytes (a complete frame) or a _Chunk of DATA.
+        self._fifo: deque[bytes | _Chunk] = deque()
+        # Frames that may overtake the FIFO: WINDOW (coalesced), PING, PONG.
+        self._windows: dict[int, int] = {}
+        self._urgent: deque[bytes] = deque()
+        self._queued_control = 0
+        self._queued_data = 0
+        self.goaway_sent = False
+        self.goaway_received = False
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        extra = self.config.session_window - INITIAL_SESSION_WINDOW
+        if extra:
+            self._windows[0] = extra
+
+    # ------------------------------------------------------------ queries
+
+    def send_credit(self, stream_id: int) -> int:
+        """How many bytes :meth:`send_data` would take right now on ``stream_id``."""
+        st = self._streams.get(stream_id)
+        if st is None or st.state is not _State.OPEN or st.local_eof:
+            return 0
+        return min(st.send_credit, self._send_session_credit)
+
+    def is_open(self, stream_id: int) -> bool:
+        """Whether the engine still tracks ``stream_id``."""
+        return stream_id in self._streams
+
+    def has_output(self) -> bool:
+        """Whether :meth:`data_to_send` would return something."""
+        return bool(self._fifo or self._urgent or self._windows)
+
+    def stats(self) -> dict[str, int]:
+        """Counters for tests and operators (no secrets)."""
+        return {
+            "streams": len(self._streams),
+            "pending_opens": self._pending_opens,
+            "send_session_credit": self._send_session_credit,
+            "recv_session_window": self._recv_session_window,
+            "recv_unacked": self._recv_session_unacked,
+            "queued_data": self._queued_data,
+            "queued_control": self._queued_control,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+        }
+
+    # ------------------------------------------------------------ local actions
+
+    def open_stream(self, token: bytes) -> int:
+        """Queue an OPEN for a new stream and return its id.
+
+        Raises:
+            LocalUsageError: the session is going away, the token is too long,
+                or ``max_streams`` streams are open.
+        """
+        if self.goaway_sent or self.goaway_received:
+            raise LocalUsageError("this session is shutting down; open the stream on a new one")
+        if not 0 < len(token) <= MAX_TOKEN_LEN:
+            raise LocalUsageError("capability token length out of range")
+        if len(self._streams) >= self.config.max_streams:
+            raise LocalUsageError(
+                f"too many streams on this session (max_streams={self.config.max_streams})"
+            )
+        sid = self._next_local
+        if sid > _MAX_STREAM_ID:
+            raise LocalUsageError("stream ids exhausted on this session; use a new session")
+        self._next_local += 2
+        self._streams[sid] = _Stream(_State.OPENING, self.config.stream_window)
+        self._queue(encode_frame(Open(sid, token)))
+        self._queue_initial_window(sid)
+        return sid
+
+    def accept_stream(self, stream_id: int) -> None:
+        """Accept a stream the peer asked for (:class:`OpenRequested`).
+
+        Raises:
+            LocalUsageError: the stream is not pending.
+        """
+        st = self._pending(stream_id)
+        st.state = _State.OPEN
+        self._pending_opens -= 1
+        self._queue(encode_frame(Accept(stream_id)))
+        self._queue_initial_window(stream_id)
+
+    def reject_stream(self, stream_id: int, code: ErrorCode = ErrorCode.REFUSED) -> None:
+        """Refuse a pending stream with ``code`` (REFUSED for any capability failure).
+
+        A stream that is no longer pending (the peer reset it) is ignored.
+        """
+        st = self._streams.get(stream_id)
+        if st is None or st.state is not _State.PENDING:
+            return
+        del self._streams[stream_id]
+        self._pending_opens -= 1
+        self._queue(encode_frame(Reject(stream_id, code)))
+
+    def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
+        """Queue as much of ``data`` as the credit allows; return how much was taken.
+
+        The engine keeps a reference to ``data`` until sent: pass immutable bytes.
+
+        Raises:
+            LocalUsageError: the stream is unknown, not open, or already half-closed.
+        """
+        st = self._streams.get(stream_id)
+        if st is None or st.state is not _State.OPEN:
+            raise LocalUsageError(f"stream {stream_id} is not open")
+        if st.local_eof:
+            raise LocalUsageError(f"stream {stream_id} was half-closed (send_eof) already")
+        n = min(len(data), st.send_credit, self._send_session_credit)
+        if n <= 0:
+            return 0
+        st.send_credit -= n
+        self._send_session_credit -= n
+        view = memoryview(data)
+        self._fifo.append(_Chunk(stream_id, view[:n] if n < len(view) else view))
+        self._queued_data += n
+        return n
+
+    def send_eof(self, stream_id: int) -> None:
+        """Queue an EOF: this side sends no more data on the stream.
+
+        Raises:
+            LocalUsageError: the stream is not open or was half-closed already.
+        """
+        st = self._streams.get(stream_id)
+        if st is None or st.state is not _State.OPEN:
+            raise LocalUsageError(f"stream {stream_id} is not open")
+        if st.local_eof:
+            raise LocalUsageError(f"stream {stream_id} was half-closed already")
+        st.local_eof = True
+        self._queue(encode_frame(Eof(stream_id)))
+        if st.remote_eof:
+            del self._streams[stream_id]
+
+    def reset_stream(self, stream_id: int, code: ErrorCode = ErrorCode.CANCELLED) -> None:
+        """Abort a stream in both directions; a forgotten stream is ignored."""
+        st = self._streams.pop(stream_id, None)
+        if st is None:
+            return
+        if st.state is _State.PENDING:
+            self._pending_opens -= 1
+        self._queue(encode_frame(Reset(stream_id, code)))
+
+    def acknowledge_received_data(self, stream_id: int, amount: int) -> None:
+        """The application consumed ``amount`` bytes of ``stream_id``: give credit back.
+
+        Credit is batched: a WINDOW frame is queued once half a window is due.
+        Bytes of forgotten streams still return their session credit.
+        """
+        if amount <= 0:
+            return
+        self._recv_session_unacked += amount
+        if self._recv_session_unacked >= self.config.session_window // 2:
+            self._grant(0, self._recv_session_unacked)
+            self._recv_session_window += self._recv_session_unacked
+            self._recv_session_unacked = 0
+        st = self._streams.get(stream_id)
+        if st is not None and not st.remote_eof:
+            st.recv_unacked += amount
+            if st.recv_unacked >= self.config.stream_window // 2:
+                self._grant(stream_id, st.recv_unacked)
+                st.recv_window += st.recv_unacked
+                st.recv_unacked = 0
+
+    def ping(self, opaque: bytes) -> None:
+        """Queue a PING with 8 opaque bytes; the peer answers with a PONG."""
+        if len(opaque) != 8:
+            raise LocalUsageError("PING carries exactly 8 bytes")
+        self._urgent.append(encode_frame(Ping(opaque)))
+
+    def send_control(self, body: bytes) -> None:
+        """Queue a CONTROL message (msgpack body)."""
+        if not 0 < len(body) <= MAX_MESSAGE_PLAINTEXT - HEADER_LEN:
+            raise LocalUsageError("CONTROL body size out of range")
+        self._queue(encode_frame(Control(body)))
+
+    def goaway(self, code: ErrorCode = ErrorCode.NO_ERROR) -> None:
+        """Queue a GOAWAY: refuse new streams from now on, let open ones finish."""
+        if self.goaway_sent:
+            return
+        self.goaway_sent = True
+        self._queue(encode_frame(GoAway(self._highest_remote, code)))
+
+    # ------------------------------------------------------------ output
+
+    def data_to_send(self, limit: int = MAX_MESSAGE_PLAINTEXT) -> bytes | None:
+        """Pop up to ``limit`` bytes of whole frames (one record's plaintext), or None."""
+        parts: list[bytes | memoryview] = []
+        size = 0
+        if self._windows:
+            for sid in list(self._windows):
+                if size + HEADER_LEN + 4 > limit:
+                    break
+                inc = self._windows.pop(sid)
+                if sid == 0 or sid in self._streams:
+                    parts.append(encode_frame(Window(sid, inc)))
+                    size += HEADER_LEN + 4
+        urgent = self._urgent
+        while urgent and size + len(urgent[0]) <= limit:
+            frame = urgent.popleft()
+            parts.append(frame)
+            size += len(frame)
+        fifo = self._fifo
+        max_data = self.config.max_frame_data
+        while fifo:
+            item = fifo[0]
+            if isinstance(item, bytes):
+                if size + len(item) > limit:
+                    break
+                fifo.popleft()
+                self._queued_control -= len(item)
+                parts.append(item)
+                size += len(item)
+                continue
+            room = min(limit - size - HEADER_LEN, max_data)
+            if room <= 0:
+                break
+            sid, view = item.stream_id, item.view
+            if len(view) <= room:
+                fifo.popleft()
+                chunk = view
+            else:
+                chunk = view[:room]
+                item.view = view[room:]
+            n = len(chunk)
+            parts.append(data_header(sid, n))
+            parts.append(chunk)
+            size += HEADER_LEN + n
+            self._queued_data -= n
+            self.bytes_sent += n
+            if len(view) > room:
+                break
+        if not parts:
+            return None
+        return b"".join(parts)
+
+    # ------------------------------------------------------------ input
+
+    def receive_message(self, message: bytes) -> list[Event]:
+        """Process one decrypted transport message; return the events it caused.
+
+        Raises:
+            ProtocolError: the peer broke the protocol; close the session.
+            ResourceLimitExceeded: the peer is abusive (does not read its answers).
+        """
+        events: list[Event] = []
+        for frame in decode_frames(message):
+            if type(frame) is Data:
+                self._on_data(frame.stream_id, frame.data, events)
+            else:
+                self._on_frame(frame, events)
+        if self._queued_control > self.config.max_queued_control:
+            raise ResourceLimitExceeded(
+                "peer does not read the session's answers (control queue full)"
+            )
+        return events
+
+    def _on_data(self, sid: int, data: bytes, events: list[Event]) -> None:
+        n = len(data)
+        if n > self._recv_session_window:
+            raise ProtocolError(
+                "peer sent more than the session window", ErrorCode.FLOW_CONTROL_ERROR
+            )
+        self._recv_session_window -= n
+        self.bytes_received += n
+        st = self._streams.get(sid)
+        if st is None:
+            if self._was_opened(sid):
+                # A stream we forgot (reset, closed): return the session credit now.
+                self.acknowledge_received_data(sid, n)
+                return
+            raise ProtocolError(f"DATA on stream {sid}, which was never opened")
+        if st.state is not _State.OPEN:
+            raise ProtocolError(f"DATA on stream {sid} before it was accepted")
+        if st.remote_eof:
+            raise ProtocolError(f"DATA on stream {sid} after its EOF")
+        if n > st.recv_window:
+            raise ProtocolError(
+                f"peer sent more than stream {sid}'s window", ErrorCode.FLOW_CONTROL_ERROR
+            )
+        st.recv_window -= n
+        events.append(DataReceived(sid, data))
+
+    def _on_frame(self, frame: object, events: list[Event]) -> None:
+        match frame:
+            case Open(sid, token):
+                self._on_open(sid, token, events)
+            case Window(0, inc):
+                self._send_session_credit += inc
+                if self._send_session_credit > MAX_WINDOW:
+                    raise ProtocolError("session credit overflow", ErrorCode.FLOW_CONTROL_ERROR)
+                events.append(CreditGranted(0))
+            case Window(sid, inc):
+                st = self._known(sid)
+                if st is not None:
+                    st.send_credit += inc
+                    if st.send_credit > MAX_WINDOW:
+                        raise ProtocolError(
+                            f"stream {sid} credit overflow", ErrorCode.FLOW_CONTROL_ERROR
+                        )
+                    events.append(CreditGranted(sid))
+            case Accept(sid):
+                st = self._known(sid)
+                if st is not None:
+                    if st.state is not _State.OPENING:
+                        raise ProtocolError(f"ACCEPT for stream {sid}, which is not opening")
+                    st.state = _State.OPEN
+                    events.append(StreamAccepted(sid))
+            case Reject(sid, code):
+                st = self._known(sid)
+                if st is not None:
+                    if st.state is not _State.OPENING:
+                        raise ProtocolError(f"REJECT for stream {sid}, which is not opening")
+                    del self._streams[sid]
+                    events.append(StreamRejected(sid, ErrorCode.from_wire(code)))
+            case Eof(sid):
+                st = self._known(sid)
+                if st is not None:
+                    if st.state is not _State.OPEN or st.remote_eof:
+                        raise ProtocolError(f"unexpected EOF on stream {sid}")
+                    st.remote_eof = True
+                    events.append(EofReceived(sid))
+                    if st.local_eof:
+                        del self._streams[sid]
+            case Reset(sid, code):
+                st = self._known(sid)
+                if st is not None:
+                    del self._streams[sid]
+                    if st.state is _State.PENDING:
+                        self._pending_opens -= 1
+                    events.append(ResetReceived(sid, ErrorCode.from_wire(code)))
+            case Ping(opaque):
+                self._queue(encode_frame(Pong(opaque)), urgent=True)
+            case Pong(opaque):
+                events.append(PongReceived(opaque))
+            case GoAway(last, code):
+                self._on_goaway(last, ErrorCode.from_wire(code), events)
+            case Control(body):
+                events.append(ControlReceived(body))
+
+    def _on_open(self, sid: int, token: bytes, events: list[Event]) -> None:
+        if (sid % 2 == 1) == self.dialer:
+            raise ProtocolError(f"peer opened stream {sid}, which has this side's parity")
+        if sid <= self._highest_remote:
+            raise ProtocolError(f"peer reused or reordered stream id {sid}")
+        self._highest_remote = sid
+        if self.goaway_sent:
+            self._queue(encode_frame(Reject(sid, ErrorCode.SHUTTING_DOWN)))
+            return
+        if (
+            self._pending_opens >= self.config.max_pending_opens
+            or len(self._streams) >= self.config.max_streams
+        ):
+            self._queue(encode_frame(Reject(sid, ErrorCode.BUSY)))
+            return
+        self._streams[sid] = _Stream(_State.PENDING, INITIAL_STREAM_WINDOW)
+        self._pending_opens += 1
+        events.append(OpenRequested(sid, token))
+
+    def _on_goaway(self, last: int, code: ErrorCode, events: list[Event]) -> None:
+        self.goaway_received = True
+        local_parity = 1 if self.dialer else 0
+        for sid in [s for s in self._streams if s % 2 == local_parity and s > last]:
+            del self._streams[sid]
+            events.append(ResetReceived(sid, ErrorCode.SHUTTING_DOWN))
+        events.append(GoAwayReceived(last, code))
+
+    # ------------------------------------------------------------ helpers
+
+    def _was_opened(self, sid: int) -> bool:
+        if (sid % 2 == 1) == self.dialer:
+            return sid < self._next_local
+        return sid <= self._highest_remote
+
+    def _known(self, sid: int) -> _Stream | None:
+        """The live stream, None for a forgotten one; never-opened ids are an error."""
+        st = self._streams.get(sid)
+        if st is None and not self._was_opened(sid):
+            raise ProtocolError(f"frame for stream {sid}, which was never opened")
+        return st
+
+    def _pending(self, sid: int) -> _Stream:
+        st = self._streams.get(sid)
+        if st is None or st.state is not _State.PENDING:
+            raise LocalUsageError(f"stream {sid} is not waiting to be accepted")
+        return st
+
+    def _queue(self, frame: bytes, *, urgent: bool = False) -> None:
+        if urgent:
+            self._urgent.append(frame)
+        else:
+            self._fifo.append(frame)
+        self._queued_control += len(frame)
+
+    def _queue_initial_window(self, sid: int) -> None:
+        extra = self.config.stream_window - INITIAL_STREAM_WINDOW
+        if extra:
+            self._queue(encode_frame(Window(sid, extra)))
+
+    def _grant(self, sid: int, amount: int) -> None:
+        self._windows[sid] = self._windows.get(sid, 0) + amount

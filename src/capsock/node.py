@@ -1,0 +1,556 @@
+"""Node: one identity in one process -- listeners, sessions, connect and accept.
+
+A :class:`Node` binds the addresses it was told to listen on, accepts inbound
+handshakes (bounded in number and time), keeps one pool of sessions keyed by
+peer id (a session dialed by either side serves both directions), and decides
+every inbound OPEN with :func:`capsock.store.authorize`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+import stat
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.abc
+from anyio.abc import SocketAttribute
+
+from .errors import (
+    CapsockError,
+    ErrorCode,
+    InvalidCapability,
+    LocalUsageError,
+    PeerAuthenticationError,
+    Unreachable,
+)
+from .keys import KeyPair, NodeId
+from .session import Session, SessionConfig, accept_handshake, dial_handshake
+from .store import MemoryStore, RootEntry, authorize
+from .stream import CapsockAttribute, Stream
+from .uri import Capability, Hint, TcpHint, Token, UnixHint, mint_root
+
+__all__ = ["Listener", "Node", "NodeConfig"]
+
+log = logging.getLogger("capsock.node")
+
+
+@dataclass(slots=True)
+class NodeConfig:
+    """Node-wide limits and timeouts; every field has a documented default."""
+
+    session: SessionConfig = field(default_factory=SessionConfig)
+    """Per-session settings (windows, keepalive, open timeout)."""
+    handshake_timeout: float = 10.0
+    """Seconds an inbound connection may take to complete the handshake."""
+    connect_timeout: float = 10.0
+    """Seconds per route for an outbound dial plus handshake."""
+    max_half_open: int = 256
+    """Inbound connections allowed to be mid-handshake at once; more are dropped."""
+    listener_backlog: int = 128
+    """Accepted streams a listener holds before its application calls accept()."""
+
+
+def _parse_listen(spec: str) -> tuple[str, str, int]:
+    kind, sep, rest = spec.partition(":")
+    if not sep:
+        raise LocalUsageError(f"listen address {spec!r}: use tcp:HOST:PORT or unix:/PATH")
+    if kind == "unix":
+        if not rest.startswith("/"):
+            raise LocalUsageError(f"listen address {spec!r}: a unix path must be absolute")
+        return "unix", rest, 0
+    if kind == "tcp":
+        host, sep, port_text = rest.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+            raise LocalUsageError(f"listen address {spec!r}: use tcp:HOST:PORT (port 0 = any)")
+        return "tcp", host, int(port_text)
+    raise LocalUsageError(f"listen address {spec!r}: unknown kind {kind!r} (tcp or unix)")
+
+
+def _is_wildcard(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+class Node:
+    """One identity (an Ed25519 key pair) with its listeners and sessions.
+
+    Use as an async context manager::
+
+        async with capsock.Node(listen=["tcp:127.0.0.1:0"]) as node:
+            listener = await node.listen()
+            print(listener.uri)
+
+    Args:
+        state_dir: where the identity key lives (``node.key``, mode 0600).
+            Without it, the node gets a fresh identity each run.
+        listen: addresses to accept sessions on: ``tcp:HOST:PORT`` (port 0 =
+            any free port) or ``unix:/PATH``.  A node without any can still dial.
+        key: use this key pair instead of the one in ``state_dir``.
+        advertise: hints to put into URIs instead of the bound addresses
+            (e.g. ``["tcp:203.0.113.7:4000"]`` behind a wildcard bind).
+        config: limits and timeouts.
+        clock: wall clock in unix seconds, for capability expiry (tests inject one).
+    """
+
+    def __init__(
+        self,
+        state_dir: str | os.PathLike[str] | None = None,
+        listen: Sequence[str] = (),
+        *,
+        key: KeyPair | None = None,
+        advertise: Sequence[str] | None = None,
+        config: NodeConfig | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if isinstance(listen, str):
+            listen = [listen]
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        if key is None:
+            key = (
+                KeyPair.load_or_create(self.state_dir / "node.key")
+                if self.state_dir is not None
+                else KeyPair.generate()
+            )
+        self._key = key
+        self._listen_specs = [_parse_listen(s) for s in listen]
+        self._advertise = [_parse_listen(s) for s in advertise] if advertise is not None else None
+        self.config = config or NodeConfig()
+        self._clock = clock
+        self._store = MemoryStore()
+        self._listeners: dict[bytes, Listener] = {}
+        self._sessions: dict[NodeId, Session] = {}
+        self._dial_locks: dict[NodeId, anyio.Lock] = {}
+        self._serve_scope = anyio.CancelScope()
+        self._hints: tuple[Hint, ...] = ()
+        self._half_open = 0
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._closed = False
+        self._counters = {
+            "inbound_connections": 0,
+            "handshakes_failed": 0,
+            "opens_received": 0,
+            "opens_refused": 0,
+            "streams_accepted": 0,
+        }
+
+    # ---------------------------------------------------------- identity
+
+    @property
+    def id(self) -> NodeId:
+        """This node's public identity."""
+        return self._key.node_id
+
+    @property
+    def hints(self) -> tuple[Hint, ...]:
+        """The route hints this node puts into the capabilities it mints."""
+        return self._hints
+
+    def __repr__(self) -> str:
+        return f"<capsock.Node {self.id.short()} hints={len(self._hints)}>"
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and per-session stats, for tests and operators (no secrets)."""
+        return {
+            **self._counters,
+            "half_open": self._half_open,
+            "sessions": {str(p): s.stats() for p, s in self._sessions.items()},
+            "listeners": len(self._listeners),
+        }
+
+    # ---------------------------------------------------------- lifecycle
+
+    async def __aenter__(self) -> Node:
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        try:
+            hints: list[Hint] = []
+            for kind, host, port in self._listen_specs:
+                hints.extend(await self._bind(kind, host, port))
+            if self._advertise is not None:
+                hints = [
+                    TcpHint(h, p) if k == "tcp" else UnixHint(h) for k, h, p in self._advertise
+                ]
+            self._hints = tuple(hints)
+        except BaseException:
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(None, None, None)
+            self._tg = None
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        await self.aclose()
+        tg, self._tg = self._tg, None
+        if tg is not None:
+            tg.cancel_scope.cancel()
+            return await tg.__aexit__(exc_type, exc, tb)
+        return None
+
+    async def aclose(self, grace: float = 0.0) -> None:
+        """Stop listening, send GOAWAY on every session, close them after ``grace`` s."""
+        if self._closed:
+            return
+        self._closed = True
+        self._serve_scope.cancel()
+        for listener in list(self._listeners.values()):
+            await listener.aclose()
+        sessions = list(self._sessions.values())
+        if sessions:
+            async with anyio.create_task_group() as tg:
+                for s in sessions:
+                    tg.start_soon(s.aclose, grace)
+
+    def _require_running(self) -> anyio.abc.TaskGroup:
+        if self._tg is None or self._closed:
+            raise LocalUsageError("the node is not running: use `async with Node(...) as node:`")
+        return self._tg
+
+    async def _bind(self, kind: str, host: str, port: int) -> list[Hint]:
+        tg = self._require_running()
+        listener: anyio.abc.Listener[Any]
+        if kind == "unix":
+            path = Path(host)
+            if path.exists() and stat.S_ISSOCK(path.stat().st_mode):
+                path.unlink()  # a stale socket file from an earlier run
+            listener = await anyio.create_unix_listener(path)
+            os.chmod(path, 0o600)
+            hints: list[Hint] = [UnixHint(str(path))]
+        else:
+            listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+            bound = listener.extra(SocketAttribute.local_port)
+            if _is_wildcard(host):
+                hints = []
+                if self._advertise is None:
+                    log.warning(
+                        "listening on wildcard %s:%d; pass advertise=[...] so URIs carry a "
+                        "reachable address",
+                        host,
+                        bound,
+                    )
+            else:
+                hints = [TcpHint(host, bound)]
+        tg.start_soon(self._serve_transport, listener)
+        return hints
+
+    async def _serve_transport(self, listener: anyio.abc.Listener[Any]) -> None:
+        with self._serve_scope:
+            async with listener:
+                await listener.serve(self._handle_inbound)
+
+    # ---------------------------------------------------------- inbound
+
+    async def _handle_inbound(self, transport: anyio.abc.ByteStream) -> None:
+        self._counters["inbound_connections"] += 1
+        peer_addr = _describe_peer(transport)
+        if self._half_open >= self.config.max_half_open:
+            log.warning("dropping inbound connection from %s: too many half-open", peer_addr)
+            await transport.aclose()
+            return
+        self._half_open += 1
+        try:
+            with anyio.fail_after(self.config.handshake_timeout):
+                result, leftover = await accept_handshake(transport, self._key)
+        except (
+            TimeoutError,
+            CapsockError,
+            anyio.EndOfStream,
+            anyio.BrokenResourceError,
+            OSError,
+        ) as exc:
+            self._counters["handshakes_failed"] += 1
+            log.info(
+                "dropped inbound connection from %s: %s", peer_addr, exc or type(exc).__name__
+            )
+            await transport.aclose()
+            return
+        finally:
+            self._half_open -= 1
+        session = Session(
+            transport,
+            result,
+            leftover=leftover,
+            route=f"inbound {peer_addr}",
+            config=self.config.session,
+            on_open=self._on_open,
+        )
+        await self._run_session(session)
+
+    async def _run_session(self, session: Session) -> None:
+        previous = self._sessions.get(session.peer)
+        if previous is None or not previous.is_usable:
+            self._sessions[session.peer] = session
+        try:
+            await session.run()
+        finally:
+            if self._sessions.get(session.peer) is session:
+                del self._sessions[session.peer]
+
+    async def _on_open(self, session: Session, sid: int, token_bytes: bytes) -> None:
+        self._counters["opens_received"] += 1
+        try:
+            token = Token.decode(token_bytes)
+        except InvalidCapability as exc:
+            reason: str | None = f"malformed token ({exc})"
+            token = None
+        else:
+            reason = authorize(self._store, token, peer=session.peer, now=self._clock())
+        listener = self._listeners.get(token.root_id) if token is not None else None
+        if reason is None and listener is None:
+            reason = "listener closed"
+        if reason is not None or listener is None or token is None:
+            self._counters["opens_refused"] += 1
+            log.info("refused a stream from %s: %s", session.peer.short(), reason)
+            session.reject(sid, ErrorCode.REFUSED)
+            return
+        if listener._full():
+            log.warning("listener is full; refusing a stream from %s", session.peer.short())
+            session.reject(sid, ErrorCode.BUSY)
+            return
+        cap = Capability(self.id, token, ())
+        stream = session.accept(sid, cap)
+        if stream is not None:
+            self._counters["streams_accepted"] += 1
+            listener._deliver(stream)
+
+    # ---------------------------------------------------------- listen / connect
+
+    async def listen(self, name: str | None = None) -> Listener:
+        """Create a listener with a fresh root capability.
+
+        Args:
+            name: a sturdy name; the same name returns the same capability
+                again (within this process; across restarts with a state store).
+
+        Raises:
+            LocalUsageError: the node is not running.
+        """
+        self._require_running()
+        entry = self._store.root_by_name(name) if name is not None else None
+        if entry is None:
+            entry = RootEntry(os.urandom(16), os.urandom(32), name)
+            self._store.add_root(entry)
+        existing = self._listeners.get(entry.root_id)
+        if existing is not None and not existing._closed:
+            raise LocalUsageError(f"a listener named {name!r} is already open")
+        cap = Capability(self.id, mint_root(entry.root_key, entry.root_id), self._hints)
+        listener = Listener(self, cap, self.config.listener_backlog)
+        self._listeners[entry.root_id] = listener
+        return listener
+
+    async def connect(self, uri: str | Capability) -> Stream:
+        """Open a stream to the endpoint named by ``uri``.
+
+        Returns once the endpoint accepted the stream.
+
+        Raises:
+            InvalidCapability: ``uri`` is malformed.
+            LocalUsageError: ``uri`` names this node itself, or the node is not running.
+            PeerAuthenticationError: the node reached does not hold the URI's key.
+            Unreachable: no route hint worked (each one is listed).
+            CapabilityRejected: the endpoint refused the capability.
+        """
+        cap = uri if isinstance(uri, Capability) else Capability.parse(uri)
+        self._require_running()
+        if cap.node == self.id:
+            raise LocalUsageError(
+                "refusing to connect to this node's own id: a node does not dial itself; "
+                "accept() on the listener instead"
+            )
+        session = await self._session_for(cap)
+        return await session.open_stream(cap.token.encode(), cap)
+
+    async def _session_for(self, cap: Capability) -> Session:
+        session = self._sessions.get(cap.node)
+        if session is not None and session.is_usable:
+            return session
+        lock = self._dial_locks.setdefault(cap.node, anyio.Lock())
+        async with lock:
+            session = self._sessions.get(cap.node)
+            if session is not None and session.is_usable:
+                return session
+            return await self._dial(cap)
+
+    async def _dial(self, cap: Capability) -> Session:
+        tg = self._require_running()
+        attempts: list[tuple[str, str]] = []
+        auth_failed = False
+        for hint in cap.hints:
+            route = str(hint)
+            connector: Callable[[], Awaitable[anyio.abc.ByteStream]]
+            if isinstance(hint, TcpHint):
+                connector = _tcp_connector(hint)
+            elif isinstance(hint, UnixHint):
+                connector = _unix_connector(hint)
+            else:
+                attempts.append((route, "forwarding routes are not supported yet"))
+                continue
+            transport: anyio.abc.ByteStream | None = None
+            try:
+                with anyio.fail_after(self.config.connect_timeout):
+                    transport = await connector()
+                    result, leftover = await dial_handshake(transport, self._key, cap.node)
+            except PeerAuthenticationError as exc:
+                auth_failed = True
+                attempts.append((route, str(exc)))
+            except (TimeoutError, OSError, CapsockError, anyio.BrokenResourceError) as exc:
+                attempts.append((route, str(exc) or type(exc).__name__))
+            else:
+                session = Session(
+                    transport,
+                    result,
+                    leftover=leftover,
+                    route=route,
+                    config=self.config.session,
+                    on_open=self._on_open,
+                )
+                tg.start_soon(self._run_session, session)
+                await session.ready.wait()
+                return session
+            if transport is not None:
+                with anyio.CancelScope(shield=True):
+                    await transport.aclose()
+        if auth_failed:
+            raise PeerAuthenticationError(
+                "; ".join(f"{route}: {why}" for route, why in attempts)
+            )
+        if not cap.hints:
+            raise Unreachable(
+                f"the capability for {cap.node.short()} carries no route hints and there is "
+                "no open session to that node"
+            )
+        raise Unreachable(f"could not reach node {cap.node.short()}", tuple(attempts))
+
+    async def revoke(self, cap: str | Capability) -> None:
+        """Revoke ``cap`` and everything derived from it (its own descendants only).
+
+        Raises:
+            InvalidCapability: malformed, or not minted by this node.
+        """
+        c = cap if isinstance(cap, Capability) else Capability.parse(cap)
+        if c.node != self.id or self._store.get_root(c.token.root_id) is None:
+            raise InvalidCapability("this capability was not minted by this node")
+        self._store.revoke(c.token.tag)
+
+
+def _tcp_connector(hint: TcpHint) -> Callable[[], Awaitable[anyio.abc.ByteStream]]:
+    async def connect() -> anyio.abc.ByteStream:
+        stream = await anyio.connect_tcp(hint.host, hint.port)
+        sock = stream.extra(SocketAttribute.raw_socket)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return stream
+
+    return connect
+
+
+def _unix_connector(hint: UnixHint) -> Callable[[], Awaitable[anyio.abc.ByteStream]]:
+    async def connect() -> anyio.abc.ByteStream:
+        return await anyio.connect_unix(hint.path)
+
+    return connect
+
+
+def _describe_peer(transport: anyio.abc.ByteStream) -> str:
+    try:
+        addr = transport.extra(SocketAttribute.remote_address)
+    except Exception:  # noqa: BLE001 - best effort, for logs only
+        return "unknown"
+    if isinstance(addr, tuple):
+        return f"tcp:{addr[0]}:{addr[1]}"
+    return f"unix:{addr or '?'}"
+
+
+class Listener(anyio.abc.Listener[Stream]):
+    """Accepts the streams opened with one root capability (``listener.uri``)."""
+
+    def __init__(self, node: Node, uri: Capability, backlog: int) -> None:
+        self._node = node
+        self._uri = uri
+        self._send, self._recv = anyio.create_memory_object_stream[Stream](backlog)
+        self._backlog = backlog
+        self._closed = False
+
+    @property
+    def uri(self) -> Capability:
+        """The capability to hand out (``str()`` gives the ``capsock://`` URI)."""
+        return self._uri
+
+    def __repr__(self) -> str:
+        return f"<capsock.Listener {self._uri.redacted()}>"
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return {CapsockAttribute.capability: lambda: self._uri}
+
+    def _full(self) -> bool:
+        return self._send.statistics().current_buffer_used >= self._backlog
+
+    def _deliver(self, stream: Stream) -> None:
+        try:
+            self._send.send_nowait(stream)
+        except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._node._tg.start_soon(stream.aclose) if self._node._tg else None
+
+    async def accept(self) -> Stream:
+        """Wait for the next stream opened with this listener's capability.
+
+        Raises:
+            anyio.ClosedResourceError: the listener was closed.
+        """
+        try:
+            return await self._recv.receive()
+        except anyio.EndOfStream:
+            raise anyio.ClosedResourceError from None
+
+    async def serve(
+        self,
+        handler: Callable[[Stream], Any],
+        task_group: anyio.abc.TaskGroup | None = None,
+    ) -> None:
+        """Run ``handler(stream)`` in a new task for every accepted stream, until closed."""
+
+        async def run(stream: Stream) -> None:
+            async with stream:
+                await handler(stream)
+
+        async with anyio.create_task_group() as own:
+            tg = task_group or own
+            while True:
+                try:
+                    stream = await self.accept()
+                except anyio.ClosedResourceError:
+                    return
+                tg.start_soon(run, stream)
+
+    async def aclose(self) -> None:
+        """Stop accepting: new opens are refused; queued streams are closed."""
+        if self._closed:
+            return
+        self._closed = True
+        self._node._listeners.pop(self._uri.token.root_id, None)
+        self._send.close()
+        while True:
+            try:
+                stream = self._recv.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                break
+            await stream.aclose()
+        self._recv.close()

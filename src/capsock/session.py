@@ -1,0 +1,501 @@
+"""anyio glue: one transport + one Noise session + one mux -> many Streams.
+
+Theory of operation
+-------------------
+:func:`dial_handshake` / :func:`accept_handshake` run the IK handshake over any
+anyio byte stream.  A :class:`Session` then owns the transport and runs two
+tasks: the *reader* decrypts records and feeds the sans-IO :class:`~capsock.mux.Mux`,
+handing the events to :class:`~capsock.stream.Stream` objects; the *writer*
+drains the mux, encrypts, and writes.  The reader never waits for the writer,
+so two peers that both write a lot cannot deadlock each other; what the reader
+queues for the writer (WINDOW, PONG, REJECT) is bounded by the mux.
+
+When the transport ends without a GOAWAY, or anything arrives that fails
+authentication or the protocol, every open stream fails with
+:class:`~capsock.errors.ConnectionLost` -- never a clean end of stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.abc
+
+from .errors import (
+    CapabilityRejected,
+    CapsockError,
+    ErrorCode,
+    HandshakeError,
+    LocalUsageError,
+    PeerAuthenticationError,
+    ProtocolError,
+)
+from .handshake import HandshakeResult, InitiatorHandshake, ResponderHandshake
+from .keys import KeyPair, NodeId
+from .mux import (
+    ControlReceived,
+    CreditGranted,
+    DataReceived,
+    EofReceived,
+    GoAwayReceived,
+    Mux,
+    MuxConfig,
+    OpenRequested,
+    PongReceived,
+    ResetReceived,
+    StreamAccepted,
+    StreamRejected,
+)
+from .noise import RecordReader
+from .stream import ConnectionLostError, Stream
+from .uri import Capability
+
+__all__ = ["Session", "SessionConfig", "accept_handshake", "dial_handshake"]
+
+log = logging.getLogger("capsock.session")
+
+_LEN = struct.Struct(">H")
+_MAX_FIRST_MESSAGE = 1024
+_WRITE_BATCH = 256 * 1024
+_READ_SIZE = 256 * 1024
+
+
+@dataclass(slots=True)
+class SessionConfig:
+    """Per-session settings (see docs/api.md for the defaults' rationale)."""
+
+    mux: MuxConfig = field(default_factory=MuxConfig)
+    """Windows and stream limits of the multiplexer."""
+    keepalive_interval: float = 15.0
+    """Seconds of silence from the peer before we send a PING."""
+    keepalive_timeout: float = 45.0
+    """Seconds of silence from the peer before the session is declared dead."""
+    open_timeout: float = 30.0
+    """Seconds to wait for the endpoint to ACCEPT or REJECT an OPEN."""
+
+
+async def _read_exact(transport: anyio.abc.ByteStream, n: int, buf: bytearray) -> bytes:
+    while len(buf) < n:
+        buf += await transport.receive(max(n - len(buf), 4096))
+    out = bytes(buf[:n])
+    del buf[:n]
+    return out
+
+
+async def _read_handshake_record(
+    transport: anyio.abc.ByteStream, buf: bytearray, max_len: int
+) -> bytes:
+    (length,) = _LEN.unpack(await _read_exact(transport, 2, buf))
+    if not 0 < length <= max_len:
+        raise HandshakeError(f"handshake record of {length} bytes (expected at most {max_len})")
+    return await _read_exact(transport, length, buf)
+
+
+async def dial_handshake(
+    transport: anyio.abc.ByteStream, local: KeyPair, remote: NodeId
+) -> tuple[HandshakeResult, bytes]:
+    """Run the initiator's side of the IK handshake; return the result and leftover bytes.
+
+    Raises:
+        PeerAuthenticationError: the node does not hold ``remote``'s key (it hung
+            up on our first message, or its answer failed authentication).
+        HandshakeError: the answer was malformed.
+        LocalUsageError: ``remote`` is this node's own id.
+    """
+    hs = InitiatorHandshake(local, remote)
+    await transport.send(hs.first_message())
+    buf = bytearray()
+    try:
+        message = await _read_handshake_record(transport, buf, 65535)
+    except (anyio.EndOfStream, anyio.BrokenResourceError, ConnectionError) as exc:
+        raise PeerAuthenticationError(
+            f"the node there does not hold the key {remote.short()}... named in the "
+            "capability (it hung up during the handshake); check that the URI is "
+            "complete and current"
+        ) from exc
+    return hs.read_second(message), bytes(buf)
+
+
+async def accept_handshake(
+    transport: anyio.abc.ByteStream, local: KeyPair
+) -> tuple[HandshakeResult, bytes]:
+    """Run the responder's side of the IK handshake; return the result and leftover bytes.
+
+    Raises:
+        HandshakeError: malformed, oversized or unauthentic first message.
+        PeerAuthenticationError: the claimed Ed25519 key does not match the static key.
+        anyio.EndOfStream: the dialer hung up.
+    """
+    hs = ResponderHandshake(local)
+    buf = bytearray()
+    message = await _read_handshake_record(transport, buf, _MAX_FIRST_MESSAGE)
+    hs.read_first(message)
+    if buf:
+        raise HandshakeError("dialer sent data before the handshake finished")
+    record, result = hs.second_message()
+    await transport.send(record)
+    return result, bytes(buf)
+
+
+class _OpenWaiter:
+    __slots__ = ("capability", "event", "outcome")
+
+    def __init__(self, capability: Capability | None) -> None:
+        self.capability = capability
+        self.event = anyio.Event()
+        self.outcome: Stream | BaseException | None = None
+
+
+OpenHandler = Callable[["Session", int, bytes], Awaitable[None]]
+
+
+class Session:
+    """One authenticated, encrypted connection to one peer, carrying many streams."""
+
+    def __init__(
+        self,
+        transport: anyio.abc.ByteStream,
+        result: HandshakeResult,
+        *,
+        leftover: bytes = b"",
+        route: str,
+        config: SessionConfig | None = None,
+        on_open: OpenHandler | None = None,
+        clock: Callable[[], float] = anyio.current_time,
+    ) -> None:
+        self.config = config or SessionConfig()
+        self.peer: NodeId = result.peer
+        self.handshake_hash: bytes = result.handshake_hash
+        self.route = route
+        self.dialer = result.is_initiator
+        self._transport = transport
+        self._cipher = result.cipher
+        self._reader = RecordReader()
+        if leftover:
+            self._reader.feed(leftover)
+        self._mux = Mux(dialer=result.is_initiator, config=self.config.mux)
+        self._on_open = on_open
+        self._clock = clock
+        self._streams: dict[int, Stream] = {}
+        self._opening: dict[int, _OpenWaiter] = {}
+        self._wake: anyio.Event | None = None
+        self._closed_reason: str | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._last_heard = 0.0
+        self._pinged = False
+        self.ready = anyio.Event()
+        self.finished = anyio.Event()
+
+    def __repr__(self) -> str:
+        return f"<capsock.Session peer={self.peer.short()} route={self.route}>"
+
+    # ---------------------------------------------------------- state
+
+    @property
+    def is_usable(self) -> bool:
+        """Whether new streams may be opened on this session."""
+        return (
+            self._closed_reason is None
+            and not self._mux.goaway_received
+            and not self._mux.goaway_sent
+        )
+
+    def stats(self) -> dict[str, int]:
+        """Streams, bytes, buffered bytes and windows of this session."""
+        stats = self._mux.stats()
+        stats["stream_objects"] = len(self._streams)
+        stats["buffered_unread"] = sum(
+            len(c) for s in self._streams.values() for c in s._buf
+        )
+        return stats
+
+    # ---------------------------------------------------------- running
+
+    async def run(self) -> None:
+        """Pump the session until the transport ends or :meth:`aclose` is called."""
+        reason = "the session was closed"
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                self._last_heard = self._clock()
+                tg.start_soon(self._writer)
+                tg.start_soon(self._keepalive)
+                self.ready.set()
+                try:
+                    await self._read_loop()
+                    reason = "the peer closed the connection"
+                except ProtocolError as exc:
+                    reason = f"protocol error: {exc}"
+                    log.warning("session with %s closed: %s", self.peer.short(), exc)
+                    self._mux.goaway(exc.code)
+                    self._kick()
+                    with anyio.move_on_after(1):
+                        await self._flush_once()
+                except (anyio.BrokenResourceError, anyio.EndOfStream, OSError) as exc:
+                    reason = f"connection lost: {exc or type(exc).__name__}"
+                tg.cancel_scope.cancel()
+        finally:
+            self._fail_all(self._closed_reason or reason)
+            with anyio.CancelScope(shield=True):
+                await self._transport.aclose()
+            self.finished.set()
+
+    async def aclose(self, grace: float = 0.0) -> None:
+        """Send GOAWAY, let open streams finish for up to ``grace`` seconds, then close."""
+        if self._closed_reason is not None:
+            return
+        self._mux.goaway(ErrorCode.NO_ERROR)
+        self._kick()
+        if grace > 0:
+            with anyio.move_on_after(grace):
+                while self._streams:
+                    await anyio.sleep(0.05)
+        with anyio.move_on_after(1):
+            await self._flush_once()
+        self._closed_reason = "this node closed the session"
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+
+    async def _read_loop(self) -> None:
+        transport = self._transport
+        reader = self._reader
+        decrypt = self._cipher.decrypt
+        receive = self._mux.receive_message
+        while True:
+            while (record := reader.next_record()) is not None:
+                events = receive(decrypt(record))
+                if events:
+                    self._dispatch(events)
+            if self._mux.has_output():
+                self._kick()
+            data = await transport.receive(_READ_SIZE)
+            self._last_heard = self._clock()
+            self._pinged = False
+            reader.feed(data)
+
+    def _dispatch(self, events: list[object]) -> None:  # noqa: C901
+        streams = self._streams
+        for ev in events:
+            if type(ev) is DataReceived:
+                st = streams.get(ev.stream_id)
+                if st is None:
+                    self._mux.acknowledge_received_data(ev.stream_id, len(ev.data))
+                else:
+                    st._on_data(ev.data)
+                continue
+            match ev:
+                case CreditGranted(0):
+                    for st in streams.values():
+                        st._on_credit()
+                case CreditGranted(sid):
+                    st = streams.get(sid)
+                    if st is not None:
+                        st._on_credit()
+                case OpenRequested(sid, token):
+                    if self._on_open is None or self._tg is None:
+                        self._mux.reject_stream(sid, ErrorCode.REFUSED)
+                    else:
+                        self._tg.start_soon(self._on_open, self, sid, token)
+                case StreamAccepted(sid):
+                    waiter = self._opening.pop(sid, None)
+                    if waiter is None:
+                        self._mux.reset_stream(sid, ErrorCode.CANCELLED)
+                    else:
+                        st = Stream(self, sid, waiter.capability)
+                        streams[sid] = st
+                        waiter.outcome = st
+                        waiter.event.set()
+                case StreamRejected(sid, code):
+                    waiter = self._opening.pop(sid, None)
+                    if waiter is not None:
+                        waiter.outcome = _rejection(self.peer, code)
+                        waiter.event.set()
+                case EofReceived(sid):
+                    st = streams.get(sid)
+                    if st is not None:
+                        st._on_eof()
+                        self._forget_if_done(sid)
+                case ResetReceived(sid, code):
+                    waiter = self._opening.pop(sid, None)
+                    if waiter is not None:
+                        waiter.outcome = _rejection(self.peer, code)
+                        waiter.event.set()
+                    st = streams.get(sid)
+                    if st is not None:
+                        st._on_reset(code)
+                        self._forget_if_done(sid)
+                case GoAwayReceived(_, code):
+                    log.info("peer %s is going away (%s)", self.peer.short(), code.name)
+                case PongReceived():
+                    pass
+                case ControlReceived():
+                    log.debug("ignoring CONTROL message from %s", self.peer.short())
+
+    def _forget_if_done(self, sid: int) -> None:
+        st = self._streams.get(sid)
+        if st is not None and st._closed and not self._mux.is_open(sid):
+            del self._streams[sid]
+
+    async def _writer(self) -> None:
+        while True:
+            while not self._mux.has_output():
+                event = self._wake = anyio.Event()
+                await event.wait()
+            await self._flush_once()
+
+    async def _flush_once(self) -> None:
+        mux = self._mux
+        encrypt = self._cipher.encrypt_record
+        batch: list[bytes] = []
+        size = 0
+        while size < _WRITE_BATCH and (plaintext := mux.data_to_send()) is not None:
+            record = encrypt(plaintext)
+            batch.append(record)
+            size += len(record)
+        if batch:
+            await self._transport.send(batch[0] if len(batch) == 1 else b"".join(batch))
+
+    async def _keepalive(self) -> None:
+        interval = self.config.keepalive_interval
+        timeout = self.config.keepalive_timeout
+        if not math.isfinite(interval) or interval <= 0:
+            return
+        while True:
+            await anyio.sleep(min(interval, timeout) / 3)
+            silent = self._clock() - self._last_heard
+            if silent >= timeout:
+                self._closed_reason = f"no sign of life from the peer for {silent:.0f} s"
+                log.warning("session with %s: %s", self.peer.short(), self._closed_reason)
+                if self._tg is not None:
+                    self._tg.cancel_scope.cancel()
+                return
+            if silent >= interval and not self._pinged:
+                self._pinged = True
+                self._mux.ping(os.urandom(8))
+                self._kick()
+
+    def _kick(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+            self._wake = None
+
+    def _fail_all(self, reason: str) -> None:
+        if self._closed_reason is None:
+            self._closed_reason = reason
+        for st in list(self._streams.values()):
+            st._on_lost(reason)
+        self._streams.clear()
+        for waiter in self._opening.values():
+            waiter.outcome = _lost_error(self.peer, reason)
+            waiter.event.set()
+        self._opening.clear()
+
+    # ---------------------------------------------------------- used by Node
+
+    async def open_stream(self, token: bytes, capability: Capability | None = None) -> Stream:
+        """Send OPEN and wait for the endpoint's answer.
+
+        Raises:
+            CapabilityRejected: the endpoint refused the capability.
+            ConnectionLost: the session ended before the answer.
+            TimeoutError: no answer within ``open_timeout``.
+        """
+        if not self.is_usable:
+            raise _lost_error(self.peer, self._closed_reason or "the session is going away")
+        sid = self._mux.open_stream(token)
+        waiter = _OpenWaiter(capability)
+        self._opening[sid] = waiter
+        self._kick()
+        try:
+            with anyio.fail_after(self.config.open_timeout):
+                await waiter.event.wait()
+        except BaseException:
+            self._opening.pop(sid, None)
+            st = self._streams.pop(sid, None)
+            if st is not None or self._mux.is_open(sid):
+                self._mux.reset_stream(sid, ErrorCode.CANCELLED)
+                self._kick()
+            raise
+        outcome = waiter.outcome
+        if isinstance(outcome, Stream):
+            return outcome
+        assert isinstance(outcome, BaseException)
+        raise outcome
+
+    def accept(self, sid: int, capability: Capability | None) -> Stream | None:
+        """Accept a pending OPEN; None if the peer gave up meanwhile."""
+        if not self._mux.is_open(sid) or self._closed_reason is not None:
+            return None
+        self._mux.accept_stream(sid)
+        st = Stream(self, sid, capability)
+        self._streams[sid] = st
+        self._kick()
+        return st
+
+    def reject(self, sid: int, code: ErrorCode = ErrorCode.REFUSED) -> None:
+        """Refuse a pending OPEN."""
+        self._mux.reject_stream(sid, code)
+        self._kick()
+
+    # ---------------------------------------------------------- used by Stream
+
+    def send_data(self, sid: int, data: memoryview) -> int:
+        n = self._mux.send_data(sid, data)
+        if n:
+            self._kick()
+        return n
+
+    def consumed(self, sid: int, amount: int) -> None:
+        self._mux.acknowledge_received_data(sid, amount)
+        if self._mux.has_output():
+            self._kick()
+
+    def send_eof(self, sid: int) -> None:
+        try:
+            self._mux.send_eof(sid)
+        except LocalUsageError:
+            return  # already reset or forgotten: the stream reports its own error
+        self._kick()
+        self._forget_if_done(sid)
+
+    def close_stream(self, sid: int, unread: int, *, send_eof: bool, reset: bool) -> None:
+        mux = self._mux
+        if unread:
+            mux.acknowledge_received_data(sid, unread)
+        if mux.is_open(sid):
+            if send_eof:
+                try:
+                    mux.send_eof(sid)
+                except LocalUsageError:
+                    pass
+            if reset:
+                mux.reset_stream(sid, ErrorCode.CANCELLED)
+        if not mux.is_open(sid):
+            self._streams.pop(sid, None)
+        self._kick()
+
+
+def _rejection(peer: NodeId, code: ErrorCode) -> CapsockError:
+    if code == ErrorCode.REFUSED:
+        return CapabilityRejected(
+            f"node {peer.short()} refused the capability (unknown, forged, expired, "
+            "used up, revoked or bound to another peer); ask its holder for a fresh one",
+            code,
+        )
+    return CapabilityRejected(
+        f"node {peer.short()} did not accept the stream ({code.name}); try again later",
+        code,
+    )
+
+
+def _lost_error(peer: NodeId, reason: str) -> BaseException:
+    return ConnectionLostError(
+        f"the session with {peer.short()} ended ({reason})", ErrorCode.INTERNAL_ERROR
+    )
+

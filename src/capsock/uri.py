@@ -1,0 +1,902 @@
+"""The ``capsock://`` capability URI: parse and format, caveats, attenuation (pure).
+
+Theory of operation
+-------------------
+
+A capability names one stream endpoint and carries the authority to open it::
+
+    capsock://<node-id>/<token>[?<hint>&<hint>...]
+
+The *node id* (52 characters of lower-case base32, see :mod:`capsock.keys`) says
+who must answer: the Noise handshake proves it.  The *token* says what the
+holder may do: base64url without padding of the binary encoding below.  The
+*hints* say where to look (``tcp``, ``unix``, ``via``); they carry no authority.
+
+**Token encoding** (version 1, all integers big-endian)::
+
+    0x01 | root_id (16) | n (1, <= 32) | n x (kind (1) | len (1) | value) | tag (32)
+
+Known caveat values: ``exp`` (kind 1) u64 unix seconds, ``uses`` (kind 2) u32
+1..2**32-1, ``peer`` (kind 3) the 32-byte Ed25519 key, ``label`` (kind 4) UTF-8,
+1..64 bytes, no control/format characters.  Any other kind is kept verbatim as
+:class:`UnknownCaveat`, so a token minted by newer software still parses and
+round-trips; an endpoint rejects it (an unknown caveat means reject).
+
+**The macaroon chain.**  With keyed BLAKE2b-256 (libsodium, via pynacl) and
+two personalisation strings::
+
+    tag_0 = BLAKE2b(key=root_key, person="capsock/1 root",   data=root_id)
+    tag_i = BLAKE2b(key=tag_{i-1}, person="capsock/1 caveat", data=encode_caveat(c_i))
+
+Anyone holding ``tag_{i-1}`` can compute ``tag_i`` (attenuation is offline); no
+one can go back from ``tag_i`` to ``tag_{i-1}``, so no caveat can be removed,
+reordered or altered.  The endpoint recomputes the chain from its root key and
+compares tags in constant time (:func:`verify_tag`); checking each caveat
+against the opening context is the endpoint's job, not this module's.
+
+**Strict, canonical parsing.**  :func:`parse` accepts exactly the text that
+``str()`` produces, so ``str(parse(s)) == s`` for every accepted ``s``:
+
+- scheme exactly ``capsock://``; no userinfo, port, fragment, extra path
+  segment, whitespace or non-ASCII character; at most 4096 characters;
+- the token is canonical base64url (``A-Z a-z 0-9 - _``, no padding, zero
+  padding bits) of a token that decodes with every length exactly right;
+- at most 16 hints, keys ``tcp``, ``unix`` and ``via`` only, no empty value, no
+  exact duplicate;
+- ``tcp=HOST:PORT``: a dotted-quad IPv4 address, an IPv6 address in brackets in
+  :mod:`ipaddress`'s compressed form (no zone id; IPv4-mapped addresses are
+  refused: use the IPv4 form), or a lower-case LDH DNS name (<= 253 characters,
+  last label not all digits); port 1..65535 without leading zeros.  These
+  characters never need percent-encoding, so the canonical value is raw;
+- ``unix=`` an absolute path of at most 107 UTF-8 bytes without NUL, encoded
+  as ``urllib.parse.quote(path, safe="/")``;
+- ``via=`` a capability URI encoded as ``urllib.parse.quote(uri, safe="")``;
+  at most 3 ``via`` levels (the innermost capability has no ``via``).
+
+*Decision:* hint values must use exactly the canonical percent-encoding above
+(upper-case hex escapes, nothing escaped that need not be, everything escaped
+that must be).  A differently encoded value is refused with "not in canonical
+form" rather than silently normalised, so a URI's text identifies it.
+
+Objects are validated when constructed, so every :class:`Capability` formats to
+text that :func:`parse` accepts (a capability whose text would exceed 4096
+characters cannot be built).  Everything wrong raises
+:class:`~capsock.errors.InvalidCapability` (a ``ValueError``) naming the part
+that is wrong; no message ever contains token text, token bytes or a tag.
+
+**Secrets.**  ``str(capability)`` *is* the secret (that is how it is shared);
+``repr()`` of a :class:`Token`, :class:`Capability` or :class:`ViaHint` redacts
+every token, and :meth:`Capability.redacted` gives a loggable form.  Log with
+``redacted()`` or ``%r``, never ``%s``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import ipaddress
+import math
+import re
+import time
+import unicodedata
+import urllib.parse
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from enum import IntEnum
+from typing import TypeAlias
+
+import nacl.encoding
+import nacl.hash
+
+from .errors import InvalidCapability, LocalUsageError
+from .keys import NodeId
+
+__all__ = [
+    "Capability", "Caveat", "CaveatKind", "Expires", "Hint", "Label", "Peer", "TcpHint", "Token",
+    "UnixHint", "UnknownCaveat", "Uses", "ViaHint", "chain_tag", "compute_tag", "encode_caveat",
+    "mint_root", "parse", "root_tag", "verify_tag",
+]
+
+SCHEME = "capsock://"
+TOKEN_VERSION = 1
+ROOT_ID_LEN = 16
+ROOT_KEY_LEN = 32
+TAG_LEN = 32
+MAX_CAVEATS = 32
+MAX_URI_LEN = 4096
+MAX_HINTS = 16
+MAX_VIA_DEPTH = 3
+MAX_UNIX_PATH_BYTES = 107
+MAX_LABEL_BYTES = 64
+MAX_DNS_NAME_LEN = 253
+_MAX_U64 = 2**64 - 1
+_MAX_U32 = 2**32 - 1
+_PERSON_ROOT = b"capsock/1 root"
+_PERSON_CAVEAT = b"capsock/1 caveat"
+_HINT_KEYS = ("tcp", "unix", "via")
+_REDACTED = "<redacted>"
+# Minimal token: version, root_id, count, tag.
+_MIN_TOKEN_LEN = 1 + ROOT_ID_LEN + 1 + TAG_LEN
+
+_B64URL = re.compile(r"[A-Za-z0-9_-]+")
+_NOT_URI_CHAR = re.compile(r"[^\x21-\x7e]")
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_PORT = re.compile(r"[1-9][0-9]{0,4}")
+_DIGITS_AND_DOTS = re.compile(r"[0-9.]+")
+_LDH_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_SHOWABLE_KEY = re.compile(r"[A-Za-z0-9._~-]{1,16}")
+# Control (Cc), format (Cf: bidi overrides, zero-width), surrogate, line and
+# paragraph separator characters would let a label forge or hide log text.
+_FORBIDDEN_LABEL_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+# --------------------------------------------------------------------------- caveats
+
+
+class CaveatKind(IntEnum):
+    """The caveat kinds this library understands (one byte on the wire)."""
+
+    EXP = 1
+    """Expiry: the capability is valid until this unix time (seconds)."""
+    USES = 2
+    """The capability may be used to open this many streams."""
+    PEER = 3
+    """Only this node may use the capability."""
+    LABEL = 4
+    """A human-readable label for logs; restricts nothing."""
+
+
+def _check_int(what: str, value: object, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidCapability(f"{what} must be an int, not {type(value).__name__}")
+    if not low <= value <= high:
+        raise InvalidCapability(f"{what} must be in {low}..{high}")
+    return value
+
+
+def _check_label(text: object) -> bytes:
+    if not isinstance(text, str):
+        raise InvalidCapability(f"label caveat must be a str, not {type(text).__name__}")
+    for ch in text:
+        if unicodedata.category(ch) in _FORBIDDEN_LABEL_CATEGORIES:
+            raise InvalidCapability(f"label caveat contains a control character (U+{ord(ch):04X})")
+    raw = text.encode("utf-8")
+    if not 1 <= len(raw) <= MAX_LABEL_BYTES:
+        raise InvalidCapability(
+            f"label caveat must be 1..{MAX_LABEL_BYTES} bytes of UTF-8 (got {len(raw)})"
+        )
+    return raw
+
+
+@dataclass(frozen=True, slots=True)
+class Expires:
+    """Caveat ``exp``: valid only before this time.  Raises InvalidCapability if out of range."""
+
+    at: int
+    """Unix time in whole seconds, 0..2**64-1."""
+
+    def __post_init__(self) -> None:
+        _check_int("exp caveat", self.at, 0, _MAX_U64)
+
+
+@dataclass(frozen=True, slots=True)
+class Uses:
+    """Caveat ``uses``: at most this many opens.  Raises InvalidCapability if out of range."""
+
+    count: int
+    """The number of opens allowed (counted by the endpoint), 1..2**32-1."""
+
+    def __post_init__(self) -> None:
+        _check_int("uses caveat", self.count, 1, _MAX_U32)
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Caveat ``peer``: only this node may open a stream.  Raises InvalidCapability if no NodeId."""
+
+    node: NodeId
+    """The only node allowed to use the capability."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.node, NodeId):
+            raise InvalidCapability(f"peer caveat needs a NodeId, not {type(self.node).__name__}")
+
+
+@dataclass(frozen=True, slots=True)
+class Label:
+    """Caveat ``label``: a name for logs; restricts nothing.
+
+    Raises:
+        InvalidCapability: ``text`` is not 1..64 bytes of UTF-8, or contains a
+            control, format, surrogate or line/paragraph separator character.
+    """
+
+    text: str
+    """The label."""
+
+    def __post_init__(self) -> None:
+        _check_label(self.text)
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownCaveat:
+    """A caveat of a kind this library does not know, kept verbatim.
+
+    It makes a token minted by newer software parse and round-trip; an endpoint
+    must reject any token that carries one.
+
+    Raises:
+        InvalidCapability: ``kind`` is not in 0..255 or is a known kind, or
+            ``value`` is not bytes of at most 255 bytes.
+    """
+
+    kind: int
+    """The kind byte (never one of :class:`CaveatKind`)."""
+    value: bytes
+    """The raw value, 0..255 bytes."""
+
+    def __post_init__(self) -> None:
+        _check_int("caveat kind", self.kind, 0, 255)
+        if self.kind in CaveatKind._value2member_map_:
+            raise InvalidCapability(
+                f"caveat kind {self.kind} is known; use {CaveatKind(self.kind).name.title()}"
+            )
+        if not isinstance(self.value, bytes) or len(self.value) > 255:
+            raise InvalidCapability("unknown caveat value must be at most 255 bytes")
+
+
+Caveat: TypeAlias = Expires | Uses | Peer | Label | UnknownCaveat
+"""Any caveat, known or not."""
+
+
+def encode_caveat(caveat: Caveat) -> bytes:
+    """The exact ``kind | len | value`` bytes of ``caveat`` in a token.
+
+    These are also the bytes hashed into the tag chain.
+
+    Raises:
+        InvalidCapability: ``caveat`` is not a caveat.
+    """
+    if isinstance(caveat, Expires):
+        kind, value = CaveatKind.EXP, caveat.at.to_bytes(8, "big")
+    elif isinstance(caveat, Uses):
+        kind, value = CaveatKind.USES, caveat.count.to_bytes(4, "big")
+    elif isinstance(caveat, Peer):
+        kind, value = CaveatKind.PEER, caveat.node.raw
+    elif isinstance(caveat, Label):
+        kind, value = CaveatKind.LABEL, caveat.text.encode("utf-8")
+    elif isinstance(caveat, UnknownCaveat):
+        return bytes((caveat.kind, len(caveat.value))) + caveat.value
+    else:
+        raise InvalidCapability(f"not a caveat: {type(caveat).__name__}")
+    return bytes((kind, len(value))) + value
+
+
+_EXPECTED_LEN = {CaveatKind.EXP: 8, CaveatKind.USES: 4, CaveatKind.PEER: 32}
+
+
+def _decode_caveat(kind: int, value: bytes) -> Caveat:
+    if kind not in CaveatKind._value2member_map_:
+        return UnknownCaveat(kind, value)
+    known = CaveatKind(kind)
+    name = known.name.lower()
+    expected = _EXPECTED_LEN.get(known)
+    if expected is not None and len(value) != expected:
+        raise InvalidCapability(f"{name} caveat value is {len(value)} bytes, expected {expected}")
+    if known is CaveatKind.EXP:
+        return Expires(int.from_bytes(value, "big"))
+    if known is CaveatKind.USES:
+        count = int.from_bytes(value, "big")
+        if count == 0:
+            raise InvalidCapability("uses caveat count is zero")
+        return Uses(count)
+    if known is CaveatKind.PEER:
+        return Peer(NodeId(value))
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidCapability("label caveat is not valid UTF-8") from None
+    return Label(text)
+
+
+def _check_caveats(caveats: object) -> tuple[Caveat, ...]:
+    if not isinstance(caveats, tuple | list):
+        raise InvalidCapability("caveats must be a tuple of caveats")
+    for caveat in caveats:
+        if not isinstance(caveat, Caveat):
+            raise InvalidCapability(f"not a caveat: {type(caveat).__name__}")
+    if len(caveats) > MAX_CAVEATS:
+        raise InvalidCapability(f"too many caveats ({len(caveats)} > {MAX_CAVEATS})")
+    return tuple(caveats)
+
+
+# ----------------------------------------------------------------------- tag chain
+
+
+def _check_bytes(what: str, value: object, length: int, error: type[Exception]) -> bytes:
+    if not isinstance(value, bytes) or len(value) != length:
+        raise error(f"{what} must be exactly {length} bytes")
+    return value
+
+
+def _blake2b(key: bytes, person: bytes, data: bytes) -> bytes:
+    digest: bytes = nacl.hash.blake2b(
+        data, digest_size=TAG_LEN, key=key, person=person, encoder=nacl.encoding.RawEncoder
+    )
+    return digest
+
+
+def root_tag(root_key: bytes, root_id: bytes) -> bytes:
+    """The tag of the root capability: BLAKE2b-256(key=root_key, person="capsock/1 root").
+
+    Raises:
+        LocalUsageError: ``root_key`` is not 32 bytes.
+        InvalidCapability: ``root_id`` is not 16 bytes.
+    """
+    _check_bytes("root key", root_key, ROOT_KEY_LEN, LocalUsageError)
+    _check_bytes("root_id", root_id, ROOT_ID_LEN, InvalidCapability)
+    return _blake2b(root_key, _PERSON_ROOT, root_id)
+
+
+def chain_tag(tag: bytes, caveat: Caveat) -> bytes:
+    """The tag after appending ``caveat`` to a capability whose tag is ``tag``.
+
+    Raises:
+        InvalidCapability: ``tag`` is not 32 bytes or ``caveat`` is not a caveat.
+    """
+    _check_bytes("tag", tag, TAG_LEN, InvalidCapability)
+    return _blake2b(tag, _PERSON_CAVEAT, encode_caveat(caveat))
+
+
+def compute_tag(root_key: bytes, root_id: bytes, caveats: Iterable[Caveat]) -> bytes:
+    """The tag of the capability ``(root_id, caveats)`` minted under ``root_key``.
+
+    Raises:
+        LocalUsageError: ``root_key`` is not 32 bytes.
+        InvalidCapability: ``root_id`` is not 16 bytes or a caveat is invalid.
+    """
+    tag = root_tag(root_key, root_id)
+    for caveat in caveats:
+        tag = chain_tag(tag, caveat)
+    return tag
+
+
+def mint_root(root_key: bytes, root_id: bytes) -> Token:
+    """A root token (no caveats) for ``root_id`` under ``root_key``.
+
+    ``root_key`` must be 32 bytes from a CSPRNG and stays with the endpoint;
+    ``root_id`` is a public 16-byte identifier the endpoint uses to find it.
+
+    Raises:
+        LocalUsageError: ``root_key`` is not 32 bytes.
+        InvalidCapability: ``root_id`` is not 16 bytes.
+    """
+    return Token(root_id, (), root_tag(root_key, root_id))
+
+
+def verify_tag(root_key: bytes, token: Token) -> bool:
+    """Whether ``token``'s tag is the chain computed from ``root_key``.
+
+    Constant-time in the tag comparison.  It checks authenticity only: the
+    caller must still check every caveat (and reject :class:`UnknownCaveat`).
+    To make an unknown ``root_id`` cost the same as a known one, call this with
+    a dummy key when the root id is not found.
+
+    Raises:
+        LocalUsageError: ``root_key`` is not 32 bytes.
+    """
+    expected = compute_tag(root_key, token.root_id, token.caveats)
+    return hmac.compare_digest(expected, token.tag)
+
+
+# --------------------------------------------------------------------------- token
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """The secret part of a capability: ``(root_id, caveats, tag)``.
+
+    ``repr()`` shows the caveats but never the root id or the tag.
+
+    Raises:
+        InvalidCapability: a field has the wrong type or length, or there are
+            more than 32 caveats.
+    """
+
+    root_id: bytes
+    """Public 16-byte identifier of the root capability (chosen by the endpoint)."""
+    caveats: tuple[Caveat, ...]
+    """The restrictions, in the order they were appended (empty for a root)."""
+    tag: bytes
+    """The 32-byte chained BLAKE2b tag (the secret)."""
+
+    def __post_init__(self) -> None:
+        _check_bytes("root_id", self.root_id, ROOT_ID_LEN, InvalidCapability)
+        object.__setattr__(self, "caveats", _check_caveats(self.caveats))
+        _check_bytes("tag", self.tag, TAG_LEN, InvalidCapability)
+
+    def encode(self) -> bytes:
+        """The binary token (version 1)."""
+        head = bytes((TOKEN_VERSION,)) + self.root_id + bytes((len(self.caveats),))
+        return head + b"".join(encode_caveat(c) for c in self.caveats) + self.tag
+
+    @classmethod
+    def decode(cls, data: bytes) -> Token:
+        """Decode a binary token; every length must be exactly right.
+
+        Raises:
+            InvalidCapability: wrong version, truncated, trailing bytes, too many
+                caveats, a known caveat with a wrong length or value.
+        """
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise InvalidCapability(f"a token is bytes, not {type(data).__name__}")
+        data = bytes(data)
+        if not data:
+            raise InvalidCapability("token is empty")
+        if data[0] != TOKEN_VERSION:
+            raise InvalidCapability(
+                f"unsupported token version {data[0]} (this library reads {TOKEN_VERSION})"
+            )
+        if len(data) < _MIN_TOKEN_LEN:
+            raise InvalidCapability(f"token is truncated ({len(data)} bytes)")
+        root_id = data[1 : 1 + ROOT_ID_LEN]
+        count = data[1 + ROOT_ID_LEN]
+        if count > MAX_CAVEATS:
+            raise InvalidCapability(f"too many caveats ({count} > {MAX_CAVEATS})")
+        pos = 2 + ROOT_ID_LEN
+        caveats: list[Caveat] = []
+        for index in range(1, count + 1):
+            if pos + 2 > len(data):
+                raise InvalidCapability(f"token is truncated in caveat {index}")
+            kind, length = data[pos], data[pos + 1]
+            pos += 2
+            if pos + length > len(data):
+                raise InvalidCapability(f"token is truncated in caveat {index}")
+            try:
+                caveats.append(_decode_caveat(kind, data[pos : pos + length]))
+            except InvalidCapability as exc:
+                raise InvalidCapability(f"caveat {index}: {exc}") from None
+            pos += length
+        rest = len(data) - pos
+        if rest < TAG_LEN:
+            raise InvalidCapability("token is truncated in the tag")
+        if rest > TAG_LEN:
+            raise InvalidCapability(f"token has {rest - TAG_LEN} trailing byte(s) after the tag")
+        return cls(root_id, tuple(caveats), data[pos:])
+
+    def attenuate(self, *caveats: Caveat) -> Token:
+        """A weaker token: ``caveats`` appended, the tag chained over each.
+
+        Raises:
+            InvalidCapability: an argument is not a caveat, or the token would
+                have more than 32 caveats.
+        """
+        combined = _check_caveats(self.caveats + caveats)
+        tag = self.tag
+        for caveat in caveats:
+            tag = chain_tag(tag, caveat)
+        return Token(self.root_id, combined, tag)
+
+    def __repr__(self) -> str:
+        return f"Token({_REDACTED}, caveats={self.caveats!r})"
+
+
+# --------------------------------------------------------------------------- hints
+
+
+def _canonical_host(host: object) -> str:
+    """The canonical text of a tcp host (IP literal or DNS name), or raise."""
+    if not isinstance(host, str):
+        raise InvalidCapability(f"tcp hint host must be a str, not {type(host).__name__}")
+    if not host:
+        raise InvalidCapability("tcp hint host is empty")
+    if not host.isascii():
+        raise InvalidCapability("tcp hint host must be ASCII (write IDNs in 'xn--' form)")
+    if ":" in host:
+        try:
+            addr6 = ipaddress.IPv6Address(host)
+        except ValueError:
+            raise InvalidCapability("tcp hint host is not a valid IPv6 address") from None
+        if addr6.scope_id is not None:
+            raise InvalidCapability("tcp hint host: IPv6 zone ids ('%...') are not supported")
+        if addr6.ipv4_mapped is not None:
+            raise InvalidCapability(
+                "tcp hint host: use the plain IPv4 address, not an IPv4-mapped IPv6 address"
+            )
+        return addr6.compressed
+    if _DIGITS_AND_DOTS.fullmatch(host):
+        try:
+            return str(ipaddress.IPv4Address(host))
+        except ValueError:
+            raise InvalidCapability(
+                "tcp hint host is not a valid IPv4 address (0..255 x 4, no leading zeros)"
+            ) from None
+    name = host.lower()
+    if len(name) > MAX_DNS_NAME_LEN:
+        raise InvalidCapability(f"tcp hint host name is longer than {MAX_DNS_NAME_LEN} characters")
+    labels = name.split(".")
+    if not all(_LDH_LABEL.fullmatch(label) for label in labels):
+        raise InvalidCapability(
+            "tcp hint host is not a valid DNS name (dot-separated labels of 1..63 letters, "
+            "digits and inner '-'; no trailing dot)"
+        )
+    if labels[-1].isdigit():
+        raise InvalidCapability("tcp hint host: the last label of a DNS name cannot be all digits")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class TcpHint:
+    """Route hint ``tcp=HOST:PORT``: try a TCP connection to this address.
+
+    The host is normalised on construction (IP literals to their canonical
+    text, DNS names to lower case).
+
+    Raises:
+        InvalidCapability: the host is not an IPv4/IPv6 literal or a DNS name,
+            or the port is not in 1..65535.
+    """
+
+    host: str
+    """IPv4 dotted quad, IPv6 address (no brackets), or lower-case DNS name."""
+    port: int
+    """TCP port, 1..65535."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "host", _canonical_host(self.host))
+        _check_int("tcp hint port", self.port, 1, 65535)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp={host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class UnixHint:
+    """Route hint ``unix=/path``: try this Unix-domain socket (filesystem only).
+
+    Raises:
+        InvalidCapability: the path is not absolute, contains NUL, or is longer
+            than 107 bytes of UTF-8.
+    """
+
+    path: str
+    """Absolute filesystem path of the socket."""
+
+    def __post_init__(self) -> None:
+        path: object = self.path
+        if not isinstance(path, str):
+            raise InvalidCapability(f"unix hint path must be a str, not {type(path).__name__}")
+        if not path.startswith("/"):
+            raise InvalidCapability("unix hint path must be absolute (start with '/')")
+        if "\x00" in path:
+            raise InvalidCapability("unix hint path contains NUL")
+        try:
+            size = len(path.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise InvalidCapability("unix hint path is not encodable as UTF-8") from None
+        if size > MAX_UNIX_PATH_BYTES:
+            raise InvalidCapability(
+                f"unix hint path is {size} bytes, at most {MAX_UNIX_PATH_BYTES} allowed"
+            )
+
+    def __str__(self) -> str:
+        return "unix=" + urllib.parse.quote(self.path, safe="/")
+
+
+@dataclass(frozen=True, slots=True)
+class ViaHint:
+    """Route hint ``via=<capability>``: reach the node through this forwarder.
+
+    ``str()`` contains the forwarder's token (a secret); ``repr()`` redacts it.
+
+    Raises:
+        InvalidCapability: ``capability`` is not a :class:`Capability`, or
+            ``via`` hints would nest deeper than 3 levels.
+    """
+
+    capability: Capability
+    """The capability of the forwarding node (a relay or an introducer)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.capability, Capability):
+            raise InvalidCapability(
+                f"via hint needs a Capability, not {type(self.capability).__name__}"
+            )
+        if _via_depth(self.capability) >= MAX_VIA_DEPTH:
+            raise InvalidCapability(f"via hints nested deeper than {MAX_VIA_DEPTH} levels")
+
+    def __str__(self) -> str:
+        return "via=" + urllib.parse.quote(str(self.capability), safe="")
+
+
+Hint: TypeAlias = TcpHint | UnixHint | ViaHint
+"""Any route hint."""
+
+
+def _via_depth(capability: Capability) -> int:
+    return max(
+        (1 + _via_depth(h.capability) for h in capability.hints if isinstance(h, ViaHint)),
+        default=0,
+    )
+
+
+def _redacted_hint(hint: Hint) -> str:
+    if isinstance(hint, ViaHint):
+        return "via=" + urllib.parse.quote(hint.capability.redacted(), safe=":/<>[]")
+    return str(hint)
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+# ---------------------------------------------------------------------- capability
+
+
+@dataclass(frozen=True, slots=True)
+class Capability:
+    """The right to open a stream to one endpoint: node key, token, route hints.
+
+    ``str()`` is the canonical ``capsock://`` URI *including the secret token*;
+    ``repr()`` and :meth:`redacted` never show a token.
+
+    Raises:
+        InvalidCapability: a field has the wrong type, there are more than 16
+            hints or a duplicate hint, or the URI would exceed 4096 characters.
+    """
+
+    node: NodeId
+    """The endpoint node's public key: the handshake proves who answers."""
+    token: Token
+    """The secret authorising the open."""
+    hints: tuple[Hint, ...] = ()
+    """Where to look for the node, in order of preference; no authority."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.node, NodeId):
+            raise InvalidCapability(f"node must be a NodeId, not {type(self.node).__name__}")
+        if not isinstance(self.token, Token):
+            raise InvalidCapability(f"token must be a Token, not {type(self.token).__name__}")
+        hints: object = self.hints
+        if not isinstance(hints, tuple | list):
+            raise InvalidCapability("capability hints must be a tuple of hints")
+        for hint in hints:
+            if not isinstance(hint, Hint):
+                raise InvalidCapability(f"not a route hint: {type(hint).__name__}")
+        if len(hints) > MAX_HINTS:
+            raise InvalidCapability(f"too many hints ({len(hints)} > {MAX_HINTS})")
+        if len(set(hints)) != len(hints):
+            raise InvalidCapability("duplicate hint")
+        object.__setattr__(self, "hints", tuple(hints))
+        if len(str(self)) > MAX_URI_LEN:
+            raise InvalidCapability(f"capability URI would be longer than {MAX_URI_LEN} characters")
+
+    @classmethod
+    def parse(cls, text: str) -> Capability:
+        """Parse a canonical ``capsock://`` URI (see the module docstring).
+
+        Raises:
+            InvalidCapability: the text is not a str or not a canonical
+                capability URI; the message names the part that is wrong.
+        """
+        return _parse(text, 0)
+
+    @property
+    def root_id(self) -> bytes:
+        """The token's public root identifier."""
+        return self.token.root_id
+
+    @property
+    def caveats(self) -> tuple[Caveat, ...]:
+        """The token's caveats."""
+        return self.token.caveats
+
+    def with_hints(self, hints: Iterable[Hint]) -> Capability:
+        """The same capability with ``hints`` instead of the current ones.
+
+        Raises:
+            InvalidCapability: see :class:`Capability`.
+        """
+        return replace(self, hints=tuple(hints))
+
+    def attenuate(
+        self,
+        *caveats: Caveat,
+        ttl: float | None = None,
+        uses: int | None = None,
+        peer: NodeId | None = None,
+        label: str | None = None,
+        now: float | None = None,
+    ) -> Capability:
+        """A weaker capability (same node and hints), computable by any holder.
+
+        ``caveats`` are appended first, then the keyword ones in the order
+        ``exp`` (``ceil(now + ttl)``; ``now`` defaults to the wall clock),
+        ``uses``, ``peer``, ``label``.
+
+        Raises:
+            InvalidCapability: a caveat is invalid, ``ttl`` is not a positive
+                finite number, more than 32 caveats, or the URI grows too long.
+        """
+        extra: list[Caveat] = list(caveats)
+        if ttl is not None:
+            if (
+                not isinstance(ttl, int | float)
+                or isinstance(ttl, bool)
+                or not math.isfinite(ttl)
+                or ttl <= 0
+            ):
+                raise InvalidCapability("ttl must be a positive finite number of seconds")
+            start = time.time() if now is None else now
+            extra.append(Expires(math.ceil(start + ttl)))
+        if uses is not None:
+            extra.append(Uses(uses))
+        if peer is not None:
+            extra.append(Peer(peer))
+        if label is not None:
+            extra.append(Label(label))
+        return replace(self, token=self.token.attenuate(*extra))
+
+    def redacted(self) -> str:
+        """The URI with every token (also inside ``via`` hints) replaced by ``<redacted>``.
+
+        For logs and display; it is not parseable.
+        """
+        text = f"{SCHEME}{self.node}/{_REDACTED}"
+        if self.hints:
+            text += "?" + "&".join(_redacted_hint(h) for h in self.hints)
+        return text
+
+    def __str__(self) -> str:
+        text = f"{SCHEME}{self.node}/{_b64encode(self.token.encode())}"
+        if self.hints:
+            text += "?" + "&".join(str(h) for h in self.hints)
+        return text
+
+    def __repr__(self) -> str:
+        return f"Capability(node={self.node!r}, token={self.token!r}, hints={self.hints!r})"
+
+
+def parse(text: str) -> Capability:
+    """Parse a canonical ``capsock://`` URI; same as :meth:`Capability.parse`.
+
+    Raises:
+        InvalidCapability: the text is not a str or not a canonical capability
+            URI; the message names the part that is wrong.
+    """
+    return _parse(text, 0)
+
+
+# ------------------------------------------------------------------------- parsing
+
+
+def _parse(text: object, depth: int) -> Capability:
+    if not isinstance(text, str):
+        raise InvalidCapability(f"a capability URI must be a str, not {type(text).__name__}")
+    if len(text) > MAX_URI_LEN:
+        raise InvalidCapability(f"capability URI is longer than {MAX_URI_LEN} characters")
+    bad = _NOT_URI_CHAR.search(text)
+    if bad is not None:
+        what = "whitespace" if bad.group().isspace() else "a control or non-ASCII character"
+        raise InvalidCapability(f"capability URI contains {what} at position {bad.start()}")
+    if not text.startswith(SCHEME):
+        if text[: len(SCHEME)].lower() == SCHEME:
+            raise InvalidCapability("the scheme must be lower-case 'capsock://'")
+        raise InvalidCapability("not a capsock URI (it must start with 'capsock://')")
+    rest = text[len(SCHEME) :]
+    if "#" in rest:
+        raise InvalidCapability("a fragment ('#...') is not allowed")
+    hier, qmark, query = rest.partition("?")
+    authority, slash, path = hier.partition("/")
+    if "@" in authority:
+        raise InvalidCapability("userinfo ('...@') is not allowed before the node id")
+    if ":" in authority:
+        raise InvalidCapability("a port is not allowed after the node id")
+    if not authority:
+        raise InvalidCapability("the node id is missing (expected capsock://<node-id>/<token>)")
+    try:
+        node = NodeId.parse(authority)
+    except InvalidCapability as exc:
+        raise InvalidCapability(f"node id: {exc}") from None
+    if not slash or not path:
+        raise InvalidCapability("the token is missing (expected capsock://<node-id>/<token>)")
+    if "/" in path:
+        raise InvalidCapability("extra path segments after the token are not allowed")
+    token = _parse_token_text(path)
+    hints: list[Hint] = []
+    if qmark:
+        if not query:
+            raise InvalidCapability("empty query string after '?'")
+        parts = query.split("&")
+        if len(parts) > MAX_HINTS:
+            raise InvalidCapability(f"too many hints ({len(parts)} > {MAX_HINTS})")
+        hints.extend(_parse_hint(part, index, depth) for index, part in enumerate(parts, 1))
+    return Capability(node, token, tuple(hints))
+
+
+def _parse_token_text(text: str) -> Token:
+    if "=" in text:
+        raise InvalidCapability("token must be base64url without '=' padding")
+    if not _B64URL.fullmatch(text):
+        raise InvalidCapability("token is not base64url (allowed: A-Z a-z 0-9 - _)")
+    if len(text) % 4 == 1:
+        raise InvalidCapability("token has an impossible base64url length")
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raise InvalidCapability("token is not valid base64url") from None
+    if _b64encode(raw) != text:
+        raise InvalidCapability("token is not canonical base64url (non-zero padding bits)")
+    return Token.decode(raw)  # its messages already say "token" or "caveat"
+
+
+def _show_key(key: str) -> str:
+    if _SHOWABLE_KEY.fullmatch(key):
+        return repr(key)
+    return f"of {len(key)} characters (not shown)"
+
+
+def _percent_decode(key: str, value: str) -> str:
+    if _BAD_ESCAPE.search(value):
+        raise InvalidCapability(f"{key} hint has an invalid percent-escape")
+    try:
+        return urllib.parse.unquote_to_bytes(value).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidCapability(f"{key} hint is not UTF-8 after percent-decoding") from None
+
+
+def _parse_hint(part: str, index: int, depth: int) -> Hint:
+    key, eq, value = part.partition("=")
+    if not eq:
+        raise InvalidCapability(f"hint {index} has no '=' (expected key=value)")
+    if not key:
+        raise InvalidCapability(f"hint {index} has an empty key")
+    if key not in _HINT_KEYS:
+        raise InvalidCapability(f"unknown hint key {_show_key(key)} (known: tcp, unix, via)")
+    if not value:
+        raise InvalidCapability(f"empty value for hint '{key}'")
+    decoded = _percent_decode(key, value)
+    hint: Hint
+    if key == "tcp":
+        hint = _parse_tcp(decoded)
+    elif key == "unix":
+        hint = UnixHint(decoded)
+    else:
+        if depth >= MAX_VIA_DEPTH:
+            raise InvalidCapability(f"via hints nested deeper than {MAX_VIA_DEPTH} levels")
+        try:
+            hint = ViaHint(_parse(decoded, depth + 1))
+        except InvalidCapability as exc:
+            raise InvalidCapability(f"via hint: {exc}") from None
+    if str(hint) != part:
+        if isinstance(hint, ViaHint):  # the canonical text holds a token: not shown
+            raise InvalidCapability("via hint is not in canonical form (percent-encode the whole URI)")
+        raise InvalidCapability(f"{key} hint is not in canonical form (expected '{hint}')")
+    return hint
+
+
+def _parse_tcp(text: str) -> TcpHint:
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise InvalidCapability("tcp hint: missing ']' after the IPv6 address")
+        host, rest = text[1:end], text[end + 1 :]
+        if ":" not in host:
+            raise InvalidCapability("tcp hint: brackets are only for IPv6 addresses")
+        if not rest.startswith(":"):
+            raise InvalidCapability("tcp hint: expected ':PORT' after ']'")
+        port_text = rest[1:]
+    else:
+        host, colon, port_text = text.rpartition(":")
+        if not colon:
+            raise InvalidCapability("tcp hint: missing ':PORT' (expected tcp=HOST:PORT)")
+        if ":" in host:
+            raise InvalidCapability("tcp hint: an IPv6 address must be in brackets")
+    if not _PORT.fullmatch(port_text) or int(port_text) > 65535:
+        raise InvalidCapability("tcp hint: port must be 1..65535 without leading zeros")
+    canonical = _canonical_host(host)
+    if canonical != host:
+        raise InvalidCapability(f"tcp hint host is not in canonical form (expected {canonical})")
+    return TcpHint(canonical, int(port_text))
