@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -71,6 +74,38 @@ def first_message_with_payload(payload: bytes, static: KeyPair = ALICE) -> bytes
         PROTOCOL_NAME, True, PROLOGUE, s=static.x25519_private, rs=BOB.x25519_public
     )
     return hs.write_message(payload)
+
+
+def test_sans_io_modules_do_no_io() -> None:
+    """noise and handshake import neither anyio nor any I/O module."""
+    import capsock.noise
+
+    src = Path(capsock.noise.__file__).parent
+    allowed = {
+        "__future__",
+        "collections",
+        "dataclasses",
+        "hmac",
+        "os",
+        "re",
+        "struct",
+        "typing",
+        "nacl",
+        "errors",
+        "keys",
+        "noise",
+    }
+    for name in ("noise.py", "handshake.py"):
+        tree = ast.parse((src / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = [node.module or ""]
+            else:
+                continue
+            for module in modules:
+                assert module.split(".")[0] in allowed, (name, module)
 
 
 # --- round trip --------------------------------------------------------------
@@ -303,7 +338,7 @@ def test_payload_key_invalid_ed25519() -> None:
 
 
 def test_known_limitation_sign_flipped_payload_key() -> None:
-    """Documented limitation (see docs): the X25519 key fixes an Ed25519 key only
+    """Documented limitation (capsock.handshake docstring): the X25519 key fixes an Ed25519 key only
     up to its sign bit, so a dialer can present its own id with the sign bit
     flipped.  Nobody else can, so no other node can be impersonated; if this
     test starts failing, the protocol gained an Ed25519 proof -- update it."""

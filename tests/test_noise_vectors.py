@@ -47,9 +47,7 @@ def _states(vector: dict[str, Any]) -> tuple[HandshakeState, HandshakeState]:
     return sides[0], sides[1]
 
 
-def _run_handshake(
-    vector: dict[str, Any], init: HandshakeState, resp: HandshakeState
-) -> int:
+def _run_handshake(vector: dict[str, Any], init: HandshakeState, resp: HandshakeState) -> int:
     """Run the handshake messages of ``vector``; return how many there were."""
     index = 0
     for index, msg in enumerate(vector["messages"]):
@@ -68,8 +66,20 @@ def _run_handshake(
 def test_vector_file_is_complete() -> None:
     names = {v["protocol_name"] for v in VECTORS}
     assert len(VECTORS) == 12
-    for pattern in ("NN", "NK", "KK", "XK", "IK", "XX", "XKpsk3", "XXpsk3", "KKpsk0",
-                    "KKpsk2", "IKpsk1", "IKpsk2"):
+    for pattern in (
+        "NN",
+        "NK",
+        "KK",
+        "XK",
+        "IK",
+        "XX",
+        "XKpsk3",
+        "XXpsk3",
+        "KKpsk0",
+        "KKpsk2",
+        "IKpsk1",
+        "IKpsk2",
+    ):
         assert f"Noise_{pattern}_25519_ChaChaPoly_BLAKE2b" in names
     assert (VECTOR_FILE.parent / "README.md").is_file()
 

@@ -24,6 +24,14 @@ handshake hash (channel binding) and a :class:`~capsock.noise.TransportCipher`.
 Like :mod:`capsock.noise`, this module is sans-IO; the session moves the bytes,
 runs the timers, and speaks first as the dialer once the handshake is done.
 
+Known limitation: an X25519 public key names an Ed25519 key only up to the
+sign of its x coordinate (the top bit of the encoded key), because the
+conversion keeps only the y coordinate.  A dialer can therefore present its own
+node id with that bit flipped and still pass the check in step 2.  Only the
+holder of the key can do so, so no *other* node can be impersonated; closing
+the gap would need an Ed25519 proof (e.g. a signature over the handshake hash).
+Dialing either spelling of one's own key is refused.
+
 Records vs messages: ``first_message`` and ``second_message`` return whole
 transport *records* (2-byte length prefix + Noise message); ``read_first`` and
 ``read_second`` take the Noise message without its prefix (as returned by
@@ -228,9 +236,7 @@ class ResponderHandshake:
         static = self._noise.remote_static
         assert static is not None  # IK message 1 always carries it
         claimed = NodeId(payload[:_NODE_ID_LEN])
-        if claimed == self._local.node_id or hmac.compare_digest(
-            static, self._local.x25519_public
-        ):
+        if claimed == self._local.node_id or hmac.compare_digest(static, self._local.x25519_public):
             raise HandshakeError(
                 "first handshake message came from this node itself (reflected "
                 "connection); refusing a session with itself"

@@ -331,6 +331,7 @@ class Mux:
         """
         st = self._pending(stream_id)
         st.state = _State.OPEN
+        st.recv_window = self.config.stream_window
         self._pending_opens -= 1
         self._queue(encode_frame(Accept(stream_id)))
         self._queue_initial_window(stream_id)

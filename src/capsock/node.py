@@ -134,6 +134,7 @@ class Node:
         self._sessions: dict[NodeId, Session] = {}
         self._dial_locks: dict[NodeId, anyio.Lock] = {}
         self._serve_scope = anyio.CancelScope()
+        self._transport_listeners: list[anyio.abc.Listener[Any]] = []
         self._hints: tuple[Hint, ...] = ()
         self._half_open = 0
         self._tg: anyio.abc.TaskGroup | None = None
@@ -211,6 +212,8 @@ class Node:
             return
         self._closed = True
         self._serve_scope.cancel()
+        for lst in self._transport_listeners:
+            await lst.aclose()
         for listener in list(self._listeners.values()):
             await listener.aclose()
         sessions = list(self._sessions.values())
@@ -248,13 +251,16 @@ class Node:
                     )
             else:
                 hints = [TcpHint(host, bound)]
+        self._transport_listeners.append(listener)
         tg.start_soon(self._serve_transport, listener)
         return hints
 
     async def _serve_transport(self, listener: anyio.abc.Listener[Any]) -> None:
         with self._serve_scope:
-            async with listener:
+            try:
                 await listener.serve(self._handle_inbound)
+            except* anyio.ClosedResourceError:
+                pass  # aclose() closed the listening socket
 
     # ---------------------------------------------------------- inbound
 

@@ -37,7 +37,7 @@ import re as _re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NoReturn
 
 import nacl.exceptions
 from nacl.bindings import (
@@ -386,6 +386,11 @@ PATTERNS: Final[dict[str, HandshakePattern]] = {
 _NAME_RE: Final = _re.compile(r"Noise_([NKXI]{1,2})((?:psk\d+)(?:\+psk\d+)*)?" + _SUFFIX)
 
 
+def _name_bytes(protocol_name: bytes | str) -> bytes:
+    """The protocol name as bytes (it is hashed into the handshake)."""
+    return protocol_name.encode("ascii") if isinstance(protocol_name, str) else protocol_name
+
+
 def parse_protocol_name(protocol_name: bytes | str) -> HandshakePattern:
     """The pattern named by a full protocol name, with ``pskN`` modifiers applied.
 
@@ -400,8 +405,7 @@ def parse_protocol_name(protocol_name: bytes | str) -> HandshakePattern:
     match = _NAME_RE.fullmatch(text)
     if match is None or match.group(1) not in PATTERNS:
         raise LocalUsageError(
-            f"unsupported Noise protocol name {text!r} "
-            f"(supported: Noise_<pattern>[pskN]{_SUFFIX})"
+            f"unsupported Noise protocol name {text!r} (supported: Noise_<pattern>[pskN]{_SUFFIX})"
         )
     base = PATTERNS[match.group(1)]
     messages = [list(toks) for toks in base.messages]
@@ -465,16 +469,14 @@ class HandshakeState:
         psks: Sequence[bytes] = (),
     ) -> None:
         pattern = parse_protocol_name(protocol_name)
-        name = protocol_name.encode("ascii") if isinstance(protocol_name, str) else protocol_name
         self._pattern = pattern
         self._initiator = bool(initiator)
         self._s = s
         self._s_pub = _public_key(s) if s is not None else None
         self._e = e
         self._e_pub = _public_key(e) if e is not None else None
-        for label, key in (("rs", rs), ("re", re)):
-            if key is not None and (not isinstance(key, bytes) or len(key) != DHLEN):
-                raise LocalUsageError(f"{label} must be a {DHLEN}-byte public key")
+        if any(k is not None and (not isinstance(k, bytes) or len(k) != DHLEN) for k in (rs, re)):
+            raise LocalUsageError(f"rs and re must be {DHLEN}-byte public keys")
         self._rs = rs
         self._re = re
         psk_list = list(psks)
@@ -491,28 +493,17 @@ class HandshakeState:
         self._cipher_pair: tuple[CipherState, CipherState] | None = None
         self._check_keys()
 
-        self._ss = SymmetricState(name)
+        self._ss = SymmetricState(_name_bytes(protocol_name))
         self._ss.mix_hash(prologue)
-        pre_messages = ((True, pattern.initiator_pre), (False, pattern.responder_pre))
-        for owner_is_initiator, toks in pre_messages:
-            local = owner_is_initiator == self._initiator
-            for tok in toks:
-                key = self._local_key(tok) if local else self._remote_key(tok)
+        local, remote = {"s": self._s_pub, "e": self._e_pub}, {"s": rs, "e": re}
+        init_keys, resp_keys = (local, remote) if self._initiator else (remote, local)
+        for keys, toks in ((init_keys, pattern.initiator_pre), (resp_keys, pattern.responder_pre)):
+            for tok in toks:  # pre-messages: keys known in advance (checked above)
+                key = keys[tok]
+                assert key is not None
                 self._ss.mix_hash(key)
                 if tok == "e" and self._psk_mode:
                     self._ss.mix_key(key)
-
-    # -- configuration checks -------------------------------------------------
-
-    def _local_key(self, tok: str) -> bytes:
-        key = self._s_pub if tok == "s" else self._e_pub
-        assert key is not None  # guaranteed by _check_keys
-        return key
-
-    def _remote_key(self, tok: str) -> bytes:
-        key = self._rs if tok == "s" else self._re
-        assert key is not None  # guaranteed by _check_keys
-        return key
 
     def _check_keys(self) -> None:
         p, initiator = self._pattern, self._initiator
@@ -608,8 +599,7 @@ class HandshakeState:
             local, remote = (self._e, self._rs) if initiator else (self._s, self._re)
         else:  # "se"
             local, remote = (self._s, self._re) if initiator else (self._e, self._rs)
-        if local is None or remote is None:  # impossible for valid patterns
-            raise LocalUsageError(f"token {tok} needs a key this side does not have")
+        assert local is not None and remote is not None  # guaranteed by _check_keys
         self._ss.mix_key(_dh(local, remote))
 
     def _finish_message(self) -> None:
@@ -780,7 +770,7 @@ class TransportCipher:
         """
         n = self._send_n
         if len(plaintext) > MAX_PLAINTEXT_LEN or n >= _MAX_NONCE:
-            raise LocalUsageError(self._encrypt_refusal(plaintext))
+            self._refuse(plaintext)
         if type(plaintext) is not bytes:
             plaintext = bytes(plaintext)
         message = _encrypt(plaintext, None, _nonce(n), self._send_key)
@@ -795,20 +785,21 @@ class TransportCipher:
         """
         n = self._send_n
         if len(plaintext) > MAX_PLAINTEXT_LEN or n >= _MAX_NONCE:
-            raise LocalUsageError(self._encrypt_refusal(plaintext))
+            self._refuse(plaintext)
         if type(plaintext) is not bytes:
             plaintext = bytes(plaintext)
         message = _encrypt(plaintext, None, _nonce(n), self._send_key)
         self._send_n = n + 1
         return _u16(len(message)) + message
 
-    def _encrypt_refusal(self, plaintext: bytes | bytearray | memoryview) -> str:
+    @staticmethod
+    def _refuse(plaintext: bytes | bytearray | memoryview) -> NoReturn:
         if len(plaintext) > MAX_PLAINTEXT_LEN:
-            return (
+            raise LocalUsageError(
                 f"a transport message carries at most {MAX_PLAINTEXT_LEN} plaintext bytes "
                 f"(got {len(plaintext)}); split the data"
             )
-        return "send nonce exhausted; open a new session"
+        raise LocalUsageError("send nonce exhausted; open a new session")
 
     def decrypt(self, message: bytes | bytearray | memoryview) -> bytes:
         """The plaintext of the next transport message.  On failure the receive
@@ -822,10 +813,8 @@ class TransportCipher:
         size = len(message)
         if size < TAG_LEN or size > MAX_MESSAGE_LEN or n >= _MAX_NONCE:
             raise ProtocolError(
-                f"transport record failed authentication: {size} bytes is not a valid "
-                "message size; the session must be closed"
-                if n < _MAX_NONCE
-                else "receive nonce exhausted; the session must be closed"
+                f"transport record failed authentication: a {size}-byte message is "
+                "impossible (or the nonce space is used up); the session must be closed"
             )
         if type(message) is not bytes:
             message = bytes(message)

@@ -185,6 +185,7 @@ class Session:
         self._streams: dict[int, Stream] = {}
         self._opening: dict[int, _OpenWaiter] = {}
         self._wake: anyio.Event | None = None
+        self._draining: anyio.Event | None = None
         self._closed_reason: str | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._last_heard = 0.0
@@ -219,48 +220,63 @@ class Session:
 
     async def run(self) -> None:
         """Pump the session until the transport ends or :meth:`aclose` is called."""
-        reason = "the session was closed"
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 self._last_heard = self._clock()
-                tg.start_soon(self._writer)
-                tg.start_soon(self._keepalive)
+                tg.start_soon(self._guard, self._writer)
+                tg.start_soon(self._guard, self._keepalive)
                 self.ready.set()
-                try:
-                    await self._read_loop()
-                    reason = "the peer closed the connection"
-                except ProtocolError as exc:
-                    reason = f"protocol error: {exc}"
-                    log.warning("session with %s closed: %s", self.peer.short(), exc)
-                    self._mux.goaway(exc.code)
-                    self._kick()
-                    with anyio.move_on_after(1):
-                        await self._flush_once()
-                except (anyio.BrokenResourceError, anyio.EndOfStream, OSError) as exc:
-                    reason = f"connection lost: {exc or type(exc).__name__}"
-                tg.cancel_scope.cancel()
+                await self._guard(self._read_loop)
         finally:
-            self._fail_all(self._closed_reason or reason)
+            self._fail_all(self._closed_reason or "the session was closed")
             with anyio.CancelScope(shield=True):
                 await self._transport.aclose()
             self.finished.set()
 
+    async def _guard(self, task: Callable[[], Awaitable[None]]) -> None:
+        """Run one of the session's tasks; whatever ends it ends the session."""
+        try:
+            await task()
+            reason = "the session was closed"
+        except ProtocolError as exc:
+            reason = f"protocol error: {exc}"
+            log.warning("session with %s closed: %s", self.peer.short(), exc)
+            self._mux.goaway(exc.code)
+            await self._drain(1.0)
+        except anyio.EndOfStream:
+            reason = "the peer closed the connection"
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            reason = f"connection lost ({type(exc).__name__})"
+        if self._closed_reason is None:
+            self._closed_reason = reason
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+
     async def aclose(self, grace: float = 0.0) -> None:
         """Send GOAWAY, let open streams finish for up to ``grace`` seconds, then close."""
-        if self._closed_reason is not None:
+        if self._closed_reason is not None or self.finished.is_set():
             return
         self._mux.goaway(ErrorCode.NO_ERROR)
         self._kick()
         if grace > 0:
             with anyio.move_on_after(grace):
-                while self._streams:
+                while self._streams or self._opening:
                     await anyio.sleep(0.05)
-        with anyio.move_on_after(1):
-            await self._flush_once()
-        self._closed_reason = "this node closed the session"
+        await self._drain(1.0)
+        if self._closed_reason is None:
+            self._closed_reason = "this node closed the session"
         if self._tg is not None:
             self._tg.cancel_scope.cancel()
+        with anyio.move_on_after(1.0):
+            await self.finished.wait()
+
+    async def _drain(self, timeout: float) -> None:
+        """Wait (bounded) until the writer has sent everything queued."""
+        self._draining = anyio.Event()
+        self._kick()
+        with anyio.move_on_after(timeout):
+            await self._draining.wait()
 
     async def _read_loop(self) -> None:
         transport = self._transport
@@ -345,6 +361,8 @@ class Session:
     async def _writer(self) -> None:
         while True:
             while not self._mux.has_output():
+                if self._draining is not None:
+                    self._draining.set()
                 event = self._wake = anyio.Event()
                 await event.wait()
             await self._flush_once()
