@@ -235,6 +235,17 @@ def test_oversized_plaintext_and_messages() -> None:
 # --- transport failures ------------------------------------------------------
 
 
+def test_nonce_exhaustion() -> None:
+    init, resp = handshake()
+    init.cipher._send_n = 2**64 - 2
+    resp.cipher._recv_n = 2**64 - 2
+    assert resp.cipher.decrypt(init.cipher.encrypt(b"last")) == b"last"
+    with pytest.raises(LocalUsageError, match="nonce exhausted"):
+        init.cipher.encrypt(b"one too many")
+    with pytest.raises(ProtocolError):
+        resp.cipher.decrypt(bytes(32))
+
+
 def test_replayed_record() -> None:
     init, resp = handshake()
     message = init.cipher.encrypt(b"pay me once")

@@ -158,7 +158,9 @@ async def test_garbage_to_the_port_is_dropped_and_others_are_served(
         listener = await server.listen()
         tg.start_soon(listener.serve, echo)
         hint = listener.uri.hints[0]
-        for junk in [os.urandom(4096), b"\x00\x00", b"\xff\xff" + os.urandom(100), b"GET / HTTP/1.1\r\n\r\n"]:
+        junks = [os.urandom(4096), b"\x00\x00", b"\xff\xff" + os.urandom(100)]
+        junks.append(b"GET / HTTP/1.1\r\n\r\n")
+        for junk in junks:
             sock = await anyio.connect_tcp(hint.host, hint.port)  # type: ignore[union-attr]
             await sock.send(junk)
             with anyio.fail_after(15):

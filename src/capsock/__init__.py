@@ -36,8 +36,8 @@ from .uri import Capability, parse
 __version__ = "0.1.0"
 
 __all__ = [
-    "CapabilityRejected",
     "Capability",
+    "CapabilityRejected",
     "CapsockAttribute",
     "CapsockError",
     "ConnectionLost",

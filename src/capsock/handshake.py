@@ -48,7 +48,6 @@ from .errors import HandshakeError, LocalUsageError, PeerAuthenticationError
 from .keys import KeyPair, NodeId
 from .noise import (
     DHLEN,
-    MAX_MESSAGE_LEN,
     PROLOGUE,
     PROTOCOL_NAME,
     TAG_LEN,
@@ -198,11 +197,12 @@ class ResponderHandshake:
         local: this node's key pair.
     """
 
-    __slots__ = ("_local", "_noise", "_peer", "_result")
+    __slots__ = ("_local", "_noise", "_peer", "_read", "_result")
 
     def __init__(self, local: KeyPair) -> None:
         self._local = local
         self._noise = HandshakeState(PROTOCOL_NAME, False, PROLOGUE, s=local.x25519_private)
+        self._read = False
         self._peer: NodeId | None = None
         self._result: HandshakeResult | None = None
 
@@ -215,12 +215,11 @@ class ResponderHandshake:
                 than a node id, or comes from this very node (reflection).
             PeerAuthenticationError: the node id in the payload is not the key
                 the dialer authenticated with.
-            LocalUsageError: called twice.
+            LocalUsageError: called twice (also after a failure).
         """
-        if self._peer is not None or self._noise.complete:
-            raise LocalUsageError("the first handshake message was already read")
-        if len(message) > MAX_MESSAGE_LEN:
-            raise HandshakeError(f"handshake message exceeds {MAX_MESSAGE_LEN} bytes")
+        if self._read:
+            raise LocalUsageError("read_first() was already called on this handshake")
+        self._read = True
         try:
             payload = self._noise.read_message(message)
         except HandshakeDecryptError:

@@ -8,6 +8,7 @@ every inbound OPEN with :func:`capsock.store.authorize`.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -232,8 +233,7 @@ class Node:
         listener: anyio.abc.Listener[Any]
         if kind == "unix":
             path = Path(host)
-            if path.exists() and stat.S_ISSOCK(path.stat().st_mode):
-                path.unlink()  # a stale socket file from an earlier run
+            _remove_stale_socket(path)
             listener = await anyio.create_unix_listener(path)
             os.chmod(path, 0o600)
             hints: list[Hint] = [UnixHint(str(path))]
@@ -312,6 +312,7 @@ class Node:
 
     async def _on_open(self, session: Session, sid: int, token_bytes: bytes) -> None:
         self._counters["opens_received"] += 1
+        token: Token | None
         try:
             token = Token.decode(token_bytes)
         except InvalidCapability as exc:
@@ -457,6 +458,13 @@ class Node:
         self._store.revoke(c.token.tag)
 
 
+def _remove_stale_socket(path: Path) -> None:
+    """Remove a socket file left by an earlier run (never a regular file)."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            path.unlink()
+
+
 def _tcp_connector(hint: TcpHint) -> Callable[[], Awaitable[anyio.abc.ByteStream]]:
     async def connect() -> anyio.abc.ByteStream:
         stream = await anyio.connect_tcp(hint.host, hint.port)
@@ -477,7 +485,7 @@ def _unix_connector(hint: UnixHint) -> Callable[[], Awaitable[anyio.abc.ByteStre
 def _describe_peer(transport: anyio.abc.ByteStream) -> str:
     try:
         addr = transport.extra(SocketAttribute.remote_address)
-    except Exception:  # noqa: BLE001 - best effort, for logs only
+    except Exception:  # best effort, for logs only
         return "unknown"
     if isinstance(addr, tuple):
         return f"tcp:{addr[0]}:{addr[1]}"

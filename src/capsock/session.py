@@ -17,12 +17,14 @@ authentication or the protocol, every open stream fails with
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -43,6 +45,7 @@ from .mux import (
     CreditGranted,
     DataReceived,
     EofReceived,
+    Event,
     GoAwayReceived,
     Mux,
     MuxConfig,
@@ -152,7 +155,7 @@ class _OpenWaiter:
         self.outcome: Stream | BaseException | None = None
 
 
-OpenHandler = Callable[["Session", int, bytes], Awaitable[None]]
+OpenHandler = Callable[["Session", int, bytes], Coroutine[Any, Any, None]]
 
 
 class Session:
@@ -261,7 +264,7 @@ class Session:
         self._kick()
         if grace > 0:
             with anyio.move_on_after(grace):
-                while self._streams or self._opening:
+                while self._streams or self._opening:  # noqa: ASYNC110 - cheap poll, shutdown only
                     await anyio.sleep(0.05)
         await self._drain(1.0)
         if self._closed_reason is None:
@@ -271,11 +274,11 @@ class Session:
         with anyio.move_on_after(1.0):
             await self.finished.wait()
 
-    async def _drain(self, timeout: float) -> None:
+    async def _drain(self, limit: float) -> None:
         """Wait (bounded) until the writer has sent everything queued."""
         self._draining = anyio.Event()
         self._kick()
-        with anyio.move_on_after(timeout):
+        with anyio.move_on_after(limit):
             await self._draining.wait()
 
     async def _read_loop(self) -> None:
@@ -295,7 +298,7 @@ class Session:
             self._pinged = False
             reader.feed(data)
 
-    def _dispatch(self, events: list[object]) -> None:  # noqa: C901
+    def _dispatch(self, events: list[Event]) -> None:
         streams = self._streams
         for ev in events:
             if type(ev) is DataReceived:
@@ -488,10 +491,8 @@ class Session:
             mux.acknowledge_received_data(sid, unread)
         if mux.is_open(sid):
             if send_eof:
-                try:
+                with contextlib.suppress(LocalUsageError):
                     mux.send_eof(sid)
-                except LocalUsageError:
-                    pass
             if reset:
                 mux.reset_stream(sid, ErrorCode.CANCELLED)
         if not mux.is_open(sid):

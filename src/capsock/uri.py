@@ -422,7 +422,7 @@ class Token:
         return head + b"".join(encode_caveat(c) for c in self.caveats) + self.tag
 
     @classmethod
-    def decode(cls, data: bytes) -> Token:
+    def decode(cls, data: bytes | bytearray | memoryview) -> Token:
         """Decode a binary token; every length must be exactly right.
 
         Raises:
@@ -431,7 +431,7 @@ class Token:
         """
         if not isinstance(data, bytes | bytearray | memoryview):
             raise InvalidCapability(f"a token is bytes, not {type(data).__name__}")
-        data = bytes(data)
+        data = bytes(data)  # a copy: the caller may mutate a bytearray later
         if not data:
             raise InvalidCapability("token is empty")
         if data[0] != TOKEN_VERSION:
@@ -872,7 +872,7 @@ def _parse_hint(part: str, index: int, depth: int) -> Hint:
             raise InvalidCapability(f"via hint: {exc}") from None
     if str(hint) != part:
         if isinstance(hint, ViaHint):  # the canonical text holds a token: not shown
-            raise InvalidCapability("via hint is not in canonical form (percent-encode the whole URI)")
+            raise InvalidCapability("via hint is not in canonical form (percent-encode the URI)")
         raise InvalidCapability(f"{key} hint is not in canonical form (expected '{hint}')")
     return hint
 
