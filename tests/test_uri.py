@@ -220,8 +220,7 @@ def test_uri_is_sans_io() -> None:
 def test_public_names() -> None:
     for name in uri_module.__all__:
         assert hasattr(uri_module, name)
-    assert CaveatKind.EXP == 1 and CaveatKind.USES == 2
-    assert CaveatKind.PEER == 3 and CaveatKind.LABEL == 4
+    assert {k.name: int(k) for k in CaveatKind} == {"EXP": 1, "USES": 2, "PEER": 3, "LABEL": 4}
 
 
 def test_root_tag_matches_independent_blake2b() -> None:
@@ -371,8 +370,8 @@ def test_every_truncation_fails() -> None:
             assert not verify_tag(ROOT_KEY, cap.token)
 
 
-@given(st.binary(min_size=1, max_size=200), st.integers(min_value=0))
-def test_any_bit_flip_in_token_fails(_: bytes, bit: int) -> None:
+@given(st.integers(min_value=0))
+def test_any_bit_flip_in_token_fails(bit: int) -> None:
     token = mint_root(ROOT_KEY, ROOT_ID).attenuate(*SAMPLE_CAVEATS)
     raw = bytearray(token.encode())
     bit %= len(raw) * 8
@@ -674,11 +673,11 @@ def grammar_like(draw: st.DrawFn) -> str:
 
 @st.composite
 def mutated(draw: st.DrawFn) -> str:
-    text = draw(st.sampled_from(VALID_URIS))
+    text: str = draw(st.sampled_from(VALID_URIS))
     for _ in range(draw(st.integers(1, 3))):
         pos = draw(st.integers(0, len(text)))
         op = draw(st.sampled_from(["delete", "insert", "replace", "truncate", "duplicate"]))
-        char = draw(st.one_of(st.sampled_from(URI_ALPHABET), st.characters()))
+        char: str = draw(st.one_of(st.sampled_from(URI_ALPHABET), st.characters()))
         if op == "delete":
             text = text[:pos] + text[pos + 1 :]
         elif op == "insert":

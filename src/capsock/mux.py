@@ -94,7 +94,7 @@ class MuxConfig:
     on one stream before the application reads (>= INITIAL_STREAM_WINDOW)."""
     session_window: int = 16 * 1024 * 1024
     """Receive window for the whole session, over all streams (>= INITIAL_SESSION_WINDOW)."""
-    max_streams: int = 4096
+    max_streams: int = 16384
     """Concurrent streams per session (opened by either side)."""
     max_pending_opens: int = 128
     """Remote OPENs waiting for the endpoint's decision; more are refused (BUSY)."""

@@ -81,6 +81,11 @@ class SessionConfig:
     """Seconds of silence from the peer before the session is declared dead."""
     open_timeout: float = 30.0
     """Seconds to wait for the endpoint to ACCEPT or REJECT an OPEN."""
+    idle_timeout: float = 300.0
+    """Seconds a session with no streams stays open before it is closed."""
+    max_concurrent_opens: int = 64
+    """OPENs this side keeps in flight at once; more wait their turn.  Keep it at
+    or below the peer's ``MuxConfig.max_pending_opens`` (default 128)."""
 
 
 async def _read_exact(transport: anyio.abc.ByteStream, n: int, buf: bytearray) -> bytes:
@@ -192,6 +197,8 @@ class Session:
         self._closed_reason: str | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._last_heard = 0.0
+        self._idle_since: float | None = None
+        self._open_slots = anyio.Semaphore(self.config.max_concurrent_opens)
         self._pinged = False
         self.ready = anyio.Event()
         self.finished = anyio.Event()
@@ -383,13 +390,31 @@ class Session:
             await self._transport.send(batch[0] if len(batch) == 1 else b"".join(batch))
 
     async def _keepalive(self) -> None:
+        """Ping a silent peer, declare a dead one, and close an idle session."""
         interval = self.config.keepalive_interval
         timeout = self.config.keepalive_timeout
-        if not math.isfinite(interval) or interval <= 0:
+        idle = self.config.idle_timeout
+        periods = [p for p in (interval, timeout, idle) if math.isfinite(p) and p > 0]
+        if not periods:
             return
         while True:
-            await anyio.sleep(min(interval, timeout) / 3)
-            silent = self._clock() - self._last_heard
+            await anyio.sleep(min(periods) / 3)
+            now = self._clock()
+            if self._streams or self._opening:
+                self._idle_since = None
+            elif self._idle_since is None:
+                self._idle_since = now
+            elif 0 < idle <= now - self._idle_since:
+                log.info("closing idle session with %s", self.peer.short())
+                self._mux.goaway(ErrorCode.NO_ERROR)
+                await self._drain(1.0)
+                self._closed_reason = "the session was idle"
+                if self._tg is not None:
+                    self._tg.cancel_scope.cancel()
+                return
+            if not (math.isfinite(interval) and interval > 0):
+                continue
+            silent = now - self._last_heard
             if silent >= timeout:
                 self._closed_reason = f"no sign of life from the peer for {silent:.0f} s"
                 log.warning("session with %s: %s", self.peer.short(), self._closed_reason)
@@ -427,6 +452,12 @@ class Session:
             ConnectionLost: the session ended before the answer.
             TimeoutError: no answer within ``open_timeout``.
         """
+        if not self.is_usable:
+            raise _lost_error(self.peer, self._closed_reason or "the session is going away")
+        async with self._open_slots:
+            return await self._open_stream(token, capability)
+
+    async def _open_stream(self, token: bytes, capability: Capability | None) -> Stream:
         if not self.is_usable:
             raise _lost_error(self.peer, self._closed_reason or "the session is going away")
         sid = self._mux.open_stream(token)

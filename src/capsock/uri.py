@@ -84,7 +84,7 @@ import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from enum import IntEnum
-from typing import TypeAlias
+from typing import TypeAlias, TypeVar
 
 import nacl.encoding
 import nacl.hash
@@ -129,6 +129,7 @@ _SHOWABLE_KEY = re.compile(r"[A-Za-z0-9._~-]{1,16}")
 # Control (Cc), format (Cf: bidi overrides, zero-width), surrogate, line and
 # paragraph separator characters would let a label forge or hide log text.
 _FORBIDDEN_LABEL_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+_T = TypeVar("_T")
 
 
 # --------------------------------------------------------------------------- caveats
@@ -138,13 +139,16 @@ class CaveatKind(IntEnum):
     """The caveat kinds this library understands (one byte on the wire)."""
 
     EXP = 1
-    """Expiry: the capability is valid until this unix time (seconds)."""
+    """Expiry: valid only while the endpoint's clock reads before this unix time."""
     USES = 2
     """The capability may be used to open this many streams."""
     PEER = 3
     """Only this node may use the capability."""
     LABEL = 4
     """A human-readable label for logs; restricts nothing."""
+
+
+_KNOWN_KINDS = frozenset(int(k) for k in CaveatKind)
 
 
 def _check_int(what: str, value: object, low: int, high: int) -> int:
@@ -155,23 +159,26 @@ def _check_int(what: str, value: object, low: int, high: int) -> int:
     return value
 
 
+def _check_type(what: str, value: object, kind: type[_T]) -> _T:
+    if not isinstance(value, kind):
+        raise InvalidCapability(f"{what} must be a {kind.__name__}, not {type(value).__name__}")
+    return value
+
+
 def _check_label(text: object) -> bytes:
-    if not isinstance(text, str):
-        raise InvalidCapability(f"label caveat must be a str, not {type(text).__name__}")
-    for ch in text:
+    label = _check_type("label caveat", text, str)
+    for ch in label:
         if unicodedata.category(ch) in _FORBIDDEN_LABEL_CATEGORIES:
             raise InvalidCapability(f"label caveat contains a control character (U+{ord(ch):04X})")
-    raw = text.encode("utf-8")
+    raw = label.encode("utf-8")
     if not 1 <= len(raw) <= MAX_LABEL_BYTES:
-        raise InvalidCapability(
-            f"label caveat must be 1..{MAX_LABEL_BYTES} bytes of UTF-8 (got {len(raw)})"
-        )
+        raise InvalidCapability(f"label caveat must be 1..{MAX_LABEL_BYTES} bytes (got {len(raw)})")
     return raw
 
 
 @dataclass(frozen=True, slots=True)
 class Expires:
-    """Caveat ``exp``: valid only before this time.  Raises InvalidCapability if out of range."""
+    """Caveat ``exp``: valid while ``now < at``.  Raises InvalidCapability if out of range."""
 
     at: int
     """Unix time in whole seconds, 0..2**64-1."""
@@ -199,8 +206,7 @@ class Peer:
     """The only node allowed to use the capability."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.node, NodeId):
-            raise InvalidCapability(f"peer caveat needs a NodeId, not {type(self.node).__name__}")
+        _check_type("peer caveat", self.node, NodeId)
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,10 +244,8 @@ class UnknownCaveat:
 
     def __post_init__(self) -> None:
         _check_int("caveat kind", self.kind, 0, 255)
-        if self.kind in CaveatKind._value2member_map_:
-            raise InvalidCapability(
-                f"caveat kind {self.kind} is known; use {CaveatKind(self.kind).name.title()}"
-            )
+        if self.kind in _KNOWN_KINDS:
+            raise InvalidCapability(f"caveat kind {self.kind} is known: use its own class")
         if not isinstance(self.value, bytes) or len(self.value) > 255:
             raise InvalidCapability("unknown caveat value must be at most 255 bytes")
 
@@ -277,7 +281,7 @@ _EXPECTED_LEN = {CaveatKind.EXP: 8, CaveatKind.USES: 4, CaveatKind.PEER: 32}
 
 
 def _decode_caveat(kind: int, value: bytes) -> Caveat:
-    if kind not in CaveatKind._value2member_map_:
+    if kind not in _KNOWN_KINDS:
         return UnknownCaveat(kind, value)
     known = CaveatKind(kind)
     name = known.name.lower()
@@ -397,7 +401,8 @@ def verify_tag(root_key: bytes, token: Token) -> bool:
 class Token:
     """The secret part of a capability: ``(root_id, caveats, tag)``.
 
-    ``repr()`` shows the caveats but never the root id or the tag.
+    ``repr()`` shows the caveats but never the root id or the tag.  ``==``
+    compares tags in variable time: authenticate only with :func:`verify_tag`.
 
     Raises:
         InvalidCapability: a field has the wrong type or length, or there are
@@ -487,8 +492,7 @@ class Token:
 
 def _canonical_host(host: object) -> str:
     """The canonical text of a tcp host (IP literal or DNS name), or raise."""
-    if not isinstance(host, str):
-        raise InvalidCapability(f"tcp hint host must be a str, not {type(host).__name__}")
+    host = _check_type("tcp hint host", host, str)
     if not host:
         raise InvalidCapability("tcp hint host is empty")
     if not host.isascii():
@@ -501,17 +505,13 @@ def _canonical_host(host: object) -> str:
         if addr6.scope_id is not None:
             raise InvalidCapability("tcp hint host: IPv6 zone ids ('%...') are not supported")
         if addr6.ipv4_mapped is not None:
-            raise InvalidCapability(
-                "tcp hint host: use the plain IPv4 address, not an IPv4-mapped IPv6 address"
-            )
+            raise InvalidCapability("tcp hint host: use IPv4, not an IPv4-mapped IPv6 address")
         return addr6.compressed
     if _DIGITS_AND_DOTS.fullmatch(host):
         try:
             return str(ipaddress.IPv4Address(host))
         except ValueError:
-            raise InvalidCapability(
-                "tcp hint host is not a valid IPv4 address (0..255 x 4, no leading zeros)"
-            ) from None
+            raise InvalidCapability("tcp hint host is not a valid IPv4 address") from None
     name = host.lower()
     if len(name) > MAX_DNS_NAME_LEN:
         raise InvalidCapability(f"tcp hint host name is longer than {MAX_DNS_NAME_LEN} characters")
@@ -565,9 +565,7 @@ class UnixHint:
     """Absolute filesystem path of the socket."""
 
     def __post_init__(self) -> None:
-        path: object = self.path
-        if not isinstance(path, str):
-            raise InvalidCapability(f"unix hint path must be a str, not {type(path).__name__}")
+        path = _check_type("unix hint path", self.path, str)
         if not path.startswith("/"):
             raise InvalidCapability("unix hint path must be absolute (start with '/')")
         if "\x00" in path:
@@ -577,9 +575,8 @@ class UnixHint:
         except UnicodeEncodeError:
             raise InvalidCapability("unix hint path is not encodable as UTF-8") from None
         if size > MAX_UNIX_PATH_BYTES:
-            raise InvalidCapability(
-                f"unix hint path is {size} bytes, at most {MAX_UNIX_PATH_BYTES} allowed"
-            )
+            limit = MAX_UNIX_PATH_BYTES
+            raise InvalidCapability(f"unix hint path is {size} bytes, at most {limit} allowed")
 
     def __str__(self) -> str:
         return "unix=" + urllib.parse.quote(self.path, safe="/")
@@ -600,10 +597,7 @@ class ViaHint:
     """The capability of the forwarding node (a relay or an introducer)."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.capability, Capability):
-            raise InvalidCapability(
-                f"via hint needs a Capability, not {type(self.capability).__name__}"
-            )
+        _check_type("via hint", self.capability, Capability)
         if _via_depth(self.capability) >= MAX_VIA_DEPTH:
             raise InvalidCapability(f"via hints nested deeper than {MAX_VIA_DEPTH} levels")
 
@@ -655,10 +649,8 @@ class Capability:
     """Where to look for the node, in order of preference; no authority."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.node, NodeId):
-            raise InvalidCapability(f"node must be a NodeId, not {type(self.node).__name__}")
-        if not isinstance(self.token, Token):
-            raise InvalidCapability(f"token must be a Token, not {type(self.token).__name__}")
+        _check_type("capability node", self.node, NodeId)
+        _check_type("capability token", self.token, Token)
         hints: object = self.hints
         if not isinstance(hints, tuple | list):
             raise InvalidCapability("capability hints must be a tuple of hints")
@@ -722,12 +714,7 @@ class Capability:
         """
         extra: list[Caveat] = list(caveats)
         if ttl is not None:
-            if (
-                not isinstance(ttl, int | float)
-                or isinstance(ttl, bool)
-                or not math.isfinite(ttl)
-                or ttl <= 0
-            ):
+            if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf:
                 raise InvalidCapability("ttl must be a positive finite number of seconds")
             start = time.time() if now is None else now
             extra.append(Expires(math.ceil(start + ttl)))
@@ -773,8 +760,7 @@ def parse(text: str) -> Capability:
 
 
 def _parse(text: object, depth: int) -> Capability:
-    if not isinstance(text, str):
-        raise InvalidCapability(f"a capability URI must be a str, not {type(text).__name__}")
+    text = _check_type("a capability URI", text, str)
     if len(text) > MAX_URI_LEN:
         raise InvalidCapability(f"capability URI is longer than {MAX_URI_LEN} characters")
     bad = _NOT_URI_CHAR.search(text)
