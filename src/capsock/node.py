@@ -258,11 +258,19 @@ class Node:
     async def _serve_transport(self, listener: anyio.abc.Listener[Any]) -> None:
         with self._serve_scope:
             try:
-                await listener.serve(self._handle_inbound)
+                await listener.serve(self._spawn_inbound)
             except* anyio.ClosedResourceError:
                 pass  # aclose() closed the listening socket
 
     # ---------------------------------------------------------- inbound
+
+    async def _spawn_inbound(self, transport: anyio.abc.ByteStream) -> None:
+        # Sessions live in the node's task group, not in the listener's, so that
+        # closing the listening socket does not cut established sessions.
+        if self._tg is None:
+            await transport.aclose()
+            return
+        self._tg.start_soon(self._handle_inbound, transport)
 
     async def _handle_inbound(self, transport: anyio.abc.ByteStream) -> None:
         self._counters["inbound_connections"] += 1

@@ -221,9 +221,7 @@ class Session:
         """Streams, bytes, buffered bytes and windows of this session."""
         stats = self._mux.stats()
         stats["stream_objects"] = len(self._streams)
-        stats["buffered_unread"] = sum(
-            len(c) for s in self._streams.values() for c in s._buf
-        )
+        stats["buffered_unread"] = sum(s.buffered for s in self._streams.values())
         return stats
 
     # ---------------------------------------------------------- running

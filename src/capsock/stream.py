@@ -70,7 +70,7 @@ class Stream(anyio.abc.ByteStream):
         self._session = session
         self._sid = stream_id
         self._capability = capability
-        self._buf: deque[bytes] = deque()
+        self._buf: deque[bytes] | None = None  # created on first data: idle streams stay small
         self._eof = False
         self._local_eof = False
         self._closed = False
@@ -91,6 +91,11 @@ class Stream(anyio.abc.ByteStream):
     def stream_id(self) -> int:
         """This stream's id inside its session (public, for logs)."""
         return self._sid
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet read by the application."""
+        return sum(len(c) for c in self._buf) if self._buf else 0
 
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
@@ -114,6 +119,8 @@ class Stream(anyio.abc.ByteStream):
         if self._closed:
             self._session.consumed(self._sid, len(data))
             return
+        if self._buf is None:
+            self._buf = deque()
         self._buf.append(data)
         self._wake_reader()
 
@@ -253,8 +260,8 @@ class Stream(anyio.abc.ByteStream):
         if self._closed:
             return
         self._closed = True
-        unread = sum(len(c) for c in self._buf)
-        self._buf.clear()
+        unread = self.buffered
+        self._buf = None
         self._session.close_stream(self._sid, unread, send_eof=not self._local_eof,
                                    reset=not self._eof and self._error is None)
         self._wake_reader()
