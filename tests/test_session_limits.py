@@ -164,7 +164,10 @@ async def test_idle_streams_cost_little_memory() -> None:
 
 async def test_idle_session_closes_after_idle_timeout() -> None:
     cfg = NodeConfig(session=SessionConfig(idle_timeout=0.3))
-    async with capsock.Node(listen=["tcp:127.0.0.1:0"]) as server, capsock.Node(config=cfg) as client:
+    async with (
+        capsock.Node(listen=["tcp:127.0.0.1:0"]) as server,
+        capsock.Node(config=cfg) as client,
+    ):
         listener = await server.listen()
         stream = await client.connect(listener.uri)
         await (await listener.accept()).aclose()
@@ -187,7 +190,9 @@ async def test_graceful_close_lets_open_streams_finish() -> None:
             tg.start_soon(server.aclose, 5.0)
             await anyio.sleep(0.1)
             # New streams are refused while the old one still works.
-            with pytest.raises((capsock.ConnectionLost, capsock.CapabilityRejected, capsock.Unreachable)):
+            with pytest.raises(
+                (capsock.ConnectionLost, capsock.CapabilityRejected, capsock.Unreachable)
+            ):
                 await client.connect(listener.uri)
             await stream.send(b"late but fine")
             await stream.send_eof()
@@ -264,7 +269,10 @@ async def test_a_stalled_peer_does_not_stall_other_sessions() -> None:
             "anyio.run(main)\n"
         )
         proc = subprocess.Popen(
-            [sys.executable, "-c", script, str(listener.uri)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", script, str(listener.uri)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         try:
             assert proc.stdout is not None

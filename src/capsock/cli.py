@@ -29,6 +29,7 @@ def _say(text: str = "") -> None:
 
 async def demo() -> int:
     """Two nodes, one capability, an echoed stream, and two refused attempts."""
+
     async def echo(stream: Stream) -> None:
         while True:
             try:
@@ -140,5 +141,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return EXIT_USAGE
-
-

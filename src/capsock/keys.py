@@ -100,9 +100,7 @@ class KeyPair:
             raise LocalUsageError("an Ed25519 seed is exactly 32 bytes")
         signing = nacl.signing.SigningKey(self.seed)
         object.__setattr__(self, "node_id", NodeId(bytes(signing.verify_key)))
-        object.__setattr__(
-            self, "x25519_private", bytes(signing.to_curve25519_private_key())
-        )
+        object.__setattr__(self, "x25519_private", bytes(signing.to_curve25519_private_key()))
         object.__setattr__(
             self, "x25519_public", bytes(signing.verify_key.to_curve25519_public_key())
         )

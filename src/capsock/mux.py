@@ -108,9 +108,7 @@ class MuxConfig:
         if not INITIAL_STREAM_WINDOW <= self.stream_window <= MAX_WINDOW:
             raise LocalUsageError(f"stream_window must be in [{INITIAL_STREAM_WINDOW}, 2**31-1]")
         if not INITIAL_SESSION_WINDOW <= self.session_window <= MAX_WINDOW:
-            raise LocalUsageError(
-                f"session_window must be in [{INITIAL_SESSION_WINDOW}, 2**31-1]"
-            )
+            raise LocalUsageError(f"session_window must be in [{INITIAL_SESSION_WINDOW}, 2**31-1]")
         if self.max_streams < 1 or self.max_pending_opens < 1:
             raise LocalUsageError("max_streams and max_pending_opens must be positive")
         if not 1 <= self.max_frame_data <= MAX_MESSAGE_PLAINTEXT - HEADER_LEN:

@@ -291,9 +291,7 @@ class Node:
             OSError,
         ) as exc:
             self._counters["handshakes_failed"] += 1
-            log.info(
-                "dropped inbound connection from %s: %s", peer_addr, exc or type(exc).__name__
-            )
+            log.info("dropped inbound connection from %s: %s", peer_addr, exc or type(exc).__name__)
             await transport.aclose()
             return
         finally:
@@ -444,9 +442,7 @@ class Node:
                 with anyio.CancelScope(shield=True):
                     await transport.aclose()
         if auth_failed:
-            raise PeerAuthenticationError(
-                "; ".join(f"{route}: {why}" for route, why in attempts)
-            )
+            raise PeerAuthenticationError("; ".join(f"{route}: {why}" for route, why in attempts))
         if not cap.hints:
             raise Unreachable(
                 f"the capability for {cap.node.short()} carries no route hints and there is "

@@ -546,4 +546,3 @@ def _lost_error(peer: NodeId, reason: str) -> BaseException:
     return ConnectionLostError(
         f"the session with {peer.short()} ended ({reason})", ErrorCode.INTERNAL_ERROR
     )
-

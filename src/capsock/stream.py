@@ -64,9 +64,7 @@ class Stream(anyio.abc.ByteStream):
     never directly.
     """
 
-    def __init__(
-        self, session: Session, stream_id: int, capability: Capability | None
-    ) -> None:
+    def __init__(self, session: Session, stream_id: int, capability: Capability | None) -> None:
         self._session = session
         self._sid = stream_id
         self._capability = capability
@@ -262,7 +260,11 @@ class Stream(anyio.abc.ByteStream):
         self._closed = True
         unread = self.buffered
         self._buf = None
-        self._session.close_stream(self._sid, unread, send_eof=not self._local_eof,
-                                   reset=not self._eof and self._error is None)
+        self._session.close_stream(
+            self._sid,
+            unread,
+            send_eof=not self._local_eof,
+            reset=not self._eof and self._error is None,
+        )
         self._wake_reader()
         self._wake_writer()

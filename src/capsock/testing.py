@@ -219,8 +219,8 @@ CHECKS = (
 )
 
 
-_SEND_AFTER_EOF: contextvars.ContextVar[tuple[type[BaseException], ...]] = (
-    contextvars.ContextVar("send_after_eof", default=(anyio.ClosedResourceError,))
+_SEND_AFTER_EOF: contextvars.ContextVar[tuple[type[BaseException], ...]] = contextvars.ContextVar(
+    "send_after_eof", default=(anyio.ClosedResourceError,)
 )
 
 
