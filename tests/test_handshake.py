@@ -17,6 +17,8 @@ from capsock.errors import (
     ProtocolError,
 )
 from capsock.handshake import (
+    CIPHER_CHOICE_LEN,
+    CIPHER_OFFER_LEN,
     FIRST_MESSAGE_LEN,
     SECOND_MESSAGE_LEN,
     HandshakeResult,
@@ -113,6 +115,7 @@ def test_sans_io_modules_do_no_io() -> None:
 
 def test_round_trip() -> None:
     init, resp = handshake()
+    assert init.cipher_name == resp.cipher_name == init.cipher.cipher_name
     assert init.is_initiator and not resp.is_initiator
     assert init.peer == BOB.node_id and resp.peer == ALICE.node_id
     assert init.handshake_hash == resp.handshake_hash
@@ -125,14 +128,29 @@ def test_round_trip() -> None:
 
 
 def test_message_sizes() -> None:
-    init = InitiatorHandshake(ALICE, BOB.node_id)
-    first = init.first_message()
-    assert len(first) == 2 + FIRST_MESSAGE_LEN == 2 + expected_first_message_len()
+    assert (FIRST_MESSAGE_LEN, CIPHER_OFFER_LEN) == (128, 4)
+    assert (SECOND_MESSAGE_LEN, CIPHER_CHOICE_LEN) == (48, 3)
+    assert expected_first_message_len() == FIRST_MESSAGE_LEN
     assert expected_first_message_len(10) == FIRST_MESSAGE_LEN + 10
+    # Without a cipher offer: the plain sizes.
+    init = InitiatorHandshake(ALICE, BOB.node_id, ciphers=["ChaChaPoly"])
+    assert init.offered_ciphers == ()
+    first = init.first_message()
+    assert len(first) == 2 + FIRST_MESSAGE_LEN
     resp = ResponderHandshake(BOB)
     resp.read_first(strip(first))
     second, _ = resp.second_message()
     assert len(second) == 2 + SECOND_MESSAGE_LEN
+    # Defaults: an offer (and a choice) exactly when AESGCM is available here.
+    init = InitiatorHandshake(ALICE, BOB.node_id)
+    offering = bool(init.offered_ciphers)
+    first = init.first_message()
+    assert len(first) == 2 + expected_first_message_len(CIPHER_OFFER_LEN if offering else 0)
+    assert len(first) <= 2 + 132 < 1024  # the session's cap on message 1
+    resp = ResponderHandshake(BOB)
+    resp.read_first(strip(first))
+    second, _ = resp.second_message()
+    assert len(second) == 2 + SECOND_MESSAGE_LEN + (CIPHER_CHOICE_LEN if offering else 0)
 
 
 def test_fresh_ephemerals_give_fresh_sessions() -> None:
@@ -365,21 +383,37 @@ def test_payload_too_short() -> None:
             resp.read_first(first_message_with_payload(ALICE.node_id.raw[:size]))
 
 
-def test_payload_extension_bytes_ignored() -> None:
+def test_unknown_extensions_ignored_in_first_message() -> None:
     resp = ResponderHandshake(BOB)
-    message = first_message_with_payload(ALICE.node_id.raw + b"future extension")
-    assert len(message) == expected_first_message_len(16)
+    extensions = b"\x7f\x0e" + b"future extensi" + b"\x80\x00"  # two unknown types
+    message = first_message_with_payload(ALICE.node_id.raw + extensions)
+    assert len(message) == expected_first_message_len(18)
     assert resp.read_first(message) == ALICE.node_id
-    _, result = resp.second_message()
+    record, result = resp.second_message()
     assert result.peer == ALICE.node_id
+    assert result.cipher_name == "ChaChaPoly"
+    assert len(strip(record)) == SECOND_MESSAGE_LEN  # no offer: no choice
 
 
-def test_second_message_extension_bytes_ignored() -> None:
+@pytest.mark.parametrize("extensions", [b"", b"\x7f\x03abc", b"\x02\x00\xff\x01\x01"])
+def test_unknown_extensions_ignored_in_second_message(extensions: bytes) -> None:
     init = InitiatorHandshake(ALICE, BOB.node_id)
     hs = HandshakeState(PROTOCOL_NAME, False, PROLOGUE, s=BOB.x25519_private)
     hs.read_message(strip(init.first_message()))
-    result = init.read_second(hs.write_message(b"reserved for later"))
+    result = init.read_second(hs.write_message(extensions))
     assert result.handshake_hash == hs.handshake_hash
+    assert result.cipher_name == "ChaChaPoly"
+    theirs = TransportCipher.from_handshake(hs)
+    assert theirs.decrypt(result.cipher.encrypt(b"hi")) == b"hi"
+
+
+@pytest.mark.parametrize("extensions", [b"\x7f", b"\x7f\x01", b"\x7f\x05abcd", b"\x01"])
+def test_malformed_extensions_in_first_message(extensions: bytes) -> None:
+    resp = ResponderHandshake(BOB)
+    with pytest.raises(HandshakeError, match="extension"):
+        resp.read_first(first_message_with_payload(ALICE.node_id.raw + extensions))
+    with pytest.raises(LocalUsageError):
+        resp.second_message()
 
 
 def test_reflection_refused() -> None:
@@ -460,8 +494,12 @@ def test_truncated_second_message() -> None:
     _, message = _second_pair()
     for size in range(len(message)):
         init, _ = _second_pair()
-        with pytest.raises(HandshakeError, match="at least"):
-            init.read_second(message[:size])
+        if size < SECOND_MESSAGE_LEN:
+            with pytest.raises(HandshakeError, match="at least"):
+                init.read_second(message[:size])
+        else:  # a cut cipher choice: the tag no longer verifies
+            with pytest.raises(PeerAuthenticationError):
+                init.read_second(message[:size])
 
 
 def test_extended_or_flipped_second_message() -> None:

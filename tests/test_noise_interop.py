@@ -3,7 +3,11 @@
 capsock's Noise layer must complete IK handshakes with it in both directions,
 byte for byte, and the capsock-level handshake (32-byte Ed25519 payload) must
 work against a plain Noise peer: DESIGN.md §4.2 promises that any Noise library
-can complete a handshake with a capsock node.
+can complete a handshake with a capsock node.  The transport-cipher negotiation
+(capsock's handshake extensions) must leave such a peer with plain, standard
+ChaChaPoly transport whichever side it is on, and a Noise library that does
+implement the extensions must get AES-256-GCM transport with the Noise spec's
+AESGCM cipher function.
 """
 
 from __future__ import annotations
@@ -19,11 +23,21 @@ from noise.connection import Keypair, NoiseConnection
 from capsock.errors import PeerAuthenticationError
 from capsock.handshake import InitiatorHandshake, ResponderHandshake
 from capsock.keys import KeyPair, NodeId
-from capsock.noise import PROLOGUE, PROTOCOL_NAME, HandshakeState, TransportCipher
+from capsock.noise import (
+    PROLOGUE,
+    PROTOCOL_NAME,
+    HandshakeState,
+    TransportCipher,
+    available_ciphers,
+)
 
 ALICE = KeyPair(bytes(range(32)))
 BOB = KeyPair(bytes(range(32, 64)))
 MESSAGES = [b"", b"a", b"hello capsock", os.urandom(1000), bytes(65535 - 16)]
+OFFER = b"\x01\x02\x02\x01"  # extension 1, two ids: AESGCM, ChaChaPoly
+needs_aesgcm = pytest.mark.skipif(
+    "AESGCM" not in available_ciphers(), reason="libsodium has no AES-256-GCM on this CPU"
+)
 
 
 def test_capsock_noise_is_not_the_third_party_noise() -> None:
@@ -84,29 +98,78 @@ def test_their_initiator_our_responder(payloads: tuple[bytes, bytes]) -> None:
     _exchange(TransportCipher.from_handshake(ours), theirs)
 
 
-def test_capsock_initiator_against_plain_noise_responder() -> None:
-    init = InitiatorHandshake(ALICE, BOB.node_id)
+@pytest.mark.parametrize("ciphers", [None, ["ChaChaPoly"]], ids=["default", "chachapoly"])
+def test_capsock_initiator_against_plain_noise_responder(ciphers: list[str] | None) -> None:
+    """A responder that ignores extensions answers with an empty payload: ChaChaPoly."""
+    init = InitiatorHandshake(ALICE, BOB.node_id, ciphers=ciphers)
     theirs = _their(False, BOB.x25519_private, None)
     record = init.first_message()
     assert int.from_bytes(record[:2], "big") == len(record) - 2
     payload = bytes(theirs.read_message(record[2:]))
-    assert payload == ALICE.node_id.raw  # exactly the dialer's Ed25519 key
+    assert payload[:32] == ALICE.node_id.raw  # the dialer's Ed25519 key first
+    assert payload[32:] == (OFFER if init.offered_ciphers else b"")
+    if ciphers is not None:
+        assert payload == ALICE.node_id.raw  # no offer: exactly the key
     remote_static = theirs.noise_protocol.handshake_state.rs.public_bytes
-    assert NodeId(payload).x25519() == remote_static
+    assert NodeId(payload[:32]).x25519() == remote_static
     result = init.read_second(bytes(theirs.write_message(b"")))
     assert result.peer == BOB.node_id
+    assert result.cipher_name == "ChaChaPoly"
     assert result.handshake_hash == theirs.get_handshake_hash()
     _exchange(result.cipher, theirs)
 
 
-def test_plain_noise_initiator_against_capsock_responder() -> None:
+@pytest.mark.parametrize("ciphers", [None, ["ChaChaPoly"]], ids=["default", "chachapoly"])
+def test_plain_noise_initiator_against_capsock_responder(ciphers: list[str] | None) -> None:
+    """A dialer that sends only its key gets an empty answer and ChaChaPoly."""
     theirs = _their(True, ALICE.x25519_private, BOB.x25519_public)
-    resp = ResponderHandshake(BOB)
+    resp = ResponderHandshake(BOB, ciphers=ciphers)
     assert resp.read_first(bytes(theirs.write_message(ALICE.node_id.raw))) == ALICE.node_id
     record, result = resp.second_message()
+    assert len(record) == 2 + 48
     assert bytes(theirs.read_message(record[2:])) == b""
     assert result.peer == ALICE.node_id
+    assert result.cipher_name == "ChaChaPoly"
     assert result.handshake_hash == theirs.get_handshake_hash()
+    _exchange(result.cipher, theirs)
+
+
+def _switch_to_aesgcm(conn: NoiseConnection) -> None:
+    """Give a finished noiseprotocol connection the spec's AESGCM cipher function,
+    keyed with its own Split() keys: what a Noise library implementing capsock's
+    cipher negotiation does."""
+    from noise.backends.default.ciphers import AESGCMCipher
+
+    proto = conn.noise_protocol
+    for state in (proto.cipher_state_encrypt, proto.cipher_state_decrypt):
+        state.cipher = AESGCMCipher()
+        state.cipher.initialize(state.k)
+
+
+@needs_aesgcm
+def test_capsock_initiator_against_extension_aware_noise_responder() -> None:
+    init = InitiatorHandshake(ALICE, BOB.node_id)
+    theirs = _their(False, BOB.x25519_private, None)
+    payload = bytes(theirs.read_message(init.first_message()[2:]))
+    assert payload == ALICE.node_id.raw + OFFER
+    result = init.read_second(bytes(theirs.write_message(b"\x01\x01\x02")))
+    assert result.cipher_name == "AESGCM"
+    assert result.handshake_hash == theirs.get_handshake_hash()
+    _switch_to_aesgcm(theirs)
+    _exchange(result.cipher, theirs)
+
+
+@needs_aesgcm
+def test_extension_aware_noise_initiator_against_capsock_responder() -> None:
+    theirs = _their(True, ALICE.x25519_private, BOB.x25519_public)
+    resp = ResponderHandshake(BOB)
+    message = bytes(theirs.write_message(ALICE.node_id.raw + OFFER))
+    assert resp.read_first(message) == ALICE.node_id
+    record, result = resp.second_message()
+    assert bytes(theirs.read_message(record[2:])) == b"\x01\x01\x02"
+    assert result.cipher_name == "AESGCM"
+    assert result.handshake_hash == theirs.get_handshake_hash()
+    _switch_to_aesgcm(theirs)
     _exchange(result.cipher, theirs)
 
 

@@ -1,28 +1,69 @@
-"""capsock's session handshake: Noise IK with node identities (DESIGN.md §4.2-4.3).
+"""capsock's session handshake: Noise IK with node identities (DESIGN.md §4.2-4.3),
+and the choice of the transport cipher.
 
 Theory of operation
 -------------------
 Nodes are named by Ed25519 keys; Noise speaks X25519.  Both sides use the
 standard libsodium conversion of their Ed25519 key pair as the Noise static
-key, with the prologue ``capsock/1``:
+key.  The handshake is exactly ``Noise_IK_25519_ChaChaPoly_BLAKE2b`` with the
+prologue ``capsock/1``:
 
 1. The dialer (:class:`InitiatorHandshake`) knows the node id it dials, hence
-   the responder's X25519 key, and sends IK message 1.  Its payload is exactly
-   the dialer's own 32-byte Ed25519 public key: public, not authorising, safe
-   to replay.  Bytes after those 32 are reserved and ignored.
+   the responder's X25519 key, and sends IK message 1.  Its payload is the
+   dialer's own 32-byte Ed25519 public key, followed by zero or more
+   *extensions* (below): public, not authorising, safe to replay.
 2. The responder (:class:`ResponderHandshake`) reads message 1, learns the
    dialer's *authenticated* X25519 static key from Noise, and checks that the
    Ed25519 key in the payload converts to it; otherwise the handshake fails
    with :class:`~capsock.errors.PeerAuthenticationError` before anything secret
-   is sent.  A message from this very node (a reflection) is refused.
-3. The responder answers with message 2 (empty payload, reserved for
-   extensions).  When the dialer decrypts it, the responder has proved it holds
+   is sent.  A message from this very node (a reflection) is refused.  Then it
+   parses the extensions.
+3. The responder answers with message 2, whose payload is zero or more
+   extensions.  When the dialer decrypts it, the responder has proved it holds
    the private key of the node id that was dialled.
 
+Extensions (a capsock extension of DESIGN.md §4).  After the node id in
+message 1, and as the whole payload of message 2, the payload is a sequence of
+``type: u8 | length: u8 | value: length bytes``.  A sequence that ends inside
+a header or a value is malformed (:class:`~capsock.errors.HandshakeError`).
+Unknown types are ignored; a known type may appear at most once.  One type is
+defined, ``1``, the *transport cipher*; cipher ids are ``0x01`` ChaChaPoly and
+``0x02`` AESGCM (AES-256-GCM):
+
+* In message 1, type 1 is the **offer**: one or more cipher ids, most
+  preferred first.  A capsock dialer offers ``[0x02, 0x01]`` (value
+  ``01 02 02 01`` with its header) when AES-256-GCM is available on its
+  machine and allowed by its ``ciphers`` argument; otherwise it sends no
+  offer, and its payload is exactly the 32-byte node id.  An empty offer is
+  malformed.  Ids the responder does not know are skipped.
+* In message 2, type 1 is the **choice**: exactly one cipher id (``01 01 id``).
+  A responder that got an offer chooses the first offered id it supports and
+  allows; if none, or if there was no offer, it sends an empty payload.  The
+  dialer rejects (``HandshakeError``) a choice that was not in its offer, a
+  choice when it made no offer, and a choice whose value is not one byte.
+* No choice means ChaChaPoly: that is also what any plain Noise peer gets,
+  whichever side it is on (it ignores or never sends the offer and sends an
+  empty or extension-free payload), so interoperability with other Noise
+  libraries is unchanged and byte for byte standard.  ChaChaPoly is therefore
+  mandatory and cannot be disabled.
+
+Both payloads are encrypted and mixed into the handshake hash, so an on-path
+attacker who alters, strips or truncates the offer or the choice makes message
+decryption fail: the cipher cannot be downgraded.  Only the transport phase
+changes: with AESGCM chosen, both sides key AES-256-GCM with the two
+``Split()`` keys (nonce: 32 zero bits and the 64-bit counter big-endian, per
+the Noise spec; ``REKEY`` per spec §4.2), otherwise ChaChaPoly as in plain Noise.
+
 Both sides end with a :class:`HandshakeResult`: the peer's node id, the
-handshake hash (channel binding) and a :class:`~capsock.noise.TransportCipher`.
-Like :mod:`capsock.noise`, this module is sans-IO; the session moves the bytes,
-runs the timers, and speaks first as the dialer once the handshake is done.
+handshake hash (channel binding), the transport cipher's name and a
+:class:`~capsock.noise.TransportCipher`.  Like :mod:`capsock.noise`, this module
+is sans-IO; the session moves the bytes, runs the timers, and speaks first as
+the dialer once the handshake is done.
+
+Message sizes (Noise messages, without the 2-byte record prefix): message 1 is
+:data:`FIRST_MESSAGE_LEN` (128) bytes, plus :data:`CIPHER_OFFER_LEN` (4) with an
+offer: 132; message 2 is :data:`SECOND_MESSAGE_LEN` (48) bytes, plus
+:data:`CIPHER_CHOICE_LEN` (3) with a choice: 51.
 
 Known limitation: an X25519 public key names an Ed25519 key only up to the
 sign of its x coordinate (the top bit of the encoded key), because the
@@ -41,12 +82,16 @@ transport *records* (2-byte length prefix + Noise message); ``read_first`` and
 from __future__ import annotations
 
 import hmac
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
 from .errors import HandshakeError, LocalUsageError, PeerAuthenticationError
 from .keys import KeyPair, NodeId
 from .noise import (
+    AESGCM,
+    CHACHAPOLY,
+    CIPHER_NAMES,
     DHLEN,
     PROLOGUE,
     PROTOCOL_NAME,
@@ -54,9 +99,14 @@ from .noise import (
     HandshakeDecryptError,
     HandshakeState,
     TransportCipher,
+    available_ciphers,
 )
 
 __all__ = [
+    "CIPHER_CHOICE_LEN",
+    "CIPHER_IDS",
+    "CIPHER_OFFER_LEN",
+    "EXT_TRANSPORT_CIPHER",
     "FIRST_MESSAGE_LEN",
     "SECOND_MESSAGE_LEN",
     "HandshakeResult",
@@ -67,25 +117,86 @@ __all__ = [
 
 _NODE_ID_LEN: Final = 32
 
-FIRST_MESSAGE_LEN: Final = DHLEN + (DHLEN + TAG_LEN) + (_NODE_ID_LEN + TAG_LEN)
-"""Length (128) of the IK message 1 this version sends (without the record prefix).
+EXT_TRANSPORT_CIPHER: Final = 0x01
+"""Extension type: transport cipher (offer in message 1, choice in message 2)."""
+CIPHER_IDS: Final[dict[str, int]] = {CHACHAPOLY: 0x01, AESGCM: 0x02}
+"""Wire ids of the transport ciphers."""
+_CIPHER_BY_ID: Final = {v: k for k, v in CIPHER_IDS.items()}
 
-Longer messages are valid (extension bytes after the node id), shorter ones never."""
+FIRST_MESSAGE_LEN: Final = DHLEN + (DHLEN + TAG_LEN) + (_NODE_ID_LEN + TAG_LEN)
+"""Length (128) of IK message 1 without extensions (without the record prefix).
+
+The shortest valid message 1; a dialer without an offer sends exactly this.
+Longer messages are valid (extensions after the node id), shorter ones never."""
+CIPHER_OFFER_LEN: Final = 2 + len(CIPHER_IDS)
+"""Bytes (4) the transport-cipher offer adds to message 1: ``01 02 02 01``."""
 SECOND_MESSAGE_LEN: Final = DHLEN + TAG_LEN
-"""Length (48) of the IK message 2 this version sends; longer ones are valid."""
+"""Length (48) of IK message 2 with an empty payload (no choice: ChaChaPoly)."""
+CIPHER_CHOICE_LEN: Final = 3
+"""Bytes (3) the transport-cipher choice adds to message 2: ``01 01 id``."""
 
 
 def expected_first_message_len(extension_len: int = 0) -> int:
     """Length of IK message 1 whose payload is a node id plus ``extension_len`` bytes.
 
     With the default this is :data:`FIRST_MESSAGE_LEN`, the minimum a session
-    should accept before handing the message to :meth:`ResponderHandshake.read_first`.
+    should accept before handing the message to :meth:`ResponderHandshake.read_first`;
+    a dialer that offers AESGCM sends ``expected_first_message_len(CIPHER_OFFER_LEN)``.
     """
     return FIRST_MESSAGE_LEN + extension_len
 
 
 def _record(message: bytes) -> bytes:
     return len(message).to_bytes(2, "big") + message
+
+
+def _allowed_ciphers(ciphers: Iterable[str] | None) -> tuple[str, ...]:
+    """The usable cipher names among ``ciphers``, in capsock's preference order.
+
+    Raises:
+        LocalUsageError: an unknown name, or ChaChaPoly missing (it is mandatory).
+    """
+    available = available_ciphers()
+    if ciphers is None:
+        return available
+    if isinstance(ciphers, str | bytes):
+        raise LocalUsageError("ciphers is a sequence of names, e.g. ['ChaChaPoly']")
+    names = set(ciphers)
+    unknown = names.difference(CIPHER_NAMES)
+    if unknown:
+        raise LocalUsageError(
+            f"unknown cipher name(s) {sorted(map(repr, unknown))}; known: "
+            + ", ".join(CIPHER_NAMES)
+        )
+    if CHACHAPOLY not in names:
+        raise LocalUsageError(
+            "ChaChaPoly cannot be disabled: it is what every plain Noise peer speaks"
+        )
+    return tuple(name for name in available if name in names)
+
+
+def _parse_extensions(data: bytes, where: str) -> dict[int, bytes]:
+    """The known extensions in ``data`` (``type | length | value``, repeated).
+
+    Raises:
+        HandshakeError: the encoding is truncated, or a known type repeats.
+    """
+    found: dict[int, bytes] = {}
+    offset, end = 0, len(data)
+    while offset < end:
+        if end - offset < 2:
+            raise HandshakeError(f"{where}: truncated extension header")
+        kind, length = data[offset], data[offset + 1]
+        start, offset = offset + 2, offset + 2 + length
+        if offset > end:
+            raise HandshakeError(
+                f"{where}: extension {kind} announces {length} bytes, {end - start} remain"
+            )
+        if kind == EXT_TRANSPORT_CIPHER:
+            if kind in found:
+                raise HandshakeError(f"{where}: extension {kind} appears twice")
+            found[kind] = data[start:offset]
+    return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +216,11 @@ class HandshakeResult:
     is_initiator: bool
     """Whether this side dialled."""
 
+    @property
+    def cipher_name(self) -> str:
+        """The negotiated transport cipher: ``"ChaChaPoly"`` or ``"AESGCM"``."""
+        return self.cipher.cipher_name
+
 
 class InitiatorHandshake:
     """The dialer's side: knows whom it dials.
@@ -113,15 +229,27 @@ class InitiatorHandshake:
         local: this node's key pair.
         remote: the node id being dialled (from the capability URI).
         ephemeral: a fixed X25519 ephemeral private key, for tests only.
+        ciphers: the transport cipher names to allow (default: every one
+            available here).  ``"ChaChaPoly"`` must be among them; AESGCM is
+            offered only if listed and available.  The order is ignored
+            (capsock's preference order is used).
 
     Raises:
-        LocalUsageError: ``remote`` is this node itself.
+        LocalUsageError: ``remote`` is this node itself, or ``ciphers`` is invalid.
         PeerAuthenticationError: ``remote`` is not a valid Ed25519 public key.
     """
 
-    __slots__ = ("_local", "_noise", "_remote", "_result", "_sent")
+    __slots__ = ("_local", "_noise", "_offer", "_read", "_remote", "_result", "_sent")
 
-    def __init__(self, local: KeyPair, remote: NodeId, *, ephemeral: bytes | None = None) -> None:
+    def __init__(
+        self,
+        local: KeyPair,
+        remote: NodeId,
+        *,
+        ephemeral: bytes | None = None,
+        ciphers: Iterable[str] | None = None,
+    ) -> None:
+        allowed = _allowed_ciphers(ciphers)
         remote_x25519 = remote.x25519()  # PeerAuthenticationError if invalid
         if remote == local.node_id or hmac.compare_digest(remote_x25519, local.x25519_public):
             raise LocalUsageError(
@@ -130,6 +258,8 @@ class InitiatorHandshake:
             )
         self._local = local
         self._remote = remote
+        # Offer only when there is a choice to make (ChaChaPoly is the default).
+        self._offer: tuple[str, ...] = allowed if allowed != (CHACHAPOLY,) else ()
         self._noise = HandshakeState(
             PROTOCOL_NAME,
             True,
@@ -139,6 +269,7 @@ class InitiatorHandshake:
             rs=remote_x25519,
         )
         self._sent = False
+        self._read = False
         self._result: HandshakeResult | None = None
 
     @property
@@ -146,8 +277,14 @@ class InitiatorHandshake:
         """The node id being dialled."""
         return self._remote
 
+    @property
+    def offered_ciphers(self) -> tuple[str, ...]:
+        """The transport ciphers message 1 offers, most preferred first (empty: no offer)."""
+        return self._offer
+
     def first_message(self) -> bytes:
-        """The first record: length prefix + IK message 1 (payload: our node id).
+        """The first record: length prefix + IK message 1 (payload: our node id,
+        then the transport-cipher offer if there is one).
 
         Raises:
             LocalUsageError: called twice.
@@ -155,7 +292,11 @@ class InitiatorHandshake:
         if self._sent:
             raise LocalUsageError("the first handshake message was already produced")
         self._sent = True
-        return _record(self._noise.write_message(self._local.node_id.raw))
+        payload = self._local.node_id.raw
+        if self._offer:
+            ids = bytes(CIPHER_IDS[name] for name in self._offer)
+            payload += bytes((EXT_TRANSPORT_CIPHER, len(ids))) + ids
+        return _record(self._noise.write_message(payload))
 
     def read_second(self, message: bytes) -> HandshakeResult:
         """Process IK message 2 (without its length prefix) and finish.
@@ -163,28 +304,47 @@ class InitiatorHandshake:
         Raises:
             PeerAuthenticationError: the answering node did not prove it holds
                 the key of the dialled node id.
-            HandshakeError: the message is malformed (size, invalid ephemeral key).
+            HandshakeError: the message is malformed (size, invalid ephemeral
+                key, extension encoding), or chose a cipher that was not offered.
             LocalUsageError: called before :meth:`first_message`, or again.
         """
         if not self._sent:
             raise LocalUsageError("send the first handshake message before reading the second")
-        if self._result is not None:
-            raise LocalUsageError("the handshake is already complete")
+        if self._read:
+            raise LocalUsageError("read_second() was already called on this handshake")
+        self._read = True
         try:
-            self._noise.read_message(message)
+            payload = self._noise.read_message(message)
         except HandshakeDecryptError:
             raise PeerAuthenticationError(
                 f"the node that answered did not prove it holds the key of "
                 f"{self._remote.short()}...; the route may lead to a different node "
                 "(or the message was corrupted)"
             ) from None
+        cipher = self._chosen_cipher(payload)
         self._result = HandshakeResult(
             peer=self._remote,
             handshake_hash=self._noise.handshake_hash,
-            cipher=TransportCipher.from_handshake(self._noise),
+            cipher=TransportCipher.from_handshake(self._noise, cipher),
             is_initiator=True,
         )
         return self._result
+
+    def _chosen_cipher(self, payload: bytes) -> str:
+        where = "second handshake message"
+        choice = _parse_extensions(payload, where).get(EXT_TRANSPORT_CIPHER)
+        if choice is None:
+            return CHACHAPOLY  # plain Noise responder, or nothing better to offer
+        if not self._offer:
+            raise HandshakeError(f"{where}: the responder chose a cipher, but none was offered")
+        if len(choice) != 1:
+            raise HandshakeError(f"{where}: a cipher choice is one id, got {len(choice)} bytes")
+        name = _CIPHER_BY_ID.get(choice[0])
+        if name is None or name not in self._offer:
+            raise HandshakeError(
+                f"{where}: the responder chose cipher id {choice[0]:#04x}, which was not offered"
+            )
+        return name
 
     def __repr__(self) -> str:
         return f"InitiatorHandshake(remote={self._remote!r}, done={self._result is not None})"
@@ -195,15 +355,22 @@ class ResponderHandshake:
 
     Args:
         local: this node's key pair.
+        ciphers: the transport cipher names to allow (default: every one
+            available here); ``"ChaChaPoly"`` must be among them.
+
+    Raises:
+        LocalUsageError: ``ciphers`` is invalid.
     """
 
-    __slots__ = ("_local", "_noise", "_peer", "_read", "_result")
+    __slots__ = ("_allowed", "_choice", "_local", "_noise", "_peer", "_read", "_result")
 
-    def __init__(self, local: KeyPair) -> None:
+    def __init__(self, local: KeyPair, *, ciphers: Iterable[str] | None = None) -> None:
+        self._allowed = _allowed_ciphers(ciphers)
         self._local = local
         self._noise = HandshakeState(PROTOCOL_NAME, False, PROLOGUE, s=local.x25519_private)
         self._read = False
         self._peer: NodeId | None = None
+        self._choice: str | None = None
         self._result: HandshakeResult | None = None
 
     def read_first(self, message: bytes) -> NodeId:
@@ -212,7 +379,8 @@ class ResponderHandshake:
         Raises:
             HandshakeError: the message is malformed, not addressed to this node's
                 key, carries an invalid or low-order key, has a payload shorter
-                than a node id, or comes from this very node (reflection).
+                than a node id or malformed extensions, or comes from this very
+                node (reflection).
             PeerAuthenticationError: the node id in the payload is not the key
                 the dialer authenticated with.
             LocalUsageError: called twice (also after a failure).
@@ -245,8 +413,22 @@ class ResponderHandshake:
                 f"the dialer claims to be {claimed.short()}... but authenticated with a "
                 "different key; refusing the session"
             )
+        self._choice = self._choose(payload[_NODE_ID_LEN:])
         self._peer = claimed
         return claimed
+
+    def _choose(self, extensions: bytes) -> str | None:
+        where = "first handshake message"
+        offer = _parse_extensions(extensions, where).get(EXT_TRANSPORT_CIPHER)
+        if offer is None:
+            return None
+        if not offer:
+            raise HandshakeError(f"{where}: an empty transport cipher offer")
+        for cipher_id in offer:
+            name = _CIPHER_BY_ID.get(cipher_id)
+            if name is not None and name in self._allowed:
+                return name
+        return None  # nothing in common: the empty answer means ChaChaPoly
 
     def second_message(self) -> tuple[bytes, HandshakeResult]:
         """The answering record (length prefix + IK message 2) and the result.
@@ -258,11 +440,15 @@ class ResponderHandshake:
             raise LocalUsageError("read a valid first handshake message first")
         if self._result is not None:
             raise LocalUsageError("the second handshake message was already produced")
-        record = _record(self._noise.write_message(b""))
+        choice = self._choice
+        payload = b""
+        if choice is not None:
+            payload = bytes((EXT_TRANSPORT_CIPHER, 1, CIPHER_IDS[choice]))
+        record = _record(self._noise.write_message(payload))
         self._result = HandshakeResult(
             peer=self._peer,
             handshake_hash=self._noise.handshake_hash,
-            cipher=TransportCipher.from_handshake(self._noise),
+            cipher=TransportCipher.from_handshake(self._noise, choice or CHACHAPOLY),
             is_initiator=False,
         )
         return record, self._result

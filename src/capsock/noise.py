@@ -1,11 +1,14 @@
-"""Sans-IO Noise Protocol Framework: ``25519`` / ``ChaChaPoly`` / ``BLAKE2b``.
+"""Sans-IO Noise Protocol Framework: ``25519`` / ``ChaChaPoly`` / ``BLAKE2b``,
+plus AES-256-GCM (``AESGCM``) for the transport phase.
 
 Theory of operation
 -------------------
 This module follows the Noise specification (revision 34) section by section
 and keeps its names, so the spec can be read alongside the code:
 
-* :class:`CipherState` holds a key ``k`` and a nonce ``n`` (spec §5.1).
+* :class:`CipherState` holds a key ``k`` and a nonce ``n`` (spec §5.1), and the
+  cipher function it uses: ``"ChaChaPoly"`` (the default, and the only cipher
+  used during handshakes) or ``"AESGCM"`` (transport only, see below).
 * :class:`SymmetricState` holds the chaining key ``ck`` and the handshake hash
   ``h`` and wraps a :class:`CipherState` (§5.2).  ``HKDF`` and ``HMAC`` over
   BLAKE2b are implemented here exactly as §4.3 defines them.
@@ -20,8 +23,37 @@ and keeps its names, so the spec can be read alongside the code:
 * :class:`RecordReader` splits a byte stream into the capsock transport records
   (2-byte big-endian length + one Noise message; DESIGN.md §4.1).
 
+Cipher functions (spec §12.3).  Both are AEADs with a 32-byte key, a 96-bit
+nonce and a 16-byte tag; the nonce is 32 zero bits followed by the 64-bit
+counter ``n``:
+
+* ``ChaChaPoly``: ChaCha20-Poly1305 (RFC 8439), counter **little-endian**.
+* ``AESGCM``: AES-256-GCM, counter **big-endian**.  libsodium offers it only on
+  CPUs with AES instructions; :func:`available_ciphers` tells whether this
+  machine has it.
+
+``REKEY(k)`` is, for both, the first 32 bytes of ``ENCRYPT(k, 2**64-1, "",
+zeros(32))`` (§4.2).  The handshake itself always runs with ChaChaPoly
+(:data:`PROTOCOL_NAME`); capsock may run the *transport* phase with AESGCM
+instead, keyed with the same ``Split()`` keys, when both peers agreed on it
+inside the authenticated handshake (:mod:`capsock.handshake`).  That is what
+``HandshakeState.split(cipher="AESGCM")`` and
+``TransportCipher.from_handshake(hs, cipher="AESGCM")`` do.
+
+The transport hot path.  :class:`TransportCipher` calls libsodium through
+PyNaCl's cffi module (``nacl._sodium``, private to PyNaCl) when it is importable
+and has the needed symbols: the plaintext or ciphertext buffer is passed to C
+without a copy (``bytes`` directly, other buffers via ``ffi.from_buffer``), the
+output is written into a per-cipher preallocated buffer (the length prefix of a
+record into its first two bytes, the Noise message after them), and one copy of
+that buffer is returned as ``bytes``.  Each direction allocates its 64 KiB
+buffer on first use.  Without ``nacl._sodium`` the same messages are produced
+through PyNaCl's public ``nacl.bindings`` (two extra copies per call); the two
+paths are byte-for-byte identical.  A ``TransportCipher`` is therefore not
+thread-safe (it never was: the nonces are counters).
+
 No I/O happens here and nothing is imported from anyio: bytes in, bytes out.
-All cryptography is libsodium through PyNaCl's bindings.
+All cryptography is libsodium through PyNaCl.
 
 Errors: anything a *remote* peer can cause is a :class:`~capsock.errors.ProtocolError`
 (during the handshake a :class:`~capsock.errors.HandshakeError`); misuse by the
@@ -35,10 +67,11 @@ import hmac
 import os
 import re as _re
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, NoReturn
+from typing import Any, Final, NoReturn
 
+import nacl.bindings as _bindings
 import nacl.exceptions
 from nacl.bindings import (
     crypto_aead_chacha20poly1305_ietf_decrypt,
@@ -51,6 +84,9 @@ from nacl.bindings import (
 from .errors import HandshakeError, LocalUsageError, ProtocolError
 
 __all__ = [
+    "AESGCM",
+    "CHACHAPOLY",
+    "CIPHER_NAMES",
     "DHLEN",
     "HASHLEN",
     "MAX_MESSAGE_LEN",
@@ -66,6 +102,7 @@ __all__ = [
     "RecordReader",
     "SymmetricState",
     "TransportCipher",
+    "available_ciphers",
     "parse_protocol_name",
 ]
 
@@ -76,7 +113,7 @@ PROTOCOL_NAME: Final = b"Noise_IK_25519_ChaChaPoly_BLAKE2b"
 MAX_MESSAGE_LEN: Final = 65535
 """Largest Noise message (spec §3), and the largest capsock transport record body."""
 TAG_LEN: Final = 16
-"""ChaCha20-Poly1305 authentication tag length."""
+"""AEAD authentication tag length (ChaCha20-Poly1305 and AES-256-GCM)."""
 MAX_PLAINTEXT_LEN: Final = MAX_MESSAGE_LEN - TAG_LEN
 """Largest plaintext that fits in one transport message."""
 DHLEN: Final = 32
@@ -86,7 +123,13 @@ HASHLEN: Final = 64
 BLOCKLEN: Final = 128
 """BLAKE2b block length (HMAC padding)."""
 KEYLEN: Final = 32
-"""ChaCha20-Poly1305 key length."""
+"""Cipher key length (both ciphers)."""
+CHACHAPOLY: Final = "ChaChaPoly"
+"""Noise name of ChaCha20-Poly1305 (handshake cipher; always available)."""
+AESGCM: Final = "AESGCM"
+"""Noise name of AES-256-GCM (transport only; needs CPU support in libsodium)."""
+CIPHER_NAMES: Final = (AESGCM, CHACHAPOLY)
+"""Every cipher name this module knows, in capsock's order of preference."""
 
 _SUFFIX: Final = "_25519_ChaChaPoly_BLAKE2b"
 _MAX_NONCE: Final = 2**64 - 1  # reserved by the spec; never used for a message
@@ -94,10 +137,127 @@ _ZERO32: Final = bytes(32)
 _IPAD: Final = bytes.maketrans(bytes(range(256)), bytes(b ^ 0x36 for b in range(256)))
 _OPAD: Final = bytes.maketrans(bytes(range(256)), bytes(b ^ 0x5C for b in range(256)))
 _nonce: Final = struct.Struct("<4xQ").pack  # ChaChaPoly: 32 zero bits + 64-bit LE counter
+_nonce_be: Final = struct.Struct(">4xQ").pack  # AESGCM: 32 zero bits + 64-bit BE counter
 _u16: Final = struct.Struct(">H").pack
 _encrypt: Final = crypto_aead_chacha20poly1305_ietf_encrypt
 _decrypt: Final = crypto_aead_chacha20poly1305_ietf_decrypt
 _CryptoError: Final = nacl.exceptions.CryptoError
+
+
+# --- AEADs: public bindings, and libsodium's C functions for the hot path ---
+
+_LIB_SYMBOLS: Final = (
+    "crypto_aead_chacha20poly1305_ietf_encrypt",
+    "crypto_aead_chacha20poly1305_ietf_decrypt",
+)
+
+
+def _load_sodium() -> tuple[Any, Any] | None:
+    """PyNaCl's private cffi module ``(ffi, lib)``, or ``None`` if it is unusable.
+
+    ``nacl._sodium`` is not PyNaCl's public API, so everything used from it is
+    checked; when anything is missing the transport falls back to ``nacl.bindings``.
+    """
+    try:
+        from nacl._sodium import ffi, lib
+    except (ImportError, AttributeError):
+        return None
+    try:
+        usable = all(hasattr(lib, name) for name in _LIB_SYMBOLS) and all(
+            hasattr(ffi, name) for name in ("new", "from_buffer", "buffer", "NULL")
+        )
+    except Exception:  # a broken extension module: use the public bindings
+        usable = False
+    return (ffi, lib) if usable else None
+
+
+def _aesgcm_available(sodium: tuple[Any, Any] | None) -> bool:
+    """Whether libsodium here offers AES-256-GCM (it needs CPU AES instructions)."""
+    if not all(
+        hasattr(_bindings, name)
+        for name in ("crypto_aead_aes256gcm_encrypt", "crypto_aead_aes256gcm_decrypt")
+    ):
+        return False  # PyNaCl too old to expose it
+    probe: Callable[[], int] | None = getattr(_bindings, "crypto_aead_aes256gcm_is_available", None)
+    if probe is None and sodium is not None:
+        probe = getattr(sodium[1], "crypto_aead_aes256gcm_is_available", None)
+    if probe is not None:
+        return bool(probe())
+    try:  # last resort: the public function refuses when the CPU lacks support
+        _bindings.crypto_aead_aes256gcm_encrypt(b"", None, bytes(12), _ZERO32)
+    except Exception:
+        return False
+    return True
+
+
+_SODIUM: Final = _load_sodium()
+_ffi: Final[Any] = _SODIUM[0] if _SODIUM is not None else None
+_lib: Final[Any] = _SODIUM[1] if _SODIUM is not None else None
+_FAST_AEAD: bool = _SODIUM is not None
+"""Whether new :class:`TransportCipher` objects call libsodium directly (tests flip it)."""
+_AESGCM_AVAILABLE: bool = _aesgcm_available(_SODIUM)
+"""Whether AES-256-GCM can be used on this machine (tests may clear it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Aead:
+    """One Noise cipher function: its nonce encoding and its implementations."""
+
+    name: str
+    nonce: Callable[[int], bytes]
+    encrypt: Callable[[bytes, bytes | None, bytes, bytes], bytes]
+    """Public-bindings ENCRYPT(plaintext, ad, nonce, key)."""
+    decrypt: Callable[[bytes, bytes | None, bytes, bytes], bytes]
+    """Public-bindings DECRYPT(ciphertext, ad, nonce, key); raises CryptoError."""
+    lib_prefix: str
+    """libsodium's name stem, e.g. ``crypto_aead_aes256gcm``."""
+
+    def lib_functions(self) -> tuple[Any, Any] | None:
+        """libsodium's ``(encrypt, decrypt)`` C functions, if usable here."""
+        if _lib is None:
+            return None
+        enc = getattr(_lib, self.lib_prefix + "_encrypt", None)
+        dec = getattr(_lib, self.lib_prefix + "_decrypt", None)
+        return (enc, dec) if enc is not None and dec is not None else None
+
+
+def _unavailable(*_: object) -> bytes:
+    raise LocalUsageError("AESGCM is not available here (libsodium needs CPU AES support)")
+
+
+_AEADS: Final[dict[str, _Aead]] = {
+    CHACHAPOLY: _Aead(CHACHAPOLY, _nonce, _encrypt, _decrypt, "crypto_aead_chacha20poly1305_ietf"),
+    AESGCM: _Aead(
+        AESGCM,
+        _nonce_be,
+        getattr(_bindings, "crypto_aead_aes256gcm_encrypt", _unavailable),
+        getattr(_bindings, "crypto_aead_aes256gcm_decrypt", _unavailable),
+        "crypto_aead_aes256gcm",
+    ),
+}
+
+
+def available_ciphers() -> tuple[str, ...]:
+    """The transport cipher names usable on this machine, in capsock's preference
+    order: ``("AESGCM", "ChaChaPoly")`` with AES-256-GCM support, else ``("ChaChaPoly",)``."""
+    return CIPHER_NAMES if _AESGCM_AVAILABLE else (CHACHAPOLY,)
+
+
+def _aead(name: str) -> _Aead:
+    """The cipher function called ``name``.
+
+    Raises:
+        LocalUsageError: unknown name, or AESGCM without hardware support here.
+    """
+    aead = _AEADS.get(name) if isinstance(name, str) else None
+    if aead is None:
+        raise LocalUsageError(f"unknown cipher {name!r} (known: {', '.join(CIPHER_NAMES)})")
+    if name not in available_ciphers():
+        raise LocalUsageError(
+            f"{name} is not available here (libsodium supports AES-256-GCM only on CPUs "
+            "with AES instructions); use ChaChaPoly"
+        )
+    return aead
 
 
 # --- Crypto functions (spec §4) ---
@@ -160,14 +320,31 @@ def _public_key(private_key: bytes) -> bytes:
 
 
 class CipherState:
-    """A key ``k`` (or none) and a 64-bit nonce ``n``.  ``repr()`` hides the key."""
+    """A key ``k`` (or none), a 64-bit nonce ``n`` and a cipher function.
 
-    __slots__ = ("_k", "_n")
+    Args:
+        key: the 32-byte key, or ``None`` (empty).
+        cipher: ``"ChaChaPoly"`` (default) or ``"AESGCM"`` (see :func:`available_ciphers`).
 
-    def __init__(self, key: bytes | None = None) -> None:
+    Raises:
+        LocalUsageError: the key is not 32 bytes, or the cipher is unknown or
+            not available here.
+
+    ``repr()`` hides the key.
+    """
+
+    __slots__ = ("_aead", "_k", "_n")
+
+    def __init__(self, key: bytes | None = None, cipher: str = CHACHAPOLY) -> None:
+        self._aead = _aead(cipher)
         self._k: bytes | None = None
         self._n = 0
         self.initialize_key(key)
+
+    @property
+    def cipher_name(self) -> str:
+        """The Noise name of the cipher function (``"ChaChaPoly"`` or ``"AESGCM"``)."""
+        return self._aead.name
 
     def initialize_key(self, key: bytes | None) -> None:
         """InitializeKey(key): set ``k`` (``None`` = empty) and reset ``n`` to 0.
@@ -209,7 +386,8 @@ class CipherState:
             return bytes(plaintext)
         if self._n >= _MAX_NONCE:
             raise LocalUsageError("cipher nonce exhausted; a new session is needed")
-        ciphertext = _encrypt(bytes(plaintext), bytes(ad), _nonce(self._n), self._k)
+        aead = self._aead
+        ciphertext = aead.encrypt(bytes(plaintext), bytes(ad), aead.nonce(self._n), self._k)
         self._n += 1
         return ciphertext
 
@@ -226,8 +404,9 @@ class CipherState:
             raise ProtocolError("cipher nonce exhausted; the session must end")
         if len(ciphertext) < TAG_LEN:
             raise ProtocolError(f"ciphertext shorter than the {TAG_LEN}-byte tag")
+        aead = self._aead
         try:
-            plaintext = _decrypt(bytes(ciphertext), bytes(ad), _nonce(self._n), self._k)
+            plaintext = aead.decrypt(bytes(ciphertext), bytes(ad), aead.nonce(self._n), self._k)
         except _CryptoError:
             raise ProtocolError(
                 "message failed authentication (wrong key, corrupted, replayed or reordered)"
@@ -238,15 +417,23 @@ class CipherState:
     def rekey(self) -> None:
         """Rekey(): ``k = REKEY(k)`` (spec §4.2); ``n`` is unchanged.
 
+        ``REKEY(k)`` is the first 32 bytes of ``ENCRYPT(k, 2**64-1, "", zeros(32))``
+        with this state's cipher function (and its nonce encoding).
+
         Raises:
             LocalUsageError: there is no key.
         """
         if self._k is None:
             raise LocalUsageError("cannot rekey a cipher without a key")
-        self._k = _encrypt(_ZERO32, None, _nonce(_MAX_NONCE), self._k)[:KEYLEN]
+        self._k = _rekey(self._aead, self._k)
 
     def __repr__(self) -> str:
-        return f"CipherState(has_key={self.has_key()}, n={self._n})"
+        return f"CipherState(cipher={self._aead.name!r}, has_key={self.has_key()}, n={self._n})"
+
+
+def _rekey(aead: _Aead, key: bytes) -> bytes:
+    """REKEY(k) of spec §4.2 for ``aead``."""
+    return aead.encrypt(_ZERO32, None, aead.nonce(_MAX_NONCE), key)[:KEYLEN]
 
 
 # --- SymmetricState (spec §5.2) ---
@@ -313,10 +500,17 @@ class SymmetricState:
         self.mix_hash(ciphertext)
         return plaintext
 
-    def split(self) -> tuple[CipherState, CipherState]:
-        """Split(): the initiator->responder and responder->initiator ciphers."""
+    def split(self, cipher: str = CHACHAPOLY) -> tuple[CipherState, CipherState]:
+        """Split(): the initiator->responder and responder->initiator ciphers.
+
+        ``cipher`` names the cipher function of the two returned states (capsock
+        may run the transport phase with ``"AESGCM"``; see :func:`available_ciphers`).
+
+        Raises:
+            LocalUsageError: the cipher is unknown or not available here.
+        """
         temp_k1, temp_k2 = _hkdf(self._ck, b"", 2)
-        return CipherState(temp_k1[:KEYLEN]), CipherState(temp_k2[:KEYLEN])
+        return CipherState(temp_k1[:KEYLEN], cipher), CipherState(temp_k2[:KEYLEN], cipher)
 
     def __repr__(self) -> str:
         return f"SymmetricState(has_key={self.cipher_state.has_key()})"
@@ -690,20 +884,30 @@ class HandshakeState:
         self._finish_message()
         return payload
 
-    def split(self) -> tuple[CipherState, CipherState]:
+    def split(self, cipher: str | None = None) -> tuple[CipherState, CipherState]:
         """The transport ciphers ``(initiator->responder, responder->initiator)``.
 
         Ownership moves to the caller: a second call raises, so a key/nonce pair
         can never be used twice by accident.
 
+        Args:
+            cipher: the transport cipher function; default the protocol's own
+                (ChaChaPoly).  ``"AESGCM"`` keys AES-256-GCM with the same
+                ``Split()`` keys (a capsock extension; both peers must agree).
+
         Raises:
-            LocalUsageError: the handshake is not complete, or split() was called before.
+            LocalUsageError: the handshake is not complete, split() was called
+                before, or the cipher is unknown or not available here.
         """
         if not self.complete or self._failed:
             raise LocalUsageError("the handshake is not complete")
         pair = self._cipher_pair
         if pair is None:
             raise LocalUsageError("the transport ciphers were already taken")
+        if cipher is not None and cipher != pair[0].cipher_name:
+            first, second = pair
+            assert first._k is not None and second._k is not None  # set by Split()
+            pair = CipherState(first._k, cipher), CipherState(second._k, cipher)
         self._cipher_pair = None
         return pair
 
@@ -715,41 +919,71 @@ class TransportCipher:
     """Send and receive ciphers of an established session (one direction each).
 
     ``encrypt``/``decrypt`` handle Noise transport messages with an empty
-    associated data and the counter nonce of the spec.  ``repr()`` shows the
-    counters only, never a key.
+    associated data and the counter nonce of the spec, with the cipher function
+    of the two :class:`CipherState` objects (``ChaChaPoly`` or ``AESGCM``).
+    ``repr()`` shows the counters only, never a key.  Not thread-safe.
 
     Args:
         send: the cipher for messages this side sends (keyed).
-        receive: the cipher for messages this side receives (keyed).
+        receive: the cipher for messages this side receives (keyed, same cipher function).
         handshake_hash: the final handshake hash (channel binding).
 
     Raises:
-        LocalUsageError: a cipher has no key.
+        LocalUsageError: a cipher has no key, or the two use different cipher functions.
     """
 
-    __slots__ = ("_recv_key", "_recv_n", "_send_key", "_send_n", "handshake_hash")
+    __slots__ = (
+        "_aead", "_fast", "_lib_decrypt", "_lib_encrypt", "_nonce", "_out", "_out_body",
+        "_out_view", "_plain", "_plain_view", "_recv_key", "_recv_n", "_send_key", "_send_n",
+        "handshake_hash",
+    )  # fmt: skip
 
     def __init__(self, send: CipherState, receive: CipherState, handshake_hash: bytes) -> None:
         if send._k is None or receive._k is None:
             raise LocalUsageError("transport ciphers need keys (complete the handshake first)")
+        if send._aead is not receive._aead:
+            raise LocalUsageError("both transport directions must use the same cipher function")
+        aead = send._aead
+        self._aead = aead
+        self._nonce = aead.nonce
         self._send_key: bytes = send._k
         self._send_n: int = send._n
         self._recv_key: bytes = receive._k
         self._recv_n: int = receive._n
         self.handshake_hash: bytes = handshake_hash
         """The final handshake hash (public; channel binding)."""
+        functions = aead.lib_functions() if _FAST_AEAD else None
+        self._fast = functions is not None
+        self._lib_encrypt: Any = functions[0] if functions else None
+        self._lib_decrypt: Any = functions[1] if functions else None
+        # Output buffers, allocated on first use (see _alloc_out / _alloc_plain).
+        self._out: Any = None
+        self._out_body: Any = None
+        self._out_view: memoryview | None = None
+        self._plain: Any = None
+        self._plain_view: memoryview | None = None
 
     @classmethod
-    def from_handshake(cls, handshake: HandshakeState) -> TransportCipher:
+    def from_handshake(
+        cls, handshake: HandshakeState, cipher: str | None = None
+    ) -> TransportCipher:
         """Take the transport ciphers of a completed handshake, oriented for its side.
 
+        ``cipher`` is passed to :meth:`HandshakeState.split` (default: ChaChaPoly).
+
         Raises:
-            LocalUsageError: the handshake is not complete or its ciphers were taken.
+            LocalUsageError: the handshake is not complete, its ciphers were
+                taken, or the cipher is unknown or not available here.
         """
-        c1, c2 = handshake.split()
+        c1, c2 = handshake.split(cipher)
         if handshake.initiator:
             return cls(c1, c2, handshake.handshake_hash)
         return cls(c2, c1, handshake.handshake_hash)
+
+    @property
+    def cipher_name(self) -> str:
+        """The transport cipher function: ``"ChaChaPoly"`` or ``"AESGCM"``."""
+        return self._aead.name
 
     @property
     def send_nonce(self) -> int:
@@ -761,6 +995,54 @@ class TransportCipher:
         """How many messages were decrypted."""
         return self._recv_n
 
+    def _alloc_out(self) -> memoryview:
+        # One buffer for a whole record: 2-byte length prefix + the Noise message.
+        out = _ffi.new("unsigned char[]", 2 + MAX_MESSAGE_LEN)
+        self._out = out
+        self._out_body = out + 2
+        view = self._out_view = memoryview(_ffi.buffer(out))
+        return view
+
+    def _alloc_plain(self) -> memoryview:
+        plain = self._plain = _ffi.new("unsigned char[]", MAX_MESSAGE_LEN)
+        view = self._plain_view = memoryview(_ffi.buffer(plain))
+        return view
+
+    def _seal(self, plaintext: bytes | bytearray | memoryview) -> int:
+        """Encrypt into the record buffer (prefix included); return the message length."""
+        if type(plaintext) is bytes:
+            src: Any = plaintext
+        else:
+            src = _c_buffer(plaintext)
+        size = len(src)  # bytes, whatever the buffer's item size
+        n = self._send_n
+        if size > MAX_PLAINTEXT_LEN or n >= _MAX_NONCE:
+            self._refuse(size)
+        view = self._out_view
+        if view is None:
+            view = self._alloc_out()
+        if self._lib_encrypt(
+            self._out_body, _ffi.NULL, src, size, _ffi.NULL, 0, _ffi.NULL,
+            self._nonce(n), self._send_key,
+        ):  # fmt: skip
+            raise LocalUsageError("libsodium refused to encrypt")  # not expected to happen
+        self._send_n = n + 1
+        length = size + TAG_LEN
+        view[0] = length >> 8
+        view[1] = length & 0xFF
+        return length
+
+    def _seal_slow(self, plaintext: bytes | bytearray | memoryview) -> bytes:
+        """The public-bindings path: the Noise message (no prefix)."""
+        if type(plaintext) is not bytes:
+            plaintext = memoryview(plaintext).tobytes()
+        n = self._send_n
+        if len(plaintext) > MAX_PLAINTEXT_LEN or n >= _MAX_NONCE:
+            self._refuse(len(plaintext))
+        message = self._aead.encrypt(plaintext, None, self._nonce(n), self._send_key)
+        self._send_n = n + 1
+        return message
+
     def encrypt(self, plaintext: bytes | bytearray | memoryview) -> bytes:
         """One Noise transport message (no length prefix).
 
@@ -768,14 +1050,11 @@ class TransportCipher:
             LocalUsageError: the plaintext exceeds :data:`MAX_PLAINTEXT_LEN`, or
                 the nonce space is exhausted.
         """
-        n = self._send_n
-        if len(plaintext) > MAX_PLAINTEXT_LEN or n >= _MAX_NONCE:
-            self._refuse(plaintext)
-        if type(plaintext) is not bytes:
-            plaintext = bytes(plaintext)
-        message = _encrypt(plaintext, None, _nonce(n), self._send_key)
-        self._send_n = n + 1
-        return message
+        if not self._fast:
+            return self._seal_slow(plaintext)
+        length = self._seal(plaintext)
+        assert self._out_view is not None
+        return self._out_view[2 : 2 + length].tobytes()
 
     def encrypt_record(self, plaintext: bytes | bytearray | memoryview) -> bytes:
         """A transport record: 2-byte big-endian length + :meth:`encrypt`.
@@ -783,21 +1062,19 @@ class TransportCipher:
         Raises:
             LocalUsageError: as :meth:`encrypt`.
         """
-        n = self._send_n
-        if len(plaintext) > MAX_PLAINTEXT_LEN or n >= _MAX_NONCE:
-            self._refuse(plaintext)
-        if type(plaintext) is not bytes:
-            plaintext = bytes(plaintext)
-        message = _encrypt(plaintext, None, _nonce(n), self._send_key)
-        self._send_n = n + 1
-        return _u16(len(message)) + message
+        if not self._fast:
+            message = self._seal_slow(plaintext)
+            return _u16(len(message)) + message
+        length = self._seal(plaintext)
+        assert self._out_view is not None
+        return self._out_view[: 2 + length].tobytes()
 
     @staticmethod
-    def _refuse(plaintext: bytes | bytearray | memoryview) -> NoReturn:
-        if len(plaintext) > MAX_PLAINTEXT_LEN:
+    def _refuse(size: int) -> NoReturn:
+        if size > MAX_PLAINTEXT_LEN:
             raise LocalUsageError(
                 f"a transport message carries at most {MAX_PLAINTEXT_LEN} plaintext bytes "
-                f"(got {len(plaintext)}); split the data"
+                f"(got {size}); split the data"
             )
         raise LocalUsageError("send nonce exhausted; open a new session")
 
@@ -809,27 +1086,57 @@ class TransportCipher:
             ProtocolError: the message failed authentication (corrupted, forged,
                 replayed, reordered or dropped before it), or has an impossible size.
         """
+        fast = self._fast
+        if type(message) is bytes:
+            src: Any = message
+            size = len(message)
+        elif fast:
+            src = _c_buffer(message)
+            size = len(src)
+        else:
+            src = message = memoryview(message).tobytes()
+            size = len(message)
         n = self._recv_n
-        size = len(message)
         if size < TAG_LEN or size > MAX_MESSAGE_LEN or n >= _MAX_NONCE:
             raise ProtocolError(
                 f"transport record failed authentication: a {size}-byte message is "
                 "impossible (or the nonce space is used up); the session must be closed"
             )
-        if type(message) is not bytes:
-            message = bytes(message)
-        try:
-            plaintext = _decrypt(message, None, _nonce(n), self._recv_key)
-        except _CryptoError:
-            raise ProtocolError(
-                "transport record failed authentication (corrupted, forged, replayed, "
-                "reordered or dropped); the session must be closed"
-            ) from None
+        if not fast:
+            try:
+                plaintext = self._aead.decrypt(src, None, self._nonce(n), self._recv_key)
+            except _CryptoError:
+                self._reject()
+            self._recv_n = n + 1
+            return plaintext
+        view = self._plain_view
+        if view is None:
+            view = self._alloc_plain()
+        if self._lib_decrypt(
+            self._plain, _ffi.NULL, _ffi.NULL, src, size, _ffi.NULL, 0,
+            self._nonce(n), self._recv_key,
+        ):  # fmt: skip
+            self._reject()
         self._recv_n = n + 1
-        return plaintext
+        return view[: size - TAG_LEN].tobytes()
+
+    @staticmethod
+    def _reject() -> NoReturn:
+        raise ProtocolError(
+            "transport record failed authentication (corrupted, forged, replayed, "
+            "reordered or dropped); the session must be closed"
+        ) from None
 
     def __repr__(self) -> str:
         return f"TransportCipher(sent={self._send_n}, received={self._recv_n})"
+
+
+def _c_buffer(data: bytes | bytearray | memoryview) -> Any:
+    """A zero-copy C view of a contiguous buffer (a copy if it is not contiguous)."""
+    try:
+        return _ffi.from_buffer(data)
+    except BufferError:
+        return memoryview(data).tobytes()
 
 
 _COMPACT_AT: Final = 1 << 16

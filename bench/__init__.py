@@ -1,0 +1,1 @@
+"""capsock benchmarks (run with ``python -m bench.throughput``)."""
