@@ -419,7 +419,7 @@ class Mux:
         """Queue a PING with 8 opaque bytes; the peer answers with a PONG."""
         if len(opaque) != 8:
             raise LocalUsageError("PING carries exactly 8 bytes")
-        self._urgent.append(encode_frame(Ping(opaque)))
+        self._queue(encode_frame(Ping(opaque)), urgent=True)
 
     def send_control(self, body: bytes) -> None:
         """Queue a CONTROL message (msgpack body)."""
@@ -451,6 +451,7 @@ class Mux:
         urgent = self._urgent
         while urgent and size + len(urgent[0]) <= limit:
             frame = urgent.popleft()
+            self._queued_control -= len(frame)
             parts.append(frame)
             size += len(frame)
         fifo = self._fifo

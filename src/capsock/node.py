@@ -8,12 +8,10 @@ every inbound OPEN with :func:`capsock.store.authorize`.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import logging
 import os
 import socket
-import stat
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +56,9 @@ class NodeConfig:
     """Inbound connections allowed to be mid-handshake at once; more are dropped."""
     listener_backlog: int = 128
     """Accepted streams a listener holds before its application calls accept()."""
+    max_sessions: int = 4096
+    """Sessions (inbound and outbound) this node keeps at once; further inbound
+    connections are dropped after the handshake."""
 
 
 def _parse_listen(spec: str) -> tuple[str, str, int]:
@@ -138,6 +139,7 @@ class Node:
         self._transport_listeners: list[anyio.abc.Listener[Any]] = []
         self._hints: tuple[Hint, ...] = ()
         self._half_open = 0
+        self._session_count = 0
         self._tg: anyio.abc.TaskGroup | None = None
         self._closed = False
         self._counters = {
@@ -168,6 +170,7 @@ class Node:
         return {
             **self._counters,
             "half_open": self._half_open,
+            "session_count": self._session_count,
             "sessions": {str(p): s.stats() for p, s in self._sessions.items()},
             "listeners": len(self._listeners),
         }
@@ -200,11 +203,17 @@ class Node:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        await self.aclose()
-        tg, self._tg = self._tg, None
-        if tg is not None:
-            tg.cancel_scope.cancel()
-            return await tg.__aexit__(exc_type, exc, tb)
+        # The body's own exception (or cancellation) propagates unchanged: the
+        # node's task group is closed as if the body had ended normally, and
+        # the shutdown itself is shielded so a timeout cannot interrupt it half way.
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.aclose()
+        finally:
+            tg, self._tg = self._tg, None
+            if tg is not None:
+                tg.cancel_scope.cancel()
+                await tg.__aexit__(None, None, None)
         return None
 
     async def aclose(self, grace: float = 0.0) -> None:
@@ -233,9 +242,10 @@ class Node:
         listener: anyio.abc.Listener[Any]
         if kind == "unix":
             path = Path(host)
-            _remove_stale_socket(path)
-            listener = await anyio.create_unix_listener(path)
-            os.chmod(path, 0o600)
+            # anyio removes a stale socket file (never a regular file) and sets
+            # the mode right after bind(); the capability, not the file mode, is
+            # what authorises, so the short window before chmod is harmless.
+            listener = await anyio.create_unix_listener(path, mode=0o600)
             hints: list[Hint] = [UnixHint(str(path))]
         else:
             listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
@@ -296,6 +306,10 @@ class Node:
             return
         finally:
             self._half_open -= 1
+        if self._session_count >= self.config.max_sessions:
+            log.warning("dropping session from %s: max_sessions reached", result.peer.short())
+            await transport.aclose()
+            return
         session = Session(
             transport,
             result,
@@ -307,6 +321,13 @@ class Node:
         await self._run_session(session)
 
     async def _run_session(self, session: Session) -> None:
+        self._session_count += 1
+        try:
+            await self._run_registered(session)
+        finally:
+            self._session_count -= 1
+
+    async def _run_registered(self, session: Session) -> None:
         previous = self._sessions.get(session.peer)
         if previous is None or not previous.is_usable:
             self._sessions[session.peer] = session
@@ -324,11 +345,16 @@ class Node:
         except InvalidCapability as exc:
             reason: str | None = f"malformed token ({exc})"
             token = None
-        else:
-            reason = authorize(self._store, token, peer=session.peer, now=self._clock())
         listener = self._listeners.get(token.root_id) if token is not None else None
-        if reason is None and listener is None:
-            reason = "listener closed"
+        if token is not None:
+            # The same work for every token; a use is consumed only when the
+            # stream is really accepted (not for a closed or full listener).
+            ready = listener is not None and not listener._full()
+            reason = authorize(
+                self._store, token, peer=session.peer, now=self._clock(), consume=ready
+            )
+            if reason is None and listener is None:
+                reason = "listener closed"
         if reason is not None or listener is None or token is None:
             self._counters["opens_refused"] += 1
             log.info("refused a stream from %s: %s", session.peer.short(), reason)
@@ -383,7 +409,7 @@ class Node:
         """
         cap = uri if isinstance(uri, Capability) else Capability.parse(uri)
         self._require_running()
-        if cap.node == self.id:
+        if cap.node == self.id or cap.node.x25519() == self._key.x25519_public:
             raise LocalUsageError(
                 "refusing to connect to this node's own id: a node does not dial itself; "
                 "accept() on the listener instead"
@@ -462,13 +488,6 @@ class Node:
         self._store.revoke(c.token.tag)
 
 
-def _remove_stale_socket(path: Path) -> None:
-    """Remove a socket file left by an earlier run (never a regular file)."""
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(path.lstat().st_mode):
-            path.unlink()
-
-
 def _tcp_connector(hint: TcpHint) -> Callable[[], Awaitable[anyio.abc.ByteStream]]:
     async def connect() -> anyio.abc.ByteStream:
         stream = await anyio.connect_tcp(hint.host, hint.port)
@@ -543,11 +562,28 @@ class Listener(anyio.abc.Listener[Stream]):
         handler: Callable[[Stream], Any],
         task_group: anyio.abc.TaskGroup | None = None,
     ) -> None:
-        """Run ``handler(stream)`` in a new task for every accepted stream, until closed."""
+        """Run ``handler(stream)`` in a new task for every accepted stream, until closed.
+
+        Each stream is closed when its handler returns.  An exception from one
+        handler is logged (``capsock.node`` logger) and does not stop the others.
+        """
 
         async def run(stream: Stream) -> None:
-            async with stream:
-                await handler(stream)
+            # One misbehaving peer or handler must not stop the listener: stream
+            # errors are expected (peers vanish) and only logged; anything else
+            # is logged with its traceback.
+            try:
+                async with stream:
+                    await handler(stream)
+            except (
+                anyio.BrokenResourceError,
+                anyio.ClosedResourceError,
+                anyio.EndOfStream,
+                CapsockError,
+            ) as exc:
+                log.info("stream from %s ended: %s", stream.peer.short(), exc)
+            except Exception:
+                log.exception("stream handler failed; the listener keeps serving")
 
         async with anyio.create_task_group() as own:
             tg = task_group or own

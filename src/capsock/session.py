@@ -193,6 +193,9 @@ class Session:
         self._streams: dict[int, Stream] = {}
         self._opening: dict[int, _OpenWaiter] = {}
         self._wake: anyio.Event | None = None
+        self._peer_spoke = anyio.Event()
+        if result.is_initiator:
+            self._peer_spoke.set()
         self._draining: anyio.Event | None = None
         self._closed_reason: str | None = None
         self._tg: anyio.abc.TaskGroup | None = None
@@ -232,6 +235,8 @@ class Session:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 self._last_heard = self._clock()
+                if self.dialer and not self._mux.has_output():
+                    self._mux.ping(os.urandom(8))  # the dialer speaks first, at once
                 tg.start_soon(self._guard, self._writer)
                 tg.start_soon(self._guard, self._keepalive)
                 self.ready.set()
@@ -294,6 +299,8 @@ class Session:
         while True:
             while (record := reader.next_record()) is not None:
                 events = receive(decrypt(record))
+                if not self._peer_spoke.is_set():
+                    self._peer_spoke.set()
                 if events:
                     self._dispatch(events)
             if self._mux.has_output():
@@ -367,6 +374,9 @@ class Session:
             del self._streams[sid]
 
     async def _writer(self) -> None:
+        # DESIGN §4.3: the first handshake message is replayable, so the
+        # responder sends nothing until the dialer has sent a transport record.
+        await self._peer_spoke.wait()
         while True:
             while not self._mux.has_output():
                 if self._draining is not None:

@@ -73,8 +73,13 @@ class MemoryStore:
 _DUMMY_KEY = os.urandom(32)
 
 
-def authorize(store: MemoryStore, token: Token, *, peer: NodeId, now: float) -> str | None:
+def authorize(
+    store: MemoryStore, token: Token, *, peer: NodeId, now: float, consume: bool = True
+) -> str | None:
     """Decide whether ``peer`` may open a stream with ``token``; count the use if so.
+
+    With ``consume=False`` the decision is made (with the same work) but no
+    use is counted.
 
     Returns None when allowed, else the reason (for the local log only: the
     wire answer is the same for every reason).
@@ -110,6 +115,7 @@ def authorize(store: MemoryStore, token: Token, *, peer: NodeId, now: float) -> 
                 return f"unknown caveat kind {kind}"
     if any(store.uses(k) >= limit for k, limit in counters):
         return "used up"
-    for k, _ in counters:
-        store.add_use(k)
+    if consume:
+        for k, _ in counters:
+            store.add_use(k)
     return None

@@ -43,7 +43,9 @@ class CapsockAttribute(TypedAttributeSet):
     capability: Capability = typed_attribute()
     """The capability the stream was opened with (its ``repr`` is redacted)."""
     route: str = typed_attribute()
-    """How the session reached the peer, e.g. ``tcp:127.0.0.1:4000`` or ``inbound``."""
+    """How the session reached the peer: the route hint the dialer used
+    (``tcp=127.0.0.1:4000``, ``unix=/run/app.sock``) or, on the accepting
+    side, ``inbound tcp:ADDR:PORT`` / ``inbound unix:PATH``."""
 
 
 class StreamResetError(StreamReset, anyio.BrokenResourceError):
