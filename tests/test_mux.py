@@ -144,7 +144,7 @@ def test_overrunning_the_window_is_a_flow_control_error() -> None:
     sid = p.open()
     frame = encode_frame(Data(sid, b"x" * 60000))
     with pytest.raises(ProtocolError) as info:
-        for _ in range(40):
+        for _ in range(100):
             p.b.receive_message(frame)
     assert info.value.code == ErrorCode.FLOW_CONTROL_ERROR
 

@@ -93,10 +93,13 @@ class Reject:
 
 @dataclass(frozen=True, slots=True)
 class Data:
-    """Stream bytes; never empty, counted against both credit windows."""
+    """Stream bytes; never empty, counted against both credit windows.
+
+    Decoded frames carry a zero-copy ``memoryview`` of the decrypted message.
+    """
 
     stream_id: int
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +211,7 @@ _FIXED_LEN = {
 _SESSION_FRAMES = frozenset({FrameType.PING, FrameType.PONG, FrameType.GOAWAY, FrameType.CONTROL})
 
 
-def decode_frames(message: bytes) -> list[Frame]:
+def decode_frames(message: bytes | bytearray | memoryview) -> list[Frame]:
     """Decode every frame in one decrypted transport message.
 
     Raises:
@@ -237,7 +240,7 @@ def decode_frames(message: bytes) -> list[Frame]:
                 raise ProtocolError("DATA frame on stream 0")
             if length == 0:
                 raise ProtocolError("empty DATA frame")
-            frames.append(Data(sid, payload.tobytes()))
+            frames.append(Data(sid, payload))
             continue
         try:
             kind = FrameType(kind_raw)

@@ -89,7 +89,7 @@ _MAX_STREAM_ID = 2**32 - 1
 class MuxConfig:
     """Per-session limits.  Every field has a sane default; all are documented."""
 
-    stream_window: int = 1024 * 1024
+    stream_window: int = 4 * 1024 * 1024
     """Receive window per stream: the most a peer may have in flight or buffered
     on one stream before the application reads (>= INITIAL_STREAM_WINDOW)."""
     session_window: int = 16 * 1024 * 1024
@@ -146,7 +146,8 @@ class DataReceived:
     """Bytes arrived; acknowledge them once the application consumed them."""
 
     stream_id: int
-    data: bytes
+    data: bytes | memoryview
+    """A zero-copy view of the decrypted record; copy it out before keeping it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,6 +439,13 @@ class Mux:
 
     def data_to_send(self, limit: int = MAX_MESSAGE_PLAINTEXT) -> bytes | None:
         """Pop up to ``limit`` bytes of whole frames (one record's plaintext), or None."""
+        parts = self.data_to_send_parts(limit)
+        return None if parts is None else b"".join(parts)
+
+    def data_to_send_parts(
+        self, limit: int = MAX_MESSAGE_PLAINTEXT
+    ) -> list[bytes | memoryview] | None:
+        """Like :meth:`data_to_send`, as pieces to concatenate (saves a copy)."""
         parts: list[bytes | memoryview] = []
         size = 0
         if self._windows:
@@ -484,13 +492,11 @@ class Mux:
             self.bytes_sent += n
             if len(view) > room:
                 break
-        if not parts:
-            return None
-        return b"".join(parts)
+        return parts or None
 
     # ------------------------------------------------------------ input
 
-    def receive_message(self, message: bytes) -> list[Event]:
+    def receive_message(self, message: bytes | bytearray | memoryview) -> list[Event]:
         """Process one decrypted transport message; return the events it caused.
 
         Raises:
@@ -509,7 +515,7 @@ class Mux:
             )
         return events
 
-    def _on_data(self, sid: int, data: bytes, events: list[Event]) -> None:
+    def _on_data(self, sid: int, data: bytes | memoryview, events: list[Event]) -> None:
         n = len(data)
         if n > self._recv_session_window:
             raise ProtocolError(

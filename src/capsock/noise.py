@@ -1003,6 +1003,12 @@ class TransportCipher:
         view = self._out_view = memoryview(_ffi.buffer(out))
         return view
 
+    def _empty_out(self) -> Any:
+        """A scratch pointer for an empty plaintext (from_buffer rejects b'')."""
+        if self._plain is None:
+            self._alloc_plain()
+        return self._plain
+
     def _alloc_plain(self) -> memoryview:
         plain = self._plain = _ffi.new("unsigned char[]", MAX_MESSAGE_LEN)
         view = self._plain_view = memoryview(_ffi.buffer(plain))
@@ -1056,6 +1062,47 @@ class TransportCipher:
         assert self._out_view is not None
         return self._out_view[2 : 2 + length].tobytes()
 
+    def encrypt_records(self, records: list[list[bytes | memoryview]]) -> bytes | bytearray:
+        """Several transport records in one new buffer, ready for one write.
+
+        Each element of ``records`` is the plaintext of one record, given as a
+        list of pieces (e.g. frame headers and payload views), so the only
+        copy is into the output; encryption then happens in place.
+
+        Raises:
+            LocalUsageError: a record exceeds :data:`MAX_PLAINTEXT_LEN`, or the
+                nonce space is exhausted (nothing is consumed for that record).
+        """
+        if not self._fast:
+            return b"".join(self.encrypt_record(b"".join(parts)) for parts in records)
+        sizes = [sum(len(p) for p in parts) for parts in records]
+        buf = bytearray(sum(sizes) + len(sizes) * (2 + TAG_LEN))
+        view = memoryview(buf)
+        ptr = _ffi.from_buffer(buf)
+        encrypt = self._lib_encrypt
+        key = self._send_key
+        off = 0
+        for parts, size in zip(records, sizes, strict=True):
+            n = self._send_n
+            if size > MAX_PLAINTEXT_LEN or n >= _MAX_NONCE:
+                self._refuse(size)
+            length = size + TAG_LEN
+            view[off] = length >> 8
+            view[off + 1] = length & 0xFF
+            pos = off + 2
+            for part in parts:
+                end = pos + len(part)
+                view[pos:end] = part
+                pos = end
+            body = ptr + (off + 2)
+            if encrypt(
+                body, _ffi.NULL, body, size, _ffi.NULL, 0, _ffi.NULL, self._nonce(n), key
+            ):  # pragma: no cover - libsodium does not refuse valid input
+                raise LocalUsageError("libsodium refused to encrypt")
+            self._send_n = n + 1
+            off = pos + TAG_LEN
+        return buf
+
     def encrypt_record(self, plaintext: bytes | bytearray | memoryview) -> bytes:
         """A transport record: 2-byte big-endian length + :meth:`encrypt`.
 
@@ -1078,9 +1125,9 @@ class TransportCipher:
             )
         raise LocalUsageError("send nonce exhausted; open a new session")
 
-    def decrypt(self, message: bytes | bytearray | memoryview) -> bytes:
-        """The plaintext of the next transport message.  On failure the receive
-        counter does not advance.
+    def decrypt(self, message: bytes | bytearray | memoryview) -> bytes | bytearray:
+        """The plaintext of the next transport message, in a new buffer.  On
+        failure the receive counter does not advance.
 
         Raises:
             ProtocolError: the message failed authentication (corrupted, forged,
@@ -1109,16 +1156,15 @@ class TransportCipher:
                 self._reject()
             self._recv_n = n + 1
             return plaintext
-        view = self._plain_view
-        if view is None:
-            view = self._alloc_plain()
+        # Decrypt straight into the buffer the caller keeps: no copy afterwards.
+        plain = bytearray(size - TAG_LEN)
         if self._lib_decrypt(
-            self._plain, _ffi.NULL, _ffi.NULL, src, size, _ffi.NULL, 0,
-            self._nonce(n), self._recv_key,
+            _ffi.from_buffer(plain) if plain else self._empty_out(), _ffi.NULL, _ffi.NULL,
+            src, size, _ffi.NULL, 0, self._nonce(n), self._recv_key,
         ):  # fmt: skip
             self._reject()
         self._recv_n = n + 1
-        return view[: size - TAG_LEN].tobytes()
+        return plain
 
     @staticmethod
     def _reject() -> NoReturn:
@@ -1146,56 +1192,78 @@ class RecordReader:
     """Sans-IO splitter for capsock transport records (2-byte BE length + message).
 
     Feed received bytes with :meth:`feed`, then call :meth:`next_record` until it
-    returns ``None``.  Memory: the reader holds exactly the bytes fed and not yet
-    returned; a caller that drains it after every feed therefore holds at most
-    one incomplete record (< 65537 bytes) plus the last chunk it fed.  Consumed
-    bytes are released by compaction, amortised O(1) per byte.
+    returns ``None``.  Records that lie inside one fed chunk are returned as
+    zero-copy ``memoryview`` slices of it; only a record that straddles two
+    chunks is assembled in a small buffer.  Memory: the reader holds the last
+    chunk fed plus at most one incomplete record (< 65537 bytes).
     """
 
-    __slots__ = ("_buf", "_pos")
+    __slots__ = ("_chunk", "_partial", "_pos")
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._chunk: bytes = b""
         self._pos = 0
+        self._partial = bytearray()
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        """Append received bytes."""
-        buf = self._buf
-        if self._pos:
-            if self._pos >= len(buf):
-                buf.clear()
-                self._pos = 0
-            elif self._pos >= _COMPACT_AT:
-                del buf[: self._pos]
-                self._pos = 0
-        buf += data
+        """Add received bytes (call after :meth:`next_record` returned ``None``)."""
+        chunk = self._chunk
+        if self._pos < len(chunk):  # an incomplete record at the end of the last chunk
+            self._partial += memoryview(chunk)[self._pos :]
+        self._chunk = data if type(data) is bytes else bytes(data)
+        self._pos = 0
+        partial = self._partial
+        if not partial:
+            return
+        view = memoryview(self._chunk)
+        size = len(view)
+        pos = 0
+        while pos < size:  # complete the straddling record from the new chunk only
+            have = len(partial)
+            want = 2 - have if have < 2 else ((partial[0] << 8) | partial[1]) + 2 - have
+            if want <= 0:
+                break
+            take = min(want, size - pos)
+            partial += view[pos : pos + take]
+            pos += take
+        self._pos = pos
 
-    def next_record(self) -> bytes | None:
+    def next_record(self) -> bytes | memoryview | None:
         """The next complete record's message (without prefix), or ``None``.
 
         Raises:
             ProtocolError: a record has length zero (never valid in capsock).
         """
-        buf = self._buf
+        partial = self._partial
+        if partial:
+            if len(partial) < 2:
+                return None
+            length = (partial[0] << 8) | partial[1]
+            if length == 0:
+                raise ProtocolError("received a zero-length transport record")
+            if len(partial) < length + 2:
+                return None
+            record = bytes(partial[2:])
+            partial.clear()
+            return record
+        chunk = self._chunk
         pos = self._pos
-        available = len(buf) - pos
+        available = len(chunk) - pos
         if available < 2:
             return None
-        length = (buf[pos] << 8) | buf[pos + 1]
+        length = (chunk[pos] << 8) | chunk[pos + 1]
         if length == 0:
             raise ProtocolError("received a zero-length transport record")
         if available < length + 2:
             return None
         end = pos + 2 + length
-        with memoryview(buf) as view:
-            record = bytes(view[pos + 2 : end])
         self._pos = end
-        return record
+        return memoryview(chunk)[pos + 2 : end]
 
     @property
     def buffered(self) -> int:
         """Bytes fed but not yet returned (non-zero at EOF means a truncated record)."""
-        return len(self._buf) - self._pos
+        return len(self._partial) + len(self._chunk) - self._pos
 
     def __repr__(self) -> str:
         return f"RecordReader(buffered={self.buffered})"

@@ -387,15 +387,14 @@ class Session:
 
     async def _flush_once(self) -> None:
         mux = self._mux
-        encrypt = self._cipher.encrypt_record
-        batch: list[bytes] = []
+        records: list[list[bytes | memoryview]] = []
         size = 0
-        while size < _WRITE_BATCH and (plaintext := mux.data_to_send()) is not None:
-            record = encrypt(plaintext)
-            batch.append(record)
-            size += len(record)
-        if batch:
-            await self._transport.send(batch[0] if len(batch) == 1 else b"".join(batch))
+        while size < _WRITE_BATCH and (parts := mux.data_to_send_parts()) is not None:
+            records.append(parts)
+            size += sum(len(p) for p in parts)
+        if records:
+            # A fresh buffer per write: the transport may keep a reference to it.
+            await self._transport.send(self._cipher.encrypt_records(records))  # type: ignore[arg-type]
 
     async def _keepalive(self) -> None:
         """Ping a silent peer, declare a dead one, and close an idle session."""

@@ -70,7 +70,9 @@ class Stream(anyio.abc.ByteStream):
         self._session = session
         self._sid = stream_id
         self._capability = capability
-        self._buf: deque[bytes] | None = None  # created on first data: idle streams stay small
+        self._buf: deque[bytes | memoryview] | None = (
+            None  # created on first data: idle streams stay small
+        )
         self._eof = False
         self._local_eof = False
         self._closed = False
@@ -115,7 +117,7 @@ class Stream(anyio.abc.ByteStream):
 
     # ---------------------------------------------------------- called by the session
 
-    def _on_data(self, data: bytes) -> None:
+    def _on_data(self, data: bytes | memoryview) -> None:
         if self._closed:
             self._session.consumed(self._sid, len(data))
             return
@@ -182,14 +184,21 @@ class Stream(anyio.abc.ByteStream):
                     raise anyio.ClosedResourceError
                 buf = self._buf
                 if buf:
-                    chunk = buf[0]
-                    if len(chunk) <= max_bytes:
-                        buf.popleft()
-                    else:
-                        buf[0] = chunk[max_bytes:]
-                        chunk = chunk[:max_bytes]
-                    self._session.consumed(self._sid, len(chunk))
-                    return chunk
+                    # Gather what is buffered, up to max_bytes, in one copy.
+                    pieces: list[bytes | memoryview] = []
+                    room = max_bytes
+                    while buf and room:
+                        chunk = buf[0]
+                        if len(chunk) <= room:
+                            buf.popleft()
+                        else:
+                            buf[0] = chunk[room:]
+                            chunk = chunk[:room]
+                        pieces.append(chunk)
+                        room -= len(chunk)
+                    data = bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
+                    self._session.consumed(self._sid, len(data))
+                    return data
                 if self._eof:
                     raise anyio.EndOfStream
                 if self._error is not None:
