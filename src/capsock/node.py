@@ -8,11 +8,14 @@ every inbound OPEN with :func:`capsock.store.authorize`.
 
 from __future__ import annotations
 
+import fcntl
+import hmac
 import ipaddress
 import logging
 import os
 import socket
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +36,9 @@ from .errors import (
 )
 from .keys import KeyPair, NodeId
 from .session import Session, SessionConfig, accept_handshake, dial_handshake
-from .store import MemoryStore, RootEntry, authorize
+from .store import MemoryStore, RootEntry, SqliteStore, Store, Verdict, authorize, chain
 from .stream import CapsockAttribute, Stream
-from .uri import Capability, Hint, TcpHint, Token, UnixHint, mint_root
+from .uri import Capability, Expires, Hint, TcpHint, Token, UnixHint, Uses, mint_root
 
 __all__ = ["Listener", "Node", "NodeConfig"]
 
@@ -120,19 +123,30 @@ class Node:
         if isinstance(listen, str):
             listen = [listen]
         self.state_dir = Path(state_dir) if state_dir is not None else None
-        if key is None:
-            key = (
-                KeyPair.load_or_create(self.state_dir / "node.key")
-                if self.state_dir is not None
-                else KeyPair.generate()
-            )
-        self._key = key
+        self._lock_fd: int | None = None
+        self._store: Store
+        if self.state_dir is not None:
+            self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._lock_fd = _lock_state_dir(self.state_dir)
+            try:
+                if key is None:
+                    key = KeyPair.load_or_create(self.state_dir / "node.key")
+                self._store = SqliteStore(self.state_dir / "capabilities.sqlite3")
+            except BaseException:
+                _unlock(self._lock_fd)
+                raise
+        else:
+            self._store = MemoryStore()
+        self._key = key if key is not None else KeyPair.generate()
+        self._stream_tags: weakref.WeakKeyDictionary[Stream, tuple[bytes, ...]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._listen_specs = [_parse_listen(s) for s in listen]
         self._advertise = [_parse_listen(s) for s in advertise] if advertise is not None else None
         self.config = config or NodeConfig()
         self._clock = clock
-        self._store = MemoryStore()
-        self._listeners: dict[bytes, Listener] = {}
+        self._listeners: dict[bytes, Listener] = {}  # the ones accepting, by root id
+        self._all_listeners: set[Listener] = set()  # also retired ones not yet closed
         self._sessions: dict[NodeId, Session] = {}
         self._dial_locks: dict[NodeId, anyio.Lock] = {}
         self._serve_scope = anyio.CancelScope()
@@ -217,14 +231,26 @@ class Node:
         return None
 
     async def aclose(self, grace: float = 0.0) -> None:
-        """Stop listening, send GOAWAY on every session, close them after ``grace`` s."""
+        """Stop listening, send GOAWAY on every session, close them after ``grace`` s.
+
+        Also closes the capability store and releases the state directory.
+        """
         if self._closed:
             return
         self._closed = True
+        try:
+            await self._shutdown(grace)
+        finally:
+            self._store.close()
+            if self._lock_fd is not None:
+                _unlock(self._lock_fd)
+                self._lock_fd = None
+
+    async def _shutdown(self, grace: float) -> None:
         self._serve_scope.cancel()
         for lst in self._transport_listeners:
             await lst.aclose()
-        for listener in list(self._listeners.values()):
+        for listener in list(self._all_listeners):
             await listener.aclose()
         sessions = list(self._sessions.values())
         if sessions:
@@ -346,13 +372,15 @@ class Node:
             reason: str | None = f"malformed token ({exc})"
             token = None
         listener = self._listeners.get(token.root_id) if token is not None else None
+        verdict = Verdict("malformed token")
         if token is not None:
             # The same work for every token; a use is consumed only when the
             # stream is really accepted (not for a closed or full listener).
             ready = listener is not None and not listener._full()
-            reason = authorize(
+            verdict = authorize(
                 self._store, token, peer=session.peer, now=self._clock(), consume=ready
             )
+            reason = verdict.reason
             if reason is None and listener is None:
                 reason = "listener closed"
         if reason is not None or listener is None or token is None:
@@ -368,19 +396,24 @@ class Node:
         stream = session.accept(sid, cap)
         if stream is not None:
             self._counters["streams_accepted"] += 1
+            self._stream_tags[stream] = verdict.tags
             listener._deliver(stream)
+        listener._check_used_up()
 
     # ---------------------------------------------------------- listen / connect
 
     async def listen(self, name: str | None = None) -> Listener:
-        """Create a listener with a fresh root capability.
+        """Create a listener with a root capability.
 
         Args:
-            name: a sturdy name; the same name returns the same capability
-                again (within this process; across restarts with a state store).
+            name: a sturdy name.  The same name gives the same capability again:
+                within the process, and across restarts when the node has a
+                ``state_dir`` (the root key is kept in its SQLite store).  The
+                route hints are the node's current ones.
 
         Raises:
-            LocalUsageError: the node is not running.
+            LocalUsageError: the node is not running, or a listener with this
+                name is already open.
         """
         self._require_running()
         entry = self._store.root_by_name(name) if name is not None else None
@@ -388,12 +421,88 @@ class Node:
             entry = RootEntry(os.urandom(16), os.urandom(32), name)
             self._store.add_root(entry)
         existing = self._listeners.get(entry.root_id)
-        if existing is not None and not existing._closed:
+        if existing is not None:
             raise LocalUsageError(f"a listener named {name!r} is already open")
         cap = Capability(self.id, mint_root(entry.root_key, entry.root_id), self._hints)
         listener = Listener(self, cap, self.config.listener_backlog)
         self._listeners[entry.root_id] = listener
         return listener
+
+    async def mint(
+        self,
+        ttl: float | None = None,
+        uses: int | None = None,
+        peer: NodeId | None = None,
+        label: str | None = None,
+    ) -> Listener:
+        """A temporary socket: a listener whose capability carries caveats.
+
+        The listener retires itself (accepts no new streams; queued ones can
+        still be accepted) once its capability can no longer be opened: after
+        ``ttl`` seconds or ``uses`` opens.  Use it as an async context manager.
+
+        Args:
+            ttl: seconds until the capability expires (an ``exp`` caveat).
+            uses: how many streams may be opened with it (counted here).
+            peer: only this node may open it.
+            label: a short text for logs (not a secret, not checked).
+
+        Raises:
+            InvalidCapability: a caveat value is out of range.
+            LocalUsageError: the node is not running.
+        """
+        self._require_running()
+        entry = RootEntry(os.urandom(16), os.urandom(32), None)
+        root = Capability(self.id, mint_root(entry.root_key, entry.root_id), self._hints)
+        cap = root
+        if ttl is not None or uses is not None or peer is not None or label is not None:
+            cap = root.attenuate(ttl=ttl, uses=uses, peer=peer, label=label, now=self._clock())
+        self._store.add_root(entry)
+        listener = Listener(self, cap, self.config.listener_backlog)
+        tags = chain(entry.root_key, cap.token)
+        for caveat, after in zip(cap.token.caveats, tags[1:], strict=True):
+            if isinstance(caveat, Uses):
+                listener._uses = (after, caveat.count)
+            elif isinstance(caveat, Expires):
+                self._require_running().start_soon(self._expire, listener, caveat.at)
+        self._listeners[entry.root_id] = listener
+        return listener
+
+    async def _expire(self, listener: Listener, at: int) -> None:
+        while not listener._retired:
+            delay = at - self._clock()
+            if delay <= 0:
+                log.info("temporary listener %s expired", listener.uri.redacted())
+                listener._retire()
+                return
+            await anyio.sleep(min(delay, 60.0))
+
+    async def revoke(self, cap: str | Capability) -> None:
+        """Revoke ``cap`` and every capability derived from it; nothing else.
+
+        Streams open under a revoked capability (or one derived from it) are
+        reset.  Revoking a root also retires its listener.
+
+        Raises:
+            InvalidCapability: malformed, or not a genuine capability of this node.
+        """
+        c = cap if isinstance(cap, Capability) else Capability.parse(cap)
+        entry = self._store.get_root(c.token.root_id) if c.node == self.id else None
+        genuine = entry is not None and hmac.compare_digest(
+            chain(entry.root_key, c.token)[-1], c.token.tag
+        )
+        if not genuine:
+            raise InvalidCapability("this capability was not minted by this node")
+        self._store.revoke(c.token.tag, c.token.root_id)
+        log.info("revoked %s", c.redacted())
+        if not c.token.caveats:
+            listener = self._listeners.get(c.token.root_id)
+            if listener is not None:
+                listener._retire()
+        tag = c.token.tag
+        for stream, tags in list(self._stream_tags.items()):
+            if tag in tags:
+                stream._abort(ErrorCode.REFUSED, "its capability was revoked")
 
     async def connect(self, uri: str | Capability) -> Stream:
         """Open a stream to the endpoint named by ``uri``.
@@ -476,16 +585,32 @@ class Node:
             )
         raise Unreachable(f"could not reach node {cap.node.short()}", tuple(attempts))
 
-    async def revoke(self, cap: str | Capability) -> None:
-        """Revoke ``cap`` and everything derived from it (its own descendants only).
 
-        Raises:
-            InvalidCapability: malformed, or not minted by this node.
-        """
-        c = cap if isinstance(cap, Capability) else Capability.parse(cap)
-        if c.node != self.id or self._store.get_root(c.token.root_id) is None:
-            raise InvalidCapability("this capability was not minted by this node")
-        self._store.revoke(c.token.tag)
+def _lock_state_dir(state_dir: Path) -> int:
+    """Hold an exclusive lock on ``state_dir/lock`` for the node's lifetime.
+
+    Raises:
+        LocalUsageError: another process (or Node) holds the state directory.
+    """
+    path = state_dir / "lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        raise LocalUsageError(
+            f"state directory {state_dir} is in use by another capsock node (pid {holder}); "
+            "one state directory belongs to one process: give each node its own"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _unlock(fd: int) -> None:
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
 
 
 def _tcp_connector(hint: TcpHint) -> Callable[[], Awaitable[anyio.abc.ByteStream]]:
@@ -524,6 +649,9 @@ class Listener(anyio.abc.Listener[Stream]):
         self._send, self._recv = anyio.create_memory_object_stream[Stream](backlog)
         self._backlog = backlog
         self._closed = False
+        self._retired = False
+        node._all_listeners.add(self)
+        self._uses: tuple[bytes, int] | None = None  # (counter key, limit) of its own cap
 
     @property
     def uri(self) -> Capability:
@@ -536,6 +664,22 @@ class Listener(anyio.abc.Listener[Stream]):
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
         return {CapsockAttribute.capability: lambda: self._uri}
+
+    def _retire(self) -> None:
+        """Accept no new streams; queued ones stay acceptable, then accept() ends."""
+        if self._retired:
+            return
+        self._retired = True
+        if self._node._listeners.get(self._uri.token.root_id) is self:
+            del self._node._listeners[self._uri.token.root_id]
+        self._send.close()
+
+    def _check_used_up(self) -> None:
+        if self._uses is not None and not self._retired:
+            key, limit = self._uses
+            if self._node._store.uses(key) >= limit:
+                log.info("temporary listener %s is used up", self._uri.redacted())
+                self._retire()
 
     def _full(self) -> bool:
         return self._send.statistics().current_buffer_used >= self._backlog
@@ -599,8 +743,8 @@ class Listener(anyio.abc.Listener[Stream]):
         if self._closed:
             return
         self._closed = True
-        self._node._listeners.pop(self._uri.token.root_id, None)
-        self._send.close()
+        self._retire()
+        self._node._all_listeners.discard(self)
         while True:
             try:
                 stream = self._recv.receive_nowait()

@@ -523,6 +523,12 @@ class Session:
         self._kick()
         self._forget_if_done(sid)
 
+    def reset_stream(self, sid: int, code: ErrorCode) -> None:
+        """Reset a stream from this side (used by revocation)."""
+        self._mux.reset_stream(sid, code)
+        self._streams.pop(sid, None)
+        self._kick()
+
     def close_stream(self, sid: int, unread: int, *, send_eof: bool, reset: bool) -> None:
         mux = self._mux
         if unread:

@@ -150,6 +150,18 @@ class Stream(anyio.abc.ByteStream):
         self._wake_reader()
         self._wake_writer()
 
+    def _abort(self, code: ErrorCode, why: str) -> None:
+        """Reset the stream from this side (e.g. its capability was revoked)."""
+        if self._closed or self._error is not None:
+            return
+        self._error = StreamResetError(
+            f"stream {self._sid} with {self.peer.short()} was reset: {why}", code
+        )
+        self._buf = None
+        self._session.reset_stream(self._sid, code)
+        self._wake_reader()
+        self._wake_writer()
+
     def _on_credit(self) -> None:
         self._wake_writer()
 
