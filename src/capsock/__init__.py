@@ -27,6 +27,7 @@ from .errors import (
     Unreachable,
 )
 from .keys import KeyPair, NodeId
+from .messages import receive_capability, send_capability
 from .mux import MuxConfig
 from .node import Listener, Node, NodeConfig
 from .session import SessionConfig
@@ -60,4 +61,6 @@ __all__ = [
     "Unreachable",
     "__version__",
     "parse",
+    "receive_capability",
+    "send_capability",
 ]

@@ -435,6 +435,20 @@ class Mux:
         self.goaway_sent = True
         self._queue(encode_frame(GoAway(self._highest_remote, code)))
 
+    def abort(self, code: ErrorCode) -> None:
+        """The session is failing: drop everything queued, forget every stream,
+        and queue only a GOAWAY carrying ``code``.  Nothing a stream does later
+        can put an EOF (a clean end) on the wire."""
+        self._fifo.clear()
+        self._urgent.clear()
+        self._windows.clear()
+        self._queued_control = 0
+        self._queued_data = 0
+        self._streams.clear()
+        self._pending_opens = 0
+        self.goaway_sent = False
+        self.goaway(code)
+
     # ------------------------------------------------------------ output
 
     def data_to_send(self, limit: int = MAX_MESSAGE_PLAINTEXT) -> bytes | None:

@@ -16,7 +16,7 @@ import os
 import socket
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -34,11 +34,12 @@ from .errors import (
     PeerAuthenticationError,
     Unreachable,
 )
+from .forward import TRANSPORT_TOKEN, Forwarder, open_via
 from .keys import KeyPair, NodeId
 from .session import Session, SessionConfig, accept_handshake, dial_handshake
 from .store import MemoryStore, RootEntry, SqliteStore, Store, Verdict, authorize, chain
 from .stream import CapsockAttribute, Stream
-from .uri import Capability, Expires, Hint, TcpHint, Token, UnixHint, Uses, mint_root
+from .uri import Capability, Expires, Hint, TcpHint, Token, UnixHint, Uses, ViaHint, mint_root
 
 __all__ = ["Listener", "Node", "NodeConfig"]
 
@@ -59,6 +60,13 @@ class NodeConfig:
     """Inbound connections allowed to be mid-handshake at once; more are dropped."""
     listener_backlog: int = 128
     """Accepted streams a listener holds before its application calls accept()."""
+    direct_timeout: float = 3.0
+    """Seconds per direct route when the capability also offers forwarding
+    (``via``) routes: direct hints get a short head start, then forwarding."""
+    accept_forwarded: bool = True
+    """Accept sessions forwarded to this node by peers (transport streams).  Like
+    accepting TCP connections, this grants nothing by itself: the nested
+    session still needs a capability for every stream."""
     max_sessions: int = 4096
     """Sessions (inbound and outbound) this node keeps at once; further inbound
     connections are dropped after the handshake."""
@@ -149,6 +157,9 @@ class Node:
         self._all_listeners: set[Listener] = set()  # also retired ones not yet closed
         self._sessions: dict[NodeId, Session] = {}
         self._dial_locks: dict[NodeId, anyio.Lock] = {}
+        self._routes: dict[NodeId, tuple[Hint, ...]] = {}  # direct hints seen, for forwarding
+        self.forwarder = Forwarder(self)
+        self._introductions: Listener | None = None
         self._serve_scope = anyio.CancelScope()
         self._transport_listeners: list[anyio.abc.Listener[Any]] = []
         self._hints: tuple[Hint, ...] = ()
@@ -364,6 +375,9 @@ class Node:
                 del self._sessions[session.peer]
 
     async def _on_open(self, session: Session, sid: int, token_bytes: bytes) -> None:
+        if token_bytes == TRANSPORT_TOKEN:
+            await self._accept_transport(session, sid)
+            return
         self._counters["opens_received"] += 1
         token: Token | None
         try:
@@ -399,6 +413,98 @@ class Node:
             self._stream_tags[stream] = verdict.tags
             listener._deliver(stream)
         listener._check_used_up()
+
+    async def _accept_transport(self, session: Session, sid: int) -> None:
+        """A peer forwards a session to us over a stream: run it as an inbound session."""
+        if not self.config.accept_forwarded or self._half_open >= self.config.max_half_open:
+            session.reject(sid, ErrorCode.BUSY)
+            return
+        stream = session.accept(sid, None)
+        if stream is None:
+            return
+        self._half_open += 1
+        try:
+            with anyio.fail_after(self.config.handshake_timeout):
+                result, leftover = await accept_handshake(stream, self._key)
+        except (TimeoutError, CapsockError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+            self._counters["handshakes_failed"] += 1
+            log.info("dropped a session forwarded by %s: %s", session.peer.short(), exc)
+            await stream.aclose()
+            return
+        finally:
+            self._half_open -= 1
+        nested = Session(
+            stream,
+            result,
+            leftover=leftover,
+            route=f"forwarded by {session.peer.short()}",
+            config=self.config.session,
+            on_open=self._on_open,
+        )
+        await self._run_session(nested)
+
+    async def _open_transport(self, target: NodeId) -> Stream:
+        """A transport stream to ``target`` for a forwarded session (forwarder side).
+
+        Raises:
+            Unreachable: no session to ``target`` and no direct route known.
+            CapabilityRejected: ``target`` refused to carry a forwarded session.
+        """
+        session = self._sessions.get(target)
+        if session is None or not session.is_usable:
+            hints = tuple(h for h in self._routes.get(target, ()) if not isinstance(h, ViaHint))
+            if not hints:
+                raise Unreachable(f"this node has no session and no route to {target.short()}")
+            session = await self._session_for(target, hints)
+        return await session.open_stream(TRANSPORT_TOKEN)
+
+    # ---------------------------------------------------------- forwarding
+
+    async def forwarding(self, name: str | None = None) -> Listener:
+        """Offer forwarding: a listener whose capability lets holders reach, through
+        this node, the nodes it has sessions (or direct routes) to.
+
+        Hand out ``listener.uri`` (attenuated as you like) to the nodes allowed to
+        use this node as a forwarder; revoke it to stop them.  The node serves
+        the listener itself: do not call ``accept()`` on it.
+
+        Raises:
+            LocalUsageError: the node is not running.
+        """
+        tg = self._require_running()
+        listener = await self.listen(name)
+        tg.start_soon(listener.serve, self.forwarder.handle)
+        return listener
+
+    async def introduce(
+        self, cap: str | Capability, *, to: NodeId, ttl: float = 300.0
+    ) -> Capability:
+        """A capability for node ``to``, derived from ``cap``, that ``to`` can use
+        even if it cannot reach the endpoint directly.
+
+        The result is ``cap`` attenuated to ``to`` and ``ttl`` seconds, with an
+        extra ``via=`` hint: this node's forwarding capability, itself bound to
+        ``to`` and expiring.  Give it to ``to`` over an existing stream (e.g.
+        :func:`capsock.send_capability`).  ``to`` tries the direct hints first.
+
+        Raises:
+            InvalidCapability: ``cap`` is malformed.
+            LocalUsageError: the node is not running.
+        """
+        c = cap if isinstance(cap, Capability) else Capability.parse(cap)
+        if self._introductions is None or self._introductions._retired:
+            self._introductions = await self.forwarding()
+        now = self._clock()
+        self._remember_route(c)
+        via = self._introductions.uri.attenuate(ttl=ttl, peer=to, now=now)
+        narrowed = c.attenuate(ttl=ttl, peer=to, now=now)
+        direct = tuple(h for h in c.hints if not isinstance(h, ViaHint))
+        return narrowed.with_hints((*direct, ViaHint(via)))
+
+    def _remember_route(self, cap: Capability) -> None:
+        direct = tuple(h for h in cap.hints if not isinstance(h, ViaHint))
+        if direct:
+            self._routes[cap.node] = direct
 
     # ---------------------------------------------------------- listen / connect
 
@@ -523,39 +629,42 @@ class Node:
                 "refusing to connect to this node's own id: a node does not dial itself; "
                 "accept() on the listener instead"
             )
-        session = await self._session_for(cap)
-        return await session.open_stream(cap.token.encode(), cap)
+        session = await self._session_for(cap.node, cap.hints)
+        stream = await session.open_stream(cap.token.encode(), cap)
+        self._remember_route(cap)
+        return stream
 
-    async def _session_for(self, cap: Capability) -> Session:
-        session = self._sessions.get(cap.node)
+    async def _session_for(self, node: NodeId, hints: tuple[Hint, ...]) -> Session:
+        session = self._sessions.get(node)
         if session is not None and session.is_usable:
             return session
-        lock = self._dial_locks.setdefault(cap.node, anyio.Lock())
+        lock = self._dial_locks.setdefault(node, anyio.Lock())
         async with lock:
-            session = self._sessions.get(cap.node)
+            session = self._sessions.get(node)
             if session is not None and session.is_usable:
                 return session
-            return await self._dial(cap)
+            return await self._dial(node, hints)
 
-    async def _dial(self, cap: Capability) -> Session:
+    async def _dial(self, node: NodeId, hints: tuple[Hint, ...]) -> Session:
+        """Try direct hints (a short head start when forwarding routes exist), then ``via``."""
         tg = self._require_running()
         attempts: list[tuple[str, str]] = []
         auth_failed = False
-        for hint in cap.hints:
-            route = str(hint)
-            connector: Callable[[], Awaitable[anyio.abc.ByteStream]]
-            if isinstance(hint, TcpHint):
-                connector = _tcp_connector(hint)
-            elif isinstance(hint, UnixHint):
-                connector = _unix_connector(hint)
-            else:
-                attempts.append((route, "forwarding routes are not supported yet"))
-                continue
+        direct = [h for h in hints if not isinstance(h, ViaHint)]
+        via = [h for h in hints if isinstance(h, ViaHint)]
+        direct_timeout = self.config.direct_timeout if via else self.config.connect_timeout
+        for hint in [*direct, *via]:
             transport: anyio.abc.ByteStream | None = None
+            if isinstance(hint, ViaHint):
+                route = f"via {hint.capability.node.short()}"
+                timeout = self.config.connect_timeout
+            else:
+                route = str(hint)
+                timeout = direct_timeout
             try:
-                with anyio.fail_after(self.config.connect_timeout):
-                    transport = await connector()
-                    result, leftover = await dial_handshake(transport, self._key, cap.node)
+                with anyio.fail_after(timeout):
+                    transport = await self._connect_route(hint, node)
+                    result, leftover = await dial_handshake(transport, self._key, node)
             except PeerAuthenticationError as exc:
                 auth_failed = True
                 attempts.append((route, str(exc)))
@@ -578,12 +687,24 @@ class Node:
                     await transport.aclose()
         if auth_failed:
             raise PeerAuthenticationError("; ".join(f"{route}: {why}" for route, why in attempts))
-        if not cap.hints:
+        if not hints:
             raise Unreachable(
-                f"the capability for {cap.node.short()} carries no route hints and there is "
+                f"the capability for {node.short()} carries no route hints and there is "
                 "no open session to that node"
             )
-        raise Unreachable(f"could not reach node {cap.node.short()}", tuple(attempts))
+        raise Unreachable(f"could not reach node {node.short()}", tuple(attempts))
+
+    async def _connect_route(self, hint: Hint, node: NodeId) -> anyio.abc.ByteStream:
+        if isinstance(hint, TcpHint):
+            stream = await anyio.connect_tcp(hint.host, hint.port)
+            sock = stream.extra(SocketAttribute.raw_socket)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return stream
+        if isinstance(hint, UnixHint):
+            return await anyio.connect_unix(hint.path)
+        if hint.capability.node == node:
+            raise Unreachable("a forwarding route through the endpoint itself is useless")
+        return await open_via(self, hint.capability, node)
 
 
 def _lock_state_dir(state_dir: Path) -> int:
@@ -611,23 +732,6 @@ def _lock_state_dir(state_dir: Path) -> int:
 def _unlock(fd: int) -> None:
     fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)
-
-
-def _tcp_connector(hint: TcpHint) -> Callable[[], Awaitable[anyio.abc.ByteStream]]:
-    async def connect() -> anyio.abc.ByteStream:
-        stream = await anyio.connect_tcp(hint.host, hint.port)
-        sock = stream.extra(SocketAttribute.raw_socket)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return stream
-
-    return connect
-
-
-def _unix_connector(hint: UnixHint) -> Callable[[], Awaitable[anyio.abc.ByteStream]]:
-    async def connect() -> anyio.abc.ByteStream:
-        return await anyio.connect_unix(hint.path)
-
-    return connect
 
 
 def _describe_peer(transport: anyio.abc.ByteStream) -> str:

@@ -255,7 +255,10 @@ class Session:
         except ProtocolError as exc:
             reason = f"protocol error: {exc}"
             log.warning("session with %s closed: %s", self.peer.short(), exc)
-            self._mux.goaway(exc.code)
+            # Fail the streams first: whatever their tasks do next (aclose, say)
+            # must not queue a clean EOF behind the bad record.
+            self._fail_all(reason)
+            self._mux.abort(exc.code)
             await self._drain(1.0)
         except anyio.EndOfStream:
             reason = "the peer closed the connection"
@@ -505,17 +508,23 @@ class Session:
     # ---------------------------------------------------------- used by Stream
 
     def send_data(self, sid: int, data: memoryview) -> int:
+        if self._closed_reason is not None:
+            return 0
         n = self._mux.send_data(sid, data)
         if n:
             self._kick()
         return n
 
     def consumed(self, sid: int, amount: int) -> None:
+        if self._closed_reason is not None:
+            return
         self._mux.acknowledge_received_data(sid, amount)
         if self._mux.has_output():
             self._kick()
 
     def send_eof(self, sid: int) -> None:
+        if self._closed_reason is not None:
+            return
         try:
             self._mux.send_eof(sid)
         except LocalUsageError:
@@ -525,11 +534,16 @@ class Session:
 
     def reset_stream(self, sid: int, code: ErrorCode) -> None:
         """Reset a stream from this side (used by revocation)."""
+        if self._closed_reason is not None:
+            return
         self._mux.reset_stream(sid, code)
         self._streams.pop(sid, None)
         self._kick()
 
     def close_stream(self, sid: int, unread: int, *, send_eof: bool, reset: bool) -> None:
+        if self._closed_reason is not None:
+            self._streams.pop(sid, None)
+            return
         mux = self._mux
         if unread:
             mux.acknowledge_received_data(sid, unread)

@@ -1,0 +1,164 @@
+"""Forwarding: a node carries a nested, end-to-end encrypted session between two others.
+
+Theory of operation
+-------------------
+A dialer R that cannot reach an endpoint E directly asks a forwarder F (a
+relay, or the introducer who handed R the URI) to carry a session for it::
+
+    R ==(session R-F)== F ==(session F-E)== E
+       stream "to E"        transport stream
+       <------ nested Noise IK session R-E, end to end ------>
+
+1. R opens a stream to F with F's *forwarding capability* (the ``via=`` hint
+   in E's URI); without one, F refuses like any other capability.  R sends one
+   message, ``{"op": "forward", "to": <E's 32-byte node id>}``.
+2. F finds a session to E (E keeps one open to its relay; an introducer can
+   dial E's direct hints) and opens a *transport stream* on it: an OPEN whose
+   token is the single byte ``0x00``.  That is not a capability: like an
+   inbound TCP connection it grants nothing by itself; E accepts it (within
+   its session and half-open limits) and treats it as a raw transport.
+3. F answers R ``{"ok": true}`` and splices the two streams, byte for byte.
+4. R runs the ordinary IK handshake for E's key over its stream, E answers as
+   responder over the transport stream, and the resulting session carries R's
+   streams to E exactly like a direct one.  F sees only ciphertext (the
+   nested Noise records) and can only cut the path, never read or alter it
+   unnoticed.
+
+Errors: a refused forwarding capability is :class:`~capsock.CapabilityRejected`;
+F without a route to E answers ``{"ok": false, "error": ...}``, which the
+dialer reports as :class:`~capsock.Unreachable` for that route.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+
+from .errors import CapsockError, ProtocolError, Unreachable
+from .keys import NodeId
+from .messages import receive_message, send_message
+from .stream import Stream
+from .uri import Capability
+
+if TYPE_CHECKING:
+    from .node import Node
+
+__all__ = ["TRANSPORT_TOKEN", "Forwarder", "open_via", "splice"]
+
+log = logging.getLogger("capsock.forward")
+
+TRANSPORT_TOKEN = b"\x00"
+"""The OPEN token of a transport stream (never a valid capability token)."""
+_CHUNK = 256 * 1024
+
+
+async def splice(
+    a: anyio.abc.ByteStream,
+    b: anyio.abc.ByteStream,
+    tamper: Callable[[bytes], bytes] | None = None,
+) -> None:
+    """Copy bytes both ways until both directions ended; propagate EOF and breakage.
+
+    A clean EOF on one side becomes ``send_eof`` on the other; any error
+    closes both (the peers see a reset, never a clean end).
+    """
+
+    async def pump(src: anyio.abc.ByteStream, dst: anyio.abc.ByteStream, outer: Any) -> None:
+        try:
+            while True:
+                try:
+                    data = await src.receive(_CHUNK)
+                except anyio.EndOfStream:
+                    await dst.send_eof()
+                    return
+                if tamper is not None:
+                    data = tamper(data)
+                await dst.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, CapsockError, OSError):
+            outer.cancel()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pump, a, b, tg.cancel_scope)
+            tg.start_soon(pump, b, a, tg.cancel_scope)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await a.aclose()
+            await b.aclose()
+
+
+class Forwarder:
+    """Serves a forwarding capability: carries nested sessions to nodes it can reach."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+        self.tamper: Callable[[bytes], bytes] | None = None
+        """Test hook: alters bytes in transit (proves tampering is detected)."""
+        self.tap: Callable[[bytes], None] | None = None
+        """Test hook: sees every byte in transit (proves the forwarder reads nothing)."""
+        self.active = 0
+
+    def _transit(self, data: bytes) -> bytes:
+        if self.tap is None and self.tamper is None:
+            return data
+        if self.tap is not None:
+            self.tap(data)
+        return self.tamper(data) if self.tamper is not None else data
+
+    async def handle(self, stream: Stream) -> None:
+        """One forwarding request on ``stream`` (opened with our forwarding capability)."""
+        try:
+            with anyio.fail_after(self._node.config.handshake_timeout):
+                request = await receive_message(stream)
+            if (
+                not isinstance(request, dict)
+                or request.get("op") != "forward"
+                or not isinstance(request.get("to"), bytes)
+                or len(request["to"]) != 32
+            ):
+                raise ProtocolError("malformed forwarding request")
+            target = NodeId(request["to"])
+            if target in (self._node.id, stream.peer):
+                raise ProtocolError("a node cannot be forwarded to itself")
+            try:
+                onward = await self._node._open_transport(target)
+            except CapsockError as exc:
+                await send_message(stream, {"ok": False, "error": str(exc)})
+                return
+        except (TimeoutError, CapsockError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+            await stream.aclose()
+            log.info("refused a forwarding request from %s: %s", stream.peer.short(), exc)
+            return
+        await send_message(stream, {"ok": True})
+        log.info("forwarding %s -> %s", stream.peer.short(), target.short())
+        self.active += 1
+        try:
+            await splice(stream, onward, self._transit)
+        finally:
+            self.active -= 1
+
+
+async def open_via(node: Node, via: Capability, target: NodeId) -> Stream:
+    """Ask the forwarder named by ``via`` for a transport stream to ``target``.
+
+    Raises:
+        CapabilityRejected: the forwarder refused the forwarding capability.
+        Unreachable: the forwarder has no route to ``target``.
+        PeerAuthenticationError / ProtocolError: as for any connect.
+    """
+    stream = await node.connect(via)
+    try:
+        await send_message(stream, {"op": "forward", "to": target.raw})
+        answer = await receive_message(stream)
+    except BaseException:
+        await stream.aclose()
+        raise
+    if not isinstance(answer, dict) or answer.get("ok") is not True:
+        await stream.aclose()
+        why = answer.get("error") if isinstance(answer, dict) else "malformed answer"
+        raise Unreachable(f"the forwarder {via.node.short()} has no route: {why}")
+    return stream
