@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import anyio
 
 from . import __version__
 from .errors import CapabilityRejected, CapsockError, LocalUsageError, PeerAuthenticationError
 from .keys import KeyPair
-from .node import Node
+from .node import Node, NodeConfig
 from .stream import CapsockAttribute, Stream
 from .uri import Capability, Token
 
@@ -120,7 +122,40 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("demo", help="show the point in a few seconds, on this machine")
+    relay = sub.add_parser(
+        "relay",
+        help="run a relay: forward sessions for nodes behind NAT; prints its capability",
+    )
+    relay.add_argument(
+        "--listen", action="append", required=True, metavar="tcp:HOST:PORT",
+        help="address to accept sessions on (repeatable)",
+    )  # fmt: skip
+    relay.add_argument(
+        "--advertise", action="append", metavar="tcp:HOST:PORT",
+        help="address to put into the relay capability (default: the --listen ones)",
+    )  # fmt: skip
+    relay.add_argument(
+        "--state-dir", type=Path, default=None,
+        help="identity and sturdy capability store (default: $XDG_STATE_HOME/capsock/relay)",
+    )  # fmt: skip
     return parser
+
+
+def state_home() -> Path:
+    """The user's capsock state directory ($XDG_STATE_HOME/capsock, ~/.local/state/capsock)."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "capsock"
+
+
+async def run_relay(listen: list[str], advertise: list[str] | None, state_dir: Path) -> int:
+    """Run a relay until interrupted; print its capability on stdout."""
+    config = NodeConfig(listener_backlog=4096)
+    async with Node(state_dir, listen=listen, advertise=advertise, config=config) as node:
+        listener = await node.forwarding(name="relay")
+        print(listener.uri, flush=True)
+        _say(f"capsock relay {node.id.short()}... forwarding; hand out the capability above")
+        await anyio.sleep_forever()
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -135,6 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return anyio.run(demo)
+        if args.command == "relay":
+            state = args.state_dir or state_home() / "relay"
+            return anyio.run(run_relay, args.listen, args.advertise, state)
     except CapsockError as exc:
         _say(f"capsock: error: {exc}")
         return EXIT_ERROR

@@ -47,7 +47,7 @@ from .uri import Capability
 if TYPE_CHECKING:
     from .node import Node
 
-__all__ = ["TRANSPORT_TOKEN", "Forwarder", "open_via", "splice"]
+__all__ = ["TRANSPORT_TOKEN", "Forwarder", "open_via", "register", "splice"]
 
 log = logging.getLogger("capsock.forward")
 
@@ -101,6 +101,10 @@ class Forwarder:
         self.tap: Callable[[bytes], None] | None = None
         """Test hook: sees every byte in transit (proves the forwarder reads nothing)."""
         self.active = 0
+        """Forwarded sessions being carried right now."""
+        self.registered: dict[NodeId, int] = {}
+        """Nodes that keep a registration stream open (relay clients)."""
+        self._per_peer: dict[NodeId, int] = {}
 
     def _transit(self, data: bytes) -> bytes:
         if self.tap is None and self.tamper is None:
@@ -114,6 +118,9 @@ class Forwarder:
         try:
             with anyio.fail_after(self._node.config.handshake_timeout):
                 request = await receive_message(stream)
+            if isinstance(request, dict) and request.get("op") == "register":
+                await self._registered(stream)
+                return
             if (
                 not isinstance(request, dict)
                 or request.get("op") != "forward"
@@ -121,6 +128,10 @@ class Forwarder:
                 or len(request["to"]) != 32
             ):
                 raise ProtocolError("malformed forwarding request")
+            if self._per_peer.get(stream.peer, 0) >= self._node.config.max_forwards_per_peer:
+                raise ProtocolError(
+                    f"{stream.peer.short()} has too many forwarded sessions through this node"
+                )
             target = NodeId(request["to"])
             if target in (self._node.id, stream.peer):
                 raise ProtocolError("a node cannot be forwarded to itself")
@@ -135,11 +146,53 @@ class Forwarder:
             return
         await send_message(stream, {"ok": True})
         log.info("forwarding %s -> %s", stream.peer.short(), target.short())
+        peer = stream.peer
         self.active += 1
+        self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
         try:
             await splice(stream, onward, self._transit)
         finally:
             self.active -= 1
+            self._per_peer[peer] -= 1
+            if not self._per_peer[peer]:
+                del self._per_peer[peer]
+
+    async def _registered(self, stream: Stream) -> None:
+        """A client keeps this stream open to stay reachable through us."""
+        peer = stream.peer
+        self.registered[peer] = self.registered.get(peer, 0) + 1
+        log.info("%s registered for forwarding", peer.short())
+        try:
+            await send_message(stream, {"ok": True})
+            while True:
+                await stream.receive()  # nothing is expected; wait for the end
+        except (anyio.EndOfStream, anyio.BrokenResourceError, CapsockError):
+            pass
+        finally:
+            self.registered[peer] -= 1
+            if not self.registered[peer]:
+                del self.registered[peer]
+            await stream.aclose()
+
+
+async def register(node: Node, relay: Capability) -> Stream:
+    """Register with the forwarder (relay) named by ``relay``; keep the stream open.
+
+    Raises:
+        CapabilityRejected: the relay refused the capability.
+        ProtocolError: the relay's answer was malformed or negative.
+    """
+    stream = await node.connect(relay)
+    try:
+        await send_message(stream, {"op": "register"})
+        answer = await receive_message(stream)
+    except BaseException:
+        await stream.aclose()
+        raise
+    if not isinstance(answer, dict) or answer.get("ok") is not True:
+        await stream.aclose()
+        raise ProtocolError("the relay did not accept the registration")
+    return stream
 
 
 async def open_via(node: Node, via: Capability, target: NodeId) -> Stream:

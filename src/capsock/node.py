@@ -13,6 +13,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import secrets
 import socket
 import time
 import weakref
@@ -35,6 +36,7 @@ from .errors import (
     Unreachable,
 )
 from .forward import TRANSPORT_TOKEN, Forwarder, open_via
+from .forward import register as forward_register
 from .keys import KeyPair, NodeId
 from .session import Session, SessionConfig, accept_handshake, dial_handshake
 from .store import MemoryStore, RootEntry, SqliteStore, Store, Verdict, authorize, chain
@@ -60,6 +62,8 @@ class NodeConfig:
     """Inbound connections allowed to be mid-handshake at once; more are dropped."""
     listener_backlog: int = 128
     """Accepted streams a listener holds before its application calls accept()."""
+    backlog_wait: float = 2.0
+    """Seconds an OPEN waits for room in a full listener backlog before BUSY."""
     direct_timeout: float = 3.0
     """Seconds per direct route when the capability also offers forwarding
     (``via``) routes: direct hints get a short head start, then forwarding."""
@@ -67,6 +71,10 @@ class NodeConfig:
     """Accept sessions forwarded to this node by peers (transport streams).  Like
     accepting TCP connections, this grants nothing by itself: the nested
     session still needs a capability for every stream."""
+    max_forwards_per_peer: int = 256
+    """Sessions one peer may have forwarded through this node at once."""
+    relay_backoff: tuple[float, float] = (0.5, 30.0)
+    """Reconnect delay to a relay: first and largest (doubling, with jitter)."""
     max_sessions: int = 4096
     """Sessions (inbound and outbound) this node keeps at once; further inbound
     connections are dropped after the handshake."""
@@ -114,6 +122,10 @@ class Node:
         key: use this key pair instead of the one in ``state_dir``.
         advertise: hints to put into URIs instead of the bound addresses
             (e.g. ``["tcp:203.0.113.7:4000"]`` behind a wildcard bind).
+        relays: relay capabilities to use: the node keeps a registration with
+            each (reconnecting with backoff and jitter) and puts them into its
+            capabilities as ``via=`` hints, so nodes that cannot dial it
+            directly (NAT) reach it through the relay.
         config: limits and timeouts.
         clock: wall clock in unix seconds, for capability expiry (tests inject one).
     """
@@ -125,6 +137,7 @@ class Node:
         *,
         key: KeyPair | None = None,
         advertise: Sequence[str] | None = None,
+        relays: Sequence[str | Capability] = (),
         config: NodeConfig | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -150,6 +163,11 @@ class Node:
             weakref.WeakKeyDictionary()
         )
         self._listen_specs = [_parse_listen(s) for s in listen]
+        self._relays = tuple(
+            r if isinstance(r, Capability) else Capability.parse(r) for r in relays
+        )
+        self.relay_status: dict[str, str] = {}
+        """Per relay (redacted URI): "registered", "connecting" or the last error."""
         self._advertise = [_parse_listen(s) for s in advertise] if advertise is not None else None
         self.config = config or NodeConfig()
         self._clock = clock
@@ -214,7 +232,9 @@ class Node:
                 hints = [
                     TcpHint(h, p) if k == "tcp" else UnixHint(h) for k, h, p in self._advertise
                 ]
-            self._hints = tuple(hints)
+            self._hints = tuple(hints) + tuple(ViaHint(r) for r in self._relays)
+            for relay in self._relays:
+                tg.start_soon(self._keep_relay, relay)
         except BaseException:
             tg.cancel_scope.cancel()
             await tg.__aexit__(None, None, None)
@@ -386,6 +406,11 @@ class Node:
             reason: str | None = f"malformed token ({exc})"
             token = None
         listener = self._listeners.get(token.root_id) if token is not None else None
+        if listener is not None and listener._full():
+            # Give a busy application a moment to accept() before refusing BUSY.
+            with anyio.move_on_after(self.config.backlog_wait):
+                while listener._full() and not listener._retired:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
         verdict = Verdict("malformed token")
         if token is not None:
             # The same work for every token; a use is consumed only when the
@@ -499,7 +524,8 @@ class Node:
         via = self._introductions.uri.attenuate(ttl=ttl, peer=to, now=now)
         narrowed = c.attenuate(ttl=ttl, peer=to, now=now)
         direct = tuple(h for h in c.hints if not isinstance(h, ViaHint))
-        return narrowed.with_hints((*direct, ViaHint(via)))
+        relayed = tuple(h for h in c.hints if isinstance(h, ViaHint))
+        return narrowed.with_hints((*direct, ViaHint(via), *relayed))
 
     def _remember_route(self, cap: Capability) -> None:
         direct = tuple(h for h in cap.hints if not isinstance(h, ViaHint))
@@ -573,6 +599,32 @@ class Node:
                 self._require_running().start_soon(self._expire, listener, caveat.at)
         self._listeners[entry.root_id] = listener
         return listener
+
+    async def _keep_relay(self, relay: Capability) -> None:
+        """Stay registered with ``relay``: reconnect with backoff and jitter."""
+        first, largest = self.config.relay_backoff
+        delay = first
+        key = relay.redacted()
+        while not self._closed:
+            self.relay_status[key] = "connecting"
+            try:
+                stream = await forward_register(self, relay)
+            except (CapsockError, OSError, TimeoutError, anyio.BrokenResourceError) as exc:
+                self.relay_status[key] = f"failed: {exc}"
+                log.warning("relay %s: %s; retrying in %.1f s", relay.node.short(), exc, delay)
+            else:
+                self.relay_status[key] = "registered"
+                delay = first
+                log.info("registered with relay %s", relay.node.short())
+                try:
+                    async with stream:
+                        while True:
+                            await stream.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError, CapsockError):
+                    self.relay_status[key] = "lost"
+                    log.warning("lost the relay %s; reconnecting", relay.node.short())
+            await anyio.sleep(delay * (0.5 + secrets.randbelow(1000) / 1000))
+            delay = min(delay * 2, largest)
 
     async def _expire(self, listener: Listener, at: int) -> None:
         while not listener._retired:
