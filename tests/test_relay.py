@@ -134,10 +134,9 @@ async def test_one_relay_carries_200_sessions_and_1000_streams(tmp_path: Path) -
             failures: list[str] = []
 
             async def client(i: int) -> None:
-                async with capsock.Node() as node:
-                    async with anyio.create_task_group() as streams:
-                        for j in range(5):
-                            streams.start_soon(one_stream, node, i, j)
+                async with capsock.Node() as node, anyio.create_task_group() as streams:
+                    for j in range(5):
+                        streams.start_soon(one_stream, node, i, j)
 
             async def one_stream(node: capsock.Node, i: int, j: int) -> None:
                 payload = hashlib.sha256(f"{i}/{j}".encode()).digest() * 2048  # 64 KiB
