@@ -33,7 +33,7 @@ from anyio.streams.tls import TLSListener, TLSStream
 import capsock
 
 MiB = 1 << 20
-KINDS = ("tcp", "tls", "capsock")
+KINDS = ("tcp", "tls", "capsock", "relay")
 
 
 def make_cert(directory: Path) -> tuple[Path, Path]:
@@ -102,7 +102,7 @@ async def drain(stream: anyio.abc.ByteStream, size: int) -> tuple[int, float]:
     return total, seconds
 
 
-async def receiver(kind: str, size: int, cert: Path, key: Path) -> None:
+async def receiver(kind: str, size: int, cert: Path, key: Path, relay: str | None) -> None:
     """Listen, print the address (or URI) on stdout, drain one stream, print the result."""
     result: dict[str, Any] = {}
     done = anyio.Event()
@@ -112,8 +112,14 @@ async def receiver(kind: str, size: int, cert: Path, key: Path) -> None:
         result.update(bytes=total, seconds=seconds)
         done.set()
 
-    if kind == "capsock":
-        async with capsock.Node(listen=["tcp:127.0.0.1:0"]) as node:
+    if kind in ("capsock", "relay"):
+        listen = ["tcp:127.0.0.1:0"] if kind == "capsock" else []
+        relays = [relay] if kind == "relay" and relay else []
+        async with capsock.Node(listen=listen, relays=relays) as node:
+            while (
+                relays and node.relay_status.get(next(iter(node.relay_status), "")) != "registered"
+            ):
+                await anyio.sleep(0.05)
             listener = await node.listen()
             print(listener.uri, flush=True)
             stream = await listener.accept()
@@ -137,7 +143,7 @@ async def sender(kind: str, address: str, size: int, cert: Path, key: Path) -> N
     chunk = os.urandom(MiB)
     stream: anyio.abc.ByteStream
     node: capsock.Node | None = None
-    if kind == "capsock":
+    if kind in ("capsock", "relay"):
         node = capsock.Node()
         await node.__aenter__()
         stream = await node.connect(address)
@@ -161,9 +167,22 @@ async def sender(kind: str, address: str, size: int, cert: Path, key: Path) -> N
         await node.__aexit__(None, None, None)
 
 
-def run_once(kind: str, size: int, backend: str, workdir: Path) -> float:
+def start_relay(workdir: Path) -> tuple[subprocess.Popen[str], str]:
+    """A `capsock relay` process on loopback; returns it and its capability."""
+    relay = subprocess.Popen(
+        [sys.executable, "-m", "capsock", "relay", "--listen", "tcp:127.0.0.1:0",
+         "--state-dir", str(workdir / "relay")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )  # fmt: skip
+    assert relay.stdout is not None
+    return relay, relay.stdout.readline().strip()
+
+
+def run_once(kind: str, size: int, backend: str, workdir: Path, relay: str) -> float:
     base = [sys.executable, "-m", "bench.throughput", "--backend", backend]
-    base += ["--workdir", str(workdir)]
+    base += ["--workdir", str(workdir), "--relay", relay]
     root = Path(__file__).resolve().parents[1]
     recv = subprocess.Popen(
         [*base, "--role", "recv", "--kind", kind, "--size", str(size)],
@@ -197,12 +216,15 @@ def main() -> None:
     parser.add_argument("--kind", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--address", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--relay", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.role is not None:
         cert, key = args.workdir / "cert.pem", args.workdir / "key.pem"
         if args.role == "recv":
-            anyio.run(receiver, args.kind, args.size * MiB, cert, key, backend=args.backend)
+            anyio.run(
+                receiver, args.kind, args.size * MiB, cert, key, args.relay, backend=args.backend
+            )
         else:
             anyio.run(
                 sender, args.kind, args.address, args.size * MiB, cert, key, backend=args.backend
@@ -212,19 +234,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         make_cert(workdir)
+        relay_proc, relay = start_relay(workdir)
         rates: dict[str, list[float]] = {k: [] for k in KINDS}
-        for _ in range(args.runs):
-            for kind in KINDS:  # interleaved, so drift hits every kind alike
-                rates[kind].append(run_once(kind, args.size, args.backend, workdir))
+        try:
+            for _ in range(args.runs):
+                for kind in KINDS:  # interleaved, so drift hits every kind alike
+                    rates[kind].append(run_once(kind, args.size, args.backend, workdir, relay))
+        finally:
+            relay_proc.kill()
+            relay_proc.wait()
+            if relay_proc.stdout is not None:
+                relay_proc.stdout.close()
     med = {k: statistics.median(v) for k, v in rates.items()}
     print(f"bulk, one stream, {args.size} MiB, {args.runs} runs, {args.backend}, 2 processes")
+    print("(relay: sender and receiver both reach a `capsock relay` process)")
     print(f"{'kind':10} {'median MB/s':>12}   runs")
     for kind in KINDS:
         runs = ", ".join(f"{r:.0f}" for r in rates[kind])
         print(f"{kind:10} {med[kind]:12.0f}   {runs}")
     ratio_tls = med["capsock"] / med["tls"]
     ratio_tcp = med["capsock"] / med["tcp"]
+    ratio_relay = med["relay"] / med["capsock"]
     print(f"capsock/TLS = {ratio_tls:.2f}   capsock/TCP = {ratio_tcp:.2f}")
+    print(f"relay/direct = {ratio_relay:.2f}   (relay: a third process forwards the stream)")
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -235,6 +267,7 @@ def main() -> None:
                     "median": med,
                     "capsock_over_tls": ratio_tls,
                     "capsock_over_tcp": ratio_tcp,
+                    "relay_over_direct": ratio_relay,
                 },
                 indent=2,
             )
