@@ -8,25 +8,10 @@ import os
 import anyio
 import anyio.abc
 
+from capsock import testing
 
-async def echo(stream: anyio.abc.ByteStream) -> None:
-    """Echo everything back, then half-close."""
-    while True:
-        try:
-            data = await stream.receive()
-        except anyio.EndOfStream:
-            await stream.send_eof()
-            return
-        await stream.send(data)
-
-
-async def read_all(stream: anyio.abc.ByteStream) -> bytes:
-    out = bytearray()
-    while True:
-        try:
-            out += await stream.receive()
-        except anyio.EndOfStream:
-            return bytes(out)
+echo = testing.echo
+read_all = testing.read_to_eof
 
 
 async def send_and_hash(stream: anyio.abc.ByteStream, total: int, chunk: int = 1 << 20) -> str:

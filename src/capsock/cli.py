@@ -16,6 +16,7 @@ from .errors import CapabilityRejected, CapsockError, LocalUsageError, PeerAuthe
 from .keys import KeyPair
 from .node import Node, NodeConfig
 from .stream import CapsockAttribute, Stream
+from .testing import echo, read_to_eof
 from .uri import Capability, Token
 
 __all__ = ["main"]
@@ -31,15 +32,6 @@ def _say(text: str = "") -> None:
 
 async def demo() -> int:
     """Two nodes, one capability, an echoed stream, and two refused attempts."""
-
-    async def echo(stream: Stream) -> None:
-        while True:
-            try:
-                data = await stream.receive()
-            except anyio.EndOfStream:
-                await stream.send_eof()
-                return
-            await stream.send(data)
 
     _say("capsock demo: two nodes on this machine, talking over loopback TCP.\n")
     async with (
@@ -59,12 +51,7 @@ async def demo() -> int:
         message = b"hello through an end-to-end encrypted capability stream"
         await stream.send(message)
         await stream.send_eof()
-        echoed = b""
-        while True:
-            try:
-                echoed += await stream.receive()
-            except anyio.EndOfStream:
-                break
+        echoed = await read_to_eof(stream)
         await stream.aclose()
         _say(f"2. bob ({bob.id.short()}...) connects with the URI and sends a message;")
         _say(f"   alice echoes it back: {echoed.decode()!r}")

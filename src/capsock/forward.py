@@ -182,17 +182,28 @@ async def register(node: Node, relay: Capability) -> Stream:
         CapabilityRejected: the relay refused the capability.
         ProtocolError: the relay's answer was malformed or negative.
     """
-    stream = await node.connect(relay)
+    stream, answer = await _request(node, relay, {"op": "register"})
+    if answer.get("ok") is not True:
+        await stream.aclose()
+        raise ProtocolError("the relay did not accept the registration")
+    return stream
+
+
+async def _request(
+    node: Node, cap: Capability, request: dict[str, Any]
+) -> tuple[Stream, dict[Any, Any]]:
+    """Open a stream with ``cap``, send ``request``, return the stream and the answer map."""
+    stream = await node.connect(cap)
     try:
-        await send_message(stream, {"op": "register"})
+        await send_message(stream, request)
         answer = await receive_message(stream)
     except BaseException:
         await stream.aclose()
         raise
-    if not isinstance(answer, dict) or answer.get("ok") is not True:
+    if not isinstance(answer, dict):
         await stream.aclose()
-        raise ProtocolError("the relay did not accept the registration")
-    return stream
+        raise ProtocolError(f"the forwarder {cap.node.short()} sent a malformed answer")
+    return stream, answer
 
 
 async def open_via(node: Node, via: Capability, target: NodeId) -> Stream:
@@ -203,15 +214,8 @@ async def open_via(node: Node, via: Capability, target: NodeId) -> Stream:
         Unreachable: the forwarder has no route to ``target``.
         PeerAuthenticationError / ProtocolError: as for any connect.
     """
-    stream = await node.connect(via)
-    try:
-        await send_message(stream, {"op": "forward", "to": target.raw})
-        answer = await receive_message(stream)
-    except BaseException:
+    stream, answer = await _request(node, via, {"op": "forward", "to": target.raw})
+    if answer.get("ok") is not True:
         await stream.aclose()
-        raise
-    if not isinstance(answer, dict) or answer.get("ok") is not True:
-        await stream.aclose()
-        why = answer.get("error") if isinstance(answer, dict) else "malformed answer"
-        raise Unreachable(f"the forwarder {via.node.short()} has no route: {why}")
+        raise Unreachable(f"the forwarder {via.node.short()} has no route: {answer.get('error')}")
     return stream

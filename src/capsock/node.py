@@ -37,6 +37,7 @@ from .errors import (
 )
 from .forward import TRANSPORT_TOKEN, Forwarder, open_via
 from .forward import register as forward_register
+from .handshake import HandshakeResult
 from .keys import KeyPair, NodeId
 from .session import Session, SessionConfig, accept_handshake, dial_handshake
 from .store import MemoryStore, RootEntry, SqliteStore, Store, Verdict, authorize, chain
@@ -367,15 +368,21 @@ class Node:
             log.warning("dropping session from %s: max_sessions reached", result.peer.short())
             await transport.aclose()
             return
-        session = Session(
+        await self._run_session(
+            self._new_session(transport, result, leftover, f"inbound {peer_addr}")
+        )
+
+    def _new_session(
+        self, transport: anyio.abc.ByteStream, result: HandshakeResult, leftover: bytes, route: str
+    ) -> Session:
+        return Session(
             transport,
             result,
             leftover=leftover,
-            route=f"inbound {peer_addr}",
+            route=route,
             config=self.config.session,
             on_open=self._on_open,
         )
-        await self._run_session(session)
 
     async def _run_session(self, session: Session) -> None:
         self._session_count += 1
@@ -458,15 +465,8 @@ class Node:
             return
         finally:
             self._half_open -= 1
-        nested = Session(
-            stream,
-            result,
-            leftover=leftover,
-            route=f"forwarded by {session.peer.short()}",
-            config=self.config.session,
-            on_open=self._on_open,
-        )
-        await self._run_session(nested)
+        route = f"forwarded by {session.peer.short()}"
+        await self._run_session(self._new_session(stream, result, leftover, route))
 
     async def _open_transport(self, target: NodeId) -> Stream:
         """A transport stream to ``target`` for a forwarded session (forwarder side).
@@ -723,14 +723,7 @@ class Node:
             except (TimeoutError, OSError, CapsockError, anyio.BrokenResourceError) as exc:
                 attempts.append((route, str(exc) or type(exc).__name__))
             else:
-                session = Session(
-                    transport,
-                    result,
-                    leftover=leftover,
-                    route=route,
-                    config=self.config.session,
-                    on_open=self._on_open,
-                )
+                session = self._new_session(transport, result, leftover, route)
                 tg.start_soon(self._run_session, session)
                 await session.ready.wait()
                 return session

@@ -32,7 +32,7 @@ import anyio.lowlevel
 from .node import Listener, Node
 from .stream import Stream
 
-__all__ = ["StreamMaker", "check_byte_stream", "stream_pair"]
+__all__ = ["StreamMaker", "check_byte_stream", "echo", "read_to_eof", "stream_pair"]
 
 StreamMaker = Callable[
     [], AbstractAsyncContextManager[tuple[anyio.abc.ByteStream, anyio.abc.ByteStream]]
@@ -74,7 +74,19 @@ async def _read_exactly(stream: anyio.abc.ByteReceiveStream, n: int) -> bytes:
     return bytes(out)
 
 
-async def _read_to_eof(stream: anyio.abc.ByteReceiveStream) -> bytes:
+async def echo(stream: anyio.abc.ByteStream) -> None:
+    """A stream handler that echoes everything back, then half-closes."""
+    while True:
+        try:
+            data = await stream.receive()
+        except anyio.EndOfStream:
+            await stream.send_eof()
+            return
+        await stream.send(data)
+
+
+async def read_to_eof(stream: anyio.abc.ByteReceiveStream) -> bytes:
+    """Everything the stream delivers until its clean end."""
     out = bytearray()
     while True:
         try:
@@ -123,7 +135,7 @@ async def _check_half_close(make: StreamMaker) -> None:
         await a.send(b"last words")
         await a.send_eof()
         await a.send_eof()  # idempotent
-        assert await _read_to_eof(b) == b"last words"
+        assert await read_to_eof(b) == b"last words"
         for _ in range(2):  # EndOfStream again and again
             try:
                 await b.receive()
@@ -139,7 +151,7 @@ async def _check_half_close(make: StreamMaker) -> None:
             raise AssertionError("send after send_eof must raise ClosedResourceError")
         await b.send(b"reply after half-close")  # the other direction still works
         await b.send_eof()
-        assert await _read_to_eof(a) == b"reply after half-close"
+        assert await read_to_eof(a) == b"reply after half-close"
 
 
 async def _check_aclose(make: StreamMaker) -> None:
@@ -154,7 +166,7 @@ async def _check_aclose(make: StreamMaker) -> None:
                 pass
             else:
                 raise AssertionError("use after aclose must raise ClosedResourceError")
-        assert await _read_to_eof(b) == b"before close", "data sent before aclose was lost"
+        assert await read_to_eof(b) == b"before close", "data sent before aclose was lost"
         with anyio.fail_after(10):
             try:
                 while True:
