@@ -93,9 +93,26 @@ from .errors import InvalidCapability, LocalUsageError
 from .keys import NodeId
 
 __all__ = [
-    "Capability", "Caveat", "CaveatKind", "Expires", "Hint", "Label", "Peer", "TcpHint", "Token",
-    "UnixHint", "UnknownCaveat", "Uses", "ViaHint", "chain_tag", "compute_tag", "encode_caveat",
-    "mint_root", "parse", "root_tag", "verify_tag",
+    "Capability",
+    "Caveat",
+    "CaveatKind",
+    "Expires",
+    "Hint",
+    "Label",
+    "Peer",
+    "TcpHint",
+    "Token",
+    "UnixHint",
+    "UnknownCaveat",
+    "Uses",
+    "ViaHint",
+    "chain_tag",
+    "compute_tag",
+    "encode_caveat",
+    "mint_root",
+    "parse",
+    "root_tag",
+    "verify_tag",
 ]
 
 SCHEME = "capsock://"
