@@ -315,3 +315,44 @@ def test_any_change_to_the_token_is_rejected(cavs: list[object], data: st.DataOb
         return
     changed = Token(token.root_id, tuple(new_caveats), tag)  # type: ignore[arg-type]
     assert authorize(_store(), changed, peer=PEER, now=0).reason in {"bad tag"}
+
+
+async def test_keyword_attenuations_for_different_peers_get_separate_budgets() -> None:
+    async with (
+        capsock.Node(listen=["tcp:127.0.0.1:0"]) as server,
+        capsock.Node() as bob,
+        capsock.Node() as carol,
+    ):
+        listener = await server.listen()
+        for_bob = listener.uri.attenuate(uses=1, peer=bob.id)
+        for_carol = listener.uri.attenuate(uses=1, peer=carol.id)
+        assert await _works(bob, for_bob)
+        assert await _works(carol, for_carol)  # bob did not use carol's one open up
+        assert not await _works(bob, for_bob)
+
+
+async def test_revoking_a_minted_socket_retires_it_and_forgets_it_on_close() -> None:
+    async with capsock.Node(listen=["tcp:127.0.0.1:0"]) as server, capsock.Node() as client:
+        tmp = await server.mint(label="temporary")
+        assert await _works(client, tmp.uri)
+        await (await tmp.accept()).aclose()
+        await server.revoke(tmp.uri)
+        with anyio.fail_after(5), pytest.raises(anyio.ClosedResourceError):
+            await tmp.accept()  # retired: no hang
+        await tmp.aclose()
+        assert server._store.get_root(tmp.uri.root_id) is None  # temporary roots are freed
+
+
+async def test_a_revoked_sturdy_name_gets_a_fresh_capability(tmp_path: Path) -> None:
+    async with capsock.Node(tmp_path / "state", listen=["tcp:127.0.0.1:0"]) as server:
+        old = await server.listen(name="files")
+        await server.revoke(old.uri)
+        await old.aclose()
+        new = await server.listen(name="files")
+        assert new.uri.token != old.uri.token
+        async with capsock.Node() as client:
+            assert await _works(client, new.uri)
+            assert not await _works(client, old.uri)
+    for name in ("capabilities.sqlite3", "node.key"):
+        assert (tmp_path / "state" / name).stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700

@@ -281,7 +281,7 @@ def test_attenuate_appends_and_chains() -> None:
 def test_attenuate_keywords() -> None:
     cap = base_cap()
     weaker = cap.attenuate(Label("x"), ttl=10.5, uses=1, peer=OTHER, label="demo", now=1000.25)
-    assert weaker.caveats == (Label("x"), Expires(1011), Uses(1), Peer(OTHER), Label("demo"))
+    assert weaker.caveats == (Label("x"), Expires(1011), Peer(OTHER), Label("demo"), Uses(1))
     assert verify_tag(ROOT_KEY, weaker.token)
     (exp,) = cap.attenuate(ttl=30).caveats
     assert isinstance(exp, Expires) and exp.at > 1_700_000_000

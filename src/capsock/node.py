@@ -42,7 +42,18 @@ from .keys import KeyPair, NodeId
 from .session import Session, SessionConfig, accept_handshake, dial_handshake
 from .store import MemoryStore, RootEntry, SqliteStore, Store, Verdict, authorize, chain
 from .stream import CapsockAttribute, Stream
-from .uri import Capability, Expires, Hint, TcpHint, Token, UnixHint, Uses, ViaHint, mint_root
+from .uri import (
+    Capability,
+    Expires,
+    Hint,
+    TcpHint,
+    Token,
+    UnixHint,
+    Uses,
+    ViaHint,
+    mint_root,
+    root_tag,
+)
 
 __all__ = ["Listener", "Node", "NodeConfig"]
 
@@ -149,6 +160,7 @@ class Node:
         self._store: Store
         if self.state_dir is not None:
             self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(self.state_dir, 0o700)  # it holds the key and the root keys
             self._lock_fd = _lock_state_dir(self.state_dir)
             try:
                 if key is None:
@@ -407,36 +419,39 @@ class Node:
             return
         self._counters["opens_received"] += 1
         token: Token | None
+        reason: str | None = None
         try:
             token = Token.decode(token_bytes)
         except InvalidCapability as exc:
-            reason: str | None = f"malformed token ({exc})"
+            reason = f"malformed token ({exc})"
             token = None
         listener = self._listeners.get(token.root_id) if token is not None else None
-        if listener is not None and listener._full():
-            # Give a busy application a moment to accept() before refusing BUSY.
-            with anyio.move_on_after(self.config.backlog_wait):
-                while listener._full() and not listener._retired:  # noqa: ASYNC110
-                    await anyio.sleep(0.01)
-        verdict = Verdict("malformed token")
+        verdict = Verdict(reason)
         if token is not None:
-            # The same work for every token; a use is consumed only when the
-            # stream is really accepted (not for a closed or full listener).
+            # The same work for every token.  A use is consumed only when the
+            # stream is really accepted (not for a closed or full listener), and
+            # the token is checked before anything reveals the listener's state.
             ready = listener is not None and not listener._full()
             verdict = authorize(
                 self._store, token, peer=session.peer, now=self._clock(), consume=ready
             )
+            if verdict.allowed and listener is not None and not ready:
+                # Give a busy application a moment to accept() before refusing BUSY.
+                with anyio.move_on_after(self.config.backlog_wait):
+                    while listener._full() and not listener._retired:  # noqa: ASYNC110
+                        await anyio.sleep(0.01)
+                if listener._retired or listener._full():
+                    log.warning("listener is full; refusing a stream from %s", session.peer.short())
+                    session.reject(sid, ErrorCode.BUSY)
+                    return
+                verdict = authorize(self._store, token, peer=session.peer, now=self._clock())
             reason = verdict.reason
-            if reason is None and listener is None:
+            if reason is None and (listener is None or listener._retired):
                 reason = "listener closed"
         if reason is not None or listener is None or token is None:
             self._counters["opens_refused"] += 1
             log.info("refused a stream from %s: %s", session.peer.short(), reason)
             session.reject(sid, ErrorCode.REFUSED)
-            return
-        if listener._full():
-            log.warning("listener is full; refusing a stream from %s", session.peer.short())
-            session.reject(sid, ErrorCode.BUSY)
             return
         cap = Capability(self.id, token, ())
         stream = session.accept(sid, cap)
@@ -549,6 +564,10 @@ class Node:
         """
         self._require_running()
         entry = self._store.root_by_name(name) if name is not None else None
+        if entry is not None and self._store.is_revoked([root_tag(entry.root_key, entry.root_id)]):
+            log.info("the sturdy capability %r was revoked; minting a new one", name)
+            self._store.remove_root(entry.root_id)
+            entry = None
         if entry is None:
             entry = RootEntry(os.urandom(16), os.urandom(32), name)
             self._store.add_root(entry)
@@ -557,6 +576,8 @@ class Node:
             raise LocalUsageError(f"a listener named {name!r} is already open")
         cap = Capability(self.id, mint_root(entry.root_key, entry.root_id), self._hints)
         listener = Listener(self, cap, self.config.listener_backlog)
+        listener._tags = (cap.token.tag,)
+        listener._temporary = name is None
         self._listeners[entry.root_id] = listener
         return listener
 
@@ -592,6 +613,8 @@ class Node:
         self._store.add_root(entry)
         listener = Listener(self, cap, self.config.listener_backlog)
         tags = chain(entry.root_key, cap.token)
+        listener._tags = tuple(tags)
+        listener._temporary = True
         for caveat, after in zip(cap.token.caveats, tags[1:], strict=True):
             if isinstance(caveat, Uses):
                 listener._uses = (after, caveat.count)
@@ -653,9 +676,8 @@ class Node:
             raise InvalidCapability("this capability was not minted by this node")
         self._store.revoke(c.token.tag, c.token.root_id)
         log.info("revoked %s", c.redacted())
-        if not c.token.caveats:
-            listener = self._listeners.get(c.token.root_id)
-            if listener is not None:
+        for listener in list(self._all_listeners):
+            if c.token.tag in listener._tags:  # its own capability is now dead
                 listener._retire()
         tag = c.token.tag
         for stream, tags in list(self._stream_tags.items()):
@@ -801,6 +823,8 @@ class Listener(anyio.abc.Listener[Stream]):
         self._retired = False
         node._all_listeners.add(self)
         self._uses: tuple[bytes, int] | None = None  # (counter key, limit) of its own cap
+        self._tags: tuple[bytes, ...] = ()  # chain tags of its own capability
+        self._temporary = False  # its root is forgotten when it closes
 
     @property
     def uri(self) -> Capability:
@@ -894,6 +918,8 @@ class Listener(anyio.abc.Listener[Stream]):
         self._closed = True
         self._retire()
         self._node._all_listeners.discard(self)
+        if self._temporary:
+            self._node._store.remove_root(self._uri.token.root_id)
         while True:
             try:
                 stream = self._recv.receive_nowait()

@@ -54,6 +54,7 @@ class Store(Protocol):
     """What :func:`authorize` and :class:`capsock.Node` need from a store."""
 
     def add_root(self, entry: RootEntry) -> None: ...
+    def remove_root(self, root_id: bytes) -> None: ...
     def get_root(self, root_id: bytes) -> RootEntry | None: ...
     def root_by_name(self, name: str) -> RootEntry | None: ...
     def revoke(self, tag: bytes, root_id: bytes) -> None: ...
@@ -76,6 +77,11 @@ class MemoryStore:
         self._roots[entry.root_id] = entry
         if entry.name is not None:
             self._names[entry.name] = entry.root_id
+
+    def remove_root(self, root_id: bytes) -> None:
+        entry = self._roots.pop(root_id, None)
+        if entry is not None and entry.name is not None:
+            self._names.pop(entry.name, None)
 
     def get_root(self, root_id: bytes) -> RootEntry | None:
         return self._roots.get(root_id)
@@ -122,6 +128,10 @@ class SqliteStore:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        # The file holds root keys: create it 0600 (SQLite gives its -wal and
+        # -shm files the same mode).
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        os.chmod(self.path, 0o600)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -139,6 +149,16 @@ class SqliteStore:
             "INSERT INTO roots (root_id, root_key, name, created) VALUES (?, ?, ?, ?)",
             (entry.root_id, entry.root_key, entry.name, time.time()),
         )
+
+    def remove_root(self, root_id: bytes) -> None:
+        """Forget a root with its counters and revocations."""
+        if not self._persistent(root_id):
+            self._memory.remove_root(root_id)
+            return
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            for table in ("roots", "uses", "revoked"):
+                self._db.execute(f"DELETE FROM {table} WHERE root_id = ?", (root_id,))  # noqa: S608
 
     def get_root(self, root_id: bytes) -> RootEntry | None:
         entry = self._memory.get_root(root_id)

@@ -723,7 +723,10 @@ class Capability:
 
         ``caveats`` are appended first, then the keyword ones in the order
         ``exp`` (``ceil(now + ttl)``; ``now`` defaults to the wall clock),
-        ``uses``, ``peer``, ``label``.
+        ``peer``, ``label``, ``uses``.  ``uses`` comes last on purpose: a use
+        counter belongs to the chain position of its caveat, so
+        ``attenuate(uses=1, peer=bob)`` and ``attenuate(uses=1, peer=carol)``
+        get separate counters.
 
         Raises:
             InvalidCapability: a caveat is invalid, ``ttl`` is not a positive
@@ -735,12 +738,12 @@ class Capability:
                 raise InvalidCapability("ttl must be a positive finite number of seconds")
             start = time.time() if now is None else now
             extra.append(Expires(math.ceil(start + ttl)))
-        if uses is not None:
-            extra.append(Uses(uses))
         if peer is not None:
             extra.append(Peer(peer))
         if label is not None:
             extra.append(Label(label))
+        if uses is not None:
+            extra.append(Uses(uses))
         return replace(self, token=self.token.attenuate(*extra))
 
     def redacted(self) -> str:
