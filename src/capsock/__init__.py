@@ -27,7 +27,7 @@ from .errors import (
     Unreachable,
 )
 from .keys import KeyPair, NodeId
-from .messages import receive_capability, send_capability
+from .messages import receive_capability, receive_message, send_capability, send_message
 from .mux import MuxConfig
 from .node import Listener, Node, NodeConfig
 from .session import SessionConfig
@@ -62,5 +62,7 @@ __all__ = [
     "__version__",
     "parse",
     "receive_capability",
+    "receive_message",
     "send_capability",
+    "send_message",
 ]
