@@ -162,3 +162,28 @@ async def test_forwarding_needs_a_capability_and_it_can_be_narrowed_and_revoked(
         with pytest.raises(capsock.Unreachable) as info:
             await recipient.connect(cap)
         assert "refused" in str(info.value)
+
+
+async def test_a_forwarder_refusal_is_unreachable_with_the_reason() -> None:
+    async with triangle() as (intro, recipient, endpoint, cap):
+        via = cap.hints[-1]
+        assert isinstance(via, capsock.uri.ViaHint)
+        # Ask the introducer to forward to a node it has no route to.
+        async with capsock.Node() as nowhere:
+            target = await nowhere.listen()
+            lost = target.uri.with_hints((via,))
+            with pytest.raises(capsock.Unreachable) as info:
+                await recipient.connect(lost)
+            assert "no session and no route" in str(info.value)
+        # A forwarder that hangs up without answering is Unreachable too.
+        intro.config.max_forwards_per_peer = 0
+        await _drop_sessions_to(recipient, endpoint.id)
+        with pytest.raises(capsock.Unreachable) as info2:
+            await recipient.connect(cap)
+        assert "too many forwarded sessions" in str(info2.value)
+
+
+async def _drop_sessions_to(node: capsock.Node, peer: capsock.NodeId) -> None:
+    for session in list(node._sessions.values()):
+        if session.peer == peer:
+            await session.aclose()

@@ -31,6 +31,7 @@ dialer reports as :class:`~capsock.Unreachable` for that route.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -114,48 +115,68 @@ class Forwarder:
         return self.tamper(data) if self.tamper is not None else data
 
     async def handle(self, stream: Stream) -> None:
-        """One forwarding request on ``stream`` (opened with our forwarding capability)."""
+        """One forwarding request on ``stream`` (opened with our forwarding capability).
+
+        Every refusal is answered (``{"ok": false, "error": ...}``) before the
+        stream is closed, so the dialer can say why the route failed.
+        """
+        peer = stream.peer
         try:
             with anyio.fail_after(self._node.config.handshake_timeout):
                 request = await receive_message(stream)
-            if isinstance(request, dict) and request.get("op") == "register":
-                await self._registered(stream)
-                return
-            if (
-                not isinstance(request, dict)
-                or request.get("op") != "forward"
-                or not isinstance(request.get("to"), bytes)
-                or len(request["to"]) != 32
-            ):
-                raise ProtocolError("malformed forwarding request")
-            if self._per_peer.get(stream.peer, 0) >= self._node.config.max_forwards_per_peer:
-                raise ProtocolError(
-                    f"{stream.peer.short()} has too many forwarded sessions through this node"
-                )
-            target = NodeId(request["to"])
-            if target in (self._node.id, stream.peer):
-                raise ProtocolError("a node cannot be forwarded to itself")
+        except (TimeoutError, CapsockError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+            log.info("no forwarding request from %s: %s", peer.short(), exc)
+            await stream.aclose()
+            return
+        if isinstance(request, dict) and request.get("op") == "register":
+            await self._registered(stream)
+            return
+        if (
+            not isinstance(request, dict)
+            or request.get("op") != "forward"
+            or not isinstance(request.get("to"), bytes)
+            or len(request["to"]) != 32
+        ):
+            await self._refuse(stream, "malformed forwarding request")
+            return
+        target = NodeId(request["to"])
+        if target in (self._node.id, peer):
+            await self._refuse(stream, "a node cannot be forwarded to itself")
+            return
+        if self._per_peer.get(peer, 0) >= self._node.config.max_forwards_per_peer:
+            await self._refuse(stream, "too many forwarded sessions from this node")
+            return
+        # Reserve the slot before the first await, so concurrent requests
+        # cannot overshoot the per-peer limit.
+        self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
+        self.active += 1
+        try:
             try:
                 onward = await self._node._open_transport(target)
-            except CapsockError as exc:
-                await send_message(stream, {"ok": False, "error": str(exc)})
+            except (CapsockError, TimeoutError, OSError, anyio.BrokenResourceError) as exc:
+                await self._refuse(stream, str(exc) or type(exc).__name__)
                 return
-        except (TimeoutError, CapsockError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
-            await stream.aclose()
-            log.info("refused a forwarding request from %s: %s", stream.peer.short(), exc)
-            return
-        await send_message(stream, {"ok": True})
-        log.info("forwarding %s -> %s", stream.peer.short(), target.short())
-        peer = stream.peer
-        self.active += 1
-        self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
-        try:
+            try:
+                await send_message(stream, {"ok": True})
+            except (CapsockError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await onward.aclose()
+                await stream.aclose()
+                return
+            log.info("forwarding %s -> %s", peer.short(), target.short())
             await splice(stream, onward, self._transit)
         finally:
             self.active -= 1
             self._per_peer[peer] -= 1
             if not self._per_peer[peer]:
                 del self._per_peer[peer]
+
+    async def _refuse(self, stream: Stream, why: str) -> None:
+        log.info("refused a forwarding request from %s: %s", stream.peer.short(), why)
+        with contextlib.suppress(
+            CapsockError, anyio.BrokenResourceError, anyio.ClosedResourceError
+        ):
+            await send_message(stream, {"ok": False, "error": why})
+        await stream.aclose()
 
     async def _registered(self, stream: Stream) -> None:
         """A client keeps this stream open to stay reachable through us."""
@@ -197,6 +218,11 @@ async def _request(
     try:
         await send_message(stream, request)
         answer = await receive_message(stream)
+    except (anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+        await stream.aclose()
+        raise Unreachable(
+            f"the forwarder {cap.node.short()} hung up without answering ({type(exc).__name__})"
+        ) from None
     except BaseException:
         await stream.aclose()
         raise

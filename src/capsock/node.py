@@ -463,7 +463,11 @@ class Node:
 
     async def _accept_transport(self, session: Session, sid: int) -> None:
         """A peer forwards a session to us over a stream: run it as an inbound session."""
-        if not self.config.accept_forwarded or self._half_open >= self.config.max_half_open:
+        if (
+            not self.config.accept_forwarded
+            or self._half_open >= self.config.max_half_open
+            or self._session_count >= self.config.max_sessions
+        ):
             session.reject(sid, ErrorCode.BUSY)
             return
         stream = session.accept(sid, None)
@@ -742,7 +746,13 @@ class Node:
             except PeerAuthenticationError as exc:
                 auth_failed = True
                 attempts.append((route, str(exc)))
-            except (TimeoutError, OSError, CapsockError, anyio.BrokenResourceError) as exc:
+            except (
+                TimeoutError,
+                OSError,
+                CapsockError,
+                anyio.BrokenResourceError,
+                anyio.EndOfStream,
+            ) as exc:
                 attempts.append((route, str(exc) or type(exc).__name__))
             else:
                 session = self._new_session(transport, result, leftover, route)
