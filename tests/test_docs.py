@@ -179,3 +179,19 @@ def test_tutorial_code_is_the_examples_code() -> None:
     assert blocks
     for block in blocks:
         assert block in examples, f"tutorial block not found in examples/:\n{block}"
+
+
+def test_mkdocs_build_strict(tmp_path: Path) -> None:
+    """The documentation site builds with warnings as errors (as CI requires)."""
+    import subprocess
+    import sys
+
+    mkdocs = Path(sys.executable).parent / "mkdocs"
+    result = subprocess.run(
+        [str(mkdocs), "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
