@@ -8,6 +8,7 @@ every inbound OPEN with :func:`capsock.store.authorize`.
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import hmac
 import ipaddress
@@ -17,7 +18,7 @@ import secrets
 import socket
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -194,7 +195,9 @@ class Node:
         self._serve_scope = anyio.CancelScope()
         self._transport_listeners: list[anyio.abc.Listener[Any]] = []
         self._hints: tuple[Hint, ...] = ()
-        self._half_open = 0
+        self._half_open_scopes: collections.OrderedDict[int, anyio.CancelScope] = (
+            collections.OrderedDict()
+        )
         self._session_count = 0
         self._tg: anyio.abc.TaskGroup | None = None
         self._closed = False
@@ -225,7 +228,7 @@ class Node:
         """Counters and per-session stats, for tests and operators (no secrets)."""
         return {
             **self._counters,
-            "half_open": self._half_open,
+            "half_open": len(self._half_open_scopes),
             "session_count": self._session_count,
             "sessions": {str(p): s.stats() for p, s in self._sessions.items()},
             "listeners": len(self._listeners),
@@ -355,34 +358,66 @@ class Node:
     async def _handle_inbound(self, transport: anyio.abc.ByteStream) -> None:
         self._counters["inbound_connections"] += 1
         peer_addr = _describe_peer(transport)
-        if self._half_open >= self.config.max_half_open:
-            log.warning("dropping inbound connection from %s: too many half-open", peer_addr)
-            await transport.aclose()
-            return
-        self._half_open += 1
+        await self._admit(transport, f"inbound {peer_addr}", peer_addr)
+
+    async def _admit(self, transport: anyio.abc.ByteStream, route: str, origin: str) -> None:
+        """Run an inbound session: handshake, then wait for the dialer's first record.
+
+        Until that record authenticates, the connection is *half-open*: message 1
+        is replayable, so a finished handshake proves nothing about the dialer.
+        Half-open connections are bounded in time (``handshake_timeout``, for
+        both steps together) and in number (``max_half_open``; when full, the
+        oldest is evicted rather than the newcomer refused, so idle connections
+        cannot lock dialers out).  Only confirmed sessions join the pool and
+        count against ``max_sessions``.
+        """
+        scope = anyio.CancelScope(deadline=anyio.current_time() + self.config.handshake_timeout)
+        key = id(scope)
+        if len(self._half_open_scopes) >= self.config.max_half_open:
+            _, oldest = self._half_open_scopes.popitem(last=False)
+            oldest.cancel()
+            log.info("evicted the oldest half-open connection to admit %s", origin)
+        self._half_open_scopes[key] = scope
+        session: Session | None = None
         try:
-            with anyio.fail_after(self.config.handshake_timeout):
-                result, leftover = await accept_handshake(transport, self._key)
-        except (
-            TimeoutError,
-            CapsockError,
-            anyio.EndOfStream,
-            anyio.BrokenResourceError,
-            OSError,
-        ) as exc:
-            self._counters["handshakes_failed"] += 1
-            log.info("dropped inbound connection from %s: %s", peer_addr, exc or type(exc).__name__)
-            await transport.aclose()
-            return
+            with scope:
+                try:
+                    result, leftover = await accept_handshake(transport, self._key)
+                except (
+                    CapsockError,
+                    anyio.EndOfStream,
+                    anyio.BrokenResourceError,
+                    OSError,
+                ) as exc:
+                    self._counters["handshakes_failed"] += 1
+                    log.info("dropped inbound connection from %s: %s", origin, exc)
+                    return
+                session = self._new_session(transport, result, leftover, route)
+                self._tg_start(session.run)
+                await session.confirmed.wait()
         finally:
-            self._half_open -= 1
-        if self._session_count >= self.config.max_sessions:
-            log.warning("dropping session from %s: max_sessions reached", result.peer.short())
-            await transport.aclose()
+            self._half_open_scopes.pop(key, None)
+            if session is None or not session.confirmed.is_set():
+                if session is not None:
+                    log.info("dropped inbound session from %s: the dialer never spoke", origin)
+                    self._counters["handshakes_failed"] += 1
+                    session.abort()
+                if scope.cancelled_caught and session is None:
+                    self._counters["handshakes_failed"] += 1
+                    log.info("dropped inbound connection from %s: handshake timeout", origin)
+                with anyio.CancelScope(shield=True):
+                    await transport.aclose()
+        if session is None or not session.confirmed.is_set():
             return
-        await self._run_session(
-            self._new_session(transport, result, leftover, f"inbound {peer_addr}")
-        )
+        if self._session_count >= self.config.max_sessions:
+            log.warning("dropping session from %s: max_sessions reached", session.peer.short())
+            session.abort()
+            return
+        self._session_count += 1
+        try:
+            await self._run_registered(session, run=False)
+        finally:
+            self._session_count -= 1
 
     def _new_session(
         self, transport: anyio.abc.ByteStream, result: HandshakeResult, leftover: bytes, route: str
@@ -403,12 +438,19 @@ class Node:
         finally:
             self._session_count -= 1
 
-    async def _run_registered(self, session: Session) -> None:
+    def _tg_start(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self._require_running().start_soon(fn)
+
+    async def _run_registered(self, session: Session, *, run: bool = True) -> None:
+        """Pool ``session`` while it runs (``run=False``: it already runs; wait for it)."""
         previous = self._sessions.get(session.peer)
         if previous is None or not previous.is_usable:
             self._sessions[session.peer] = session
         try:
-            await session.run()
+            if run:
+                await session.run()
+            else:
+                await session.finished.wait()
         finally:
             if self._sessions.get(session.peer) is session:
                 del self._sessions[session.peer]
@@ -463,29 +505,14 @@ class Node:
 
     async def _accept_transport(self, session: Session, sid: int) -> None:
         """A peer forwards a session to us over a stream: run it as an inbound session."""
-        if (
-            not self.config.accept_forwarded
-            or self._half_open >= self.config.max_half_open
-            or self._session_count >= self.config.max_sessions
-        ):
+        if not self.config.accept_forwarded or self._session_count >= self.config.max_sessions:
             session.reject(sid, ErrorCode.BUSY)
             return
         stream = session.accept(sid, None)
         if stream is None:
             return
-        self._half_open += 1
-        try:
-            with anyio.fail_after(self.config.handshake_timeout):
-                result, leftover = await accept_handshake(stream, self._key)
-        except (TimeoutError, CapsockError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
-            self._counters["handshakes_failed"] += 1
-            log.info("dropped a session forwarded by %s: %s", session.peer.short(), exc)
-            await stream.aclose()
-            return
-        finally:
-            self._half_open -= 1
-        route = f"forwarded by {session.peer.short()}"
-        await self._run_session(self._new_session(stream, result, leftover, route))
+        origin = f"a session forwarded by {session.peer.short()}"
+        await self._admit(stream, f"forwarded by {session.peer.short()}", origin)
 
     async def _open_transport(self, target: NodeId) -> Stream:
         """A transport stream to ``target`` for a forwarded session (forwarder side).

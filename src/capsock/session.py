@@ -194,6 +194,9 @@ class Session:
         self._opening: dict[int, _OpenWaiter] = {}
         self._wake: anyio.Event | None = None
         self._peer_spoke = anyio.Event()
+        self.confirmed = self._peer_spoke
+        """Set once the dialer's first transport record authenticated (at once
+        for the dialer's own side): until then the handshake may be a replay."""
         if result.is_initiator:
             self._peer_spoke.set()
         self._draining: anyio.Event | None = None
@@ -259,13 +262,21 @@ class Session:
             # must not queue a clean EOF behind the bad record.
             self._fail_all(reason)
             self._mux.abort(exc.code)
-            await self._drain(1.0)
+            if self._peer_spoke.is_set():  # else the writer may not send anything
+                await self._drain(1.0)
         except anyio.EndOfStream:
             reason = "the peer closed the connection"
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             reason = f"connection lost ({type(exc).__name__})"
         if self._closed_reason is None:
             self._closed_reason = reason
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+
+    def abort(self) -> None:
+        """Close at once, without GOAWAY or grace (unconfirmed or unwanted sessions)."""
+        if self._closed_reason is None:
+            self._closed_reason = "the session was dropped"
         if self._tg is not None:
             self._tg.cancel_scope.cancel()
 
