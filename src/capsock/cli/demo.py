@@ -1,33 +1,22 @@
-"""The ``capsock`` command.  stdout carries only data; messages go to stderr."""
+"""``capsock demo`` and ``capsock relay``."""
 
 from __future__ import annotations
 
-import argparse
-import logging
-import os
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
 
-from . import __version__
-from .errors import CapabilityRejected, CapsockError, LocalUsageError, PeerAuthenticationError
-from .keys import KeyPair
-from .node import Node, NodeConfig
-from .stream import CapsockAttribute, Stream
-from .testing import echo, read_to_eof
-from .uri import Capability, Token
+from ..errors import CapabilityRejected, LocalUsageError, PeerAuthenticationError
+from ..keys import KeyPair
+from ..node import Node, NodeConfig
+from ..stream import CapsockAttribute, Stream
+from ..testing import echo, read_to_eof
+from ..uri import Capability, Token
+from .common import Exit, say
 
-__all__ = ["main"]
+__all__ = ["demo", "run_relay"]
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-
-
-def _say(text: str = "") -> None:
-    print(text, file=sys.stderr, flush=True)
+_say = say
 
 
 async def demo() -> int:
@@ -58,7 +47,7 @@ async def demo() -> int:
         _say(f"   both ends agree on the session's handshake hash {_hash_of(stream)}...\n")
         if echoed != message:
             _say("   ERROR: the echo differs")
-            return EXIT_ERROR
+            return Exit.ERROR
 
         impostor = Capability(KeyPair.generate().node_id, cap.token, cap.hints)
         _say("3. the same address and secret, but another node's key in the URI:")
@@ -68,7 +57,7 @@ async def demo() -> int:
             _say(f"   refused: PeerAuthenticationError: {exc}\n")
         else:
             _say("   ERROR: a wrong key was accepted")
-            return EXIT_ERROR
+            return Exit.ERROR
 
         forged = _forge(cap)
         _say("4. alice's key and address, but a forged secret:")
@@ -78,7 +67,7 @@ async def demo() -> int:
             _say(f"   refused: CapabilityRejected: {exc}\n")
         else:
             _say("   ERROR: a forged capability was accepted")
-            return EXIT_ERROR
+            return Exit.ERROR
 
         _say("5. alice dialing her own id:")
         try:
@@ -87,7 +76,7 @@ async def demo() -> int:
             _say(f"   refused: LocalUsageError: {exc}\n")
         tg.cancel_scope.cancel()
     _say("Done: only the holder of the right capability, talking to the right key, got in.")
-    return EXIT_OK
+    return Exit.OK
 
 
 def _hash_of(stream: Stream) -> str:
@@ -100,40 +89,6 @@ def _forge(cap: Capability) -> Capability:
     return Capability(cap.node, Token(cap.token.root_id, cap.token.caveats, tag), cap.hints)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="capsock",
-        description="Capability-based, end-to-end encrypted byte streams.",
-    )
-    parser.add_argument("--version", action="version", version=f"capsock {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("demo", help="show the point in a few seconds, on this machine")
-    relay = sub.add_parser(
-        "relay",
-        help="run a relay: forward sessions for nodes behind NAT; prints its capability",
-    )
-    relay.add_argument(
-        "--listen", action="append", required=True, metavar="tcp:HOST:PORT",
-        help="address to accept sessions on (repeatable)",
-    )  # fmt: skip
-    relay.add_argument(
-        "--advertise", action="append", metavar="tcp:HOST:PORT",
-        help="address to put into the relay capability (default: the --listen ones)",
-    )  # fmt: skip
-    relay.add_argument(
-        "--state-dir", type=Path, default=None,
-        help="identity and sturdy capability store (default: $XDG_STATE_HOME/capsock/relay)",
-    )  # fmt: skip
-    return parser
-
-
-def state_home() -> Path:
-    """The user's capsock state directory ($XDG_STATE_HOME/capsock, ~/.local/state/capsock)."""
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "capsock"
-
-
 async def run_relay(listen: list[str], advertise: list[str] | None, state_dir: Path) -> int:
     """Run a relay until interrupted; print its capability on stdout."""
     config = NodeConfig(listener_backlog=4096)
@@ -142,27 +97,4 @@ async def run_relay(listen: list[str], advertise: list[str] | None, state_dir: P
         print(listener.uri, flush=True)
         _say(f"capsock relay {node.id.short()}... forwarding; hand out the capability above")
         await anyio.sleep_forever()
-    return EXIT_OK
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``capsock`` command; returns the exit code."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * args.verbose
-    logging.basicConfig(level=level, stream=sys.stderr, format="capsock: %(message)s")
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
-    try:
-        if args.command == "demo":
-            return anyio.run(demo)
-        if args.command == "relay":
-            state = args.state_dir or state_home() / "relay"
-            return anyio.run(run_relay, args.listen, args.advertise, state)
-    except CapsockError as exc:
-        _say(f"capsock: error: {exc}")
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        return 130
-    return EXIT_USAGE
+    return Exit.OK

@@ -1,0 +1,430 @@
+"""What the commands share: exit codes, messages, identities, nodes, capability arguments.
+
+Conventions: stdout carries only data (a stream's bytes, a received file with
+``-o -``, or the requested output of ``id``, ``inspect``, ``attenuate`` and
+``completion``); every message goes to stderr, one line each, errors as
+``capsock: error: WHAT HAPPENED; WHAT TO DO``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import math
+import os
+import re
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from enum import IntEnum
+from pathlib import Path
+
+import anyio
+
+from ..errors import ErrorCode, InvalidCapability, LocalUsageError
+from ..keys import KeyPair, NodeId
+from ..node import Listener, Node, _lock_state_dir, _unlock
+from ..stream import Stream
+from ..uri import Capability, TcpHint, UnixHint
+
+__all__ = [
+    "CliError",
+    "Exit",
+    "announce",
+    "dialing_node",
+    "info",
+    "listening_node",
+    "load_identity",
+    "lock_holder",
+    "make_listener",
+    "parse_duration",
+    "parse_node_id",
+    "read_capability",
+    "resetting",
+    "say",
+    "state_dir",
+    "state_home",
+]
+
+
+class Exit(IntEnum):
+    """The exit codes of the ``capsock`` command (documented in docs/cli.md)."""
+
+    OK = 0
+    """Success."""
+    ERROR = 1
+    """Any other failure: a lost connection, a reset stream, a local I/O error, ..."""
+    USAGE = 2
+    """Bad command line: unknown option, malformed argument or capability URI."""
+    INTEGRITY = 3
+    """A received file or directory failed its end-to-end SHA-256 check."""
+    REFUSED = 4
+    """The endpoint refused the capability (expired, used up, revoked, bound to
+    another node, forged) or is busy: retrying with the same URI will not help."""
+    UNREACHABLE = 5
+    """No route to the endpoint worked, or the node reached had the wrong key."""
+    INTERRUPTED = 130
+    """Interrupted (Ctrl-C, SIGINT)."""
+    TERMINATED = 143
+    """Stopped by SIGTERM (the same clean stop as Ctrl-C)."""
+
+
+class CliError(Exception):
+    """A failure the command reports as one line on stderr, with its exit code."""
+
+    def __init__(self, message: str, code: Exit = Exit.ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    """Silence :func:`info` (``--quiet``); errors still print."""
+    global _quiet
+    _quiet = quiet
+
+
+def quiet() -> bool:
+    """Whether ``--quiet`` was given."""
+    return _quiet
+
+
+def say(text: str = "") -> None:
+    """Print one message line on stderr (never stdout)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def info(text: str) -> None:
+    """An informational ``capsock: ...`` line on stderr, unless ``--quiet``."""
+    if not _quiet:
+        say(f"capsock: {text}")
+
+
+# ------------------------------------------------------------------ argument types
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
+_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``2h``, ``7d`` -> seconds (argparse type)."""
+    match = _DURATION.fullmatch(text.strip())
+    seconds = float(match.group(1)) * _UNIT[match.group(2)] if match else 0.0
+    if not 0 < seconds < math.inf:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration: use seconds or a number with s, m, h or d (e.g. 15m)"
+        )
+    return seconds
+
+
+def parse_uses(text: str) -> int:
+    """A positive number of uses (argparse type)."""
+    if not text.isdigit() or not 1 <= int(text) <= 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of uses (1 or more)")
+    return int(text)
+
+
+def parse_node_id(text: str) -> NodeId:
+    """A 52-character node id, as ``capsock id`` prints it (argparse type)."""
+    try:
+        return NodeId.parse(text.strip())
+    except InvalidCapability as exc:
+        raise argparse.ArgumentTypeError(f"{exc}; `capsock id` prints one") from None
+
+
+def read_capability(text: str, *, stdin_ok: bool = True) -> Capability:
+    """A capability from the command line: the URI, ``-`` (read stdin) or ``@FILE``.
+
+    Raises:
+        CliError: unreadable source or malformed URI (exit code 2).
+    """
+    source = "the argument"
+    if text == "-":
+        if not stdin_ok:
+            raise CliError(
+                "this command's stdin carries data: pass the URI as an argument or as @FILE",
+                Exit.USAGE,
+            )
+        text = sys.stdin.readline()
+        source = "stdin"
+    elif text.startswith("@"):
+        source = text[1:]
+        try:
+            text = Path(source).read_text("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CliError(f"cannot read the capability from {source}: {exc}", Exit.USAGE) from None
+    try:
+        return Capability.parse(text.strip())
+    except InvalidCapability as exc:
+        raise CliError(
+            f"{source} is not a capsock:// capability ({exc}); copy the whole URI, "
+            "or pass - to read it from stdin or @FILE to read it from a file",
+            Exit.USAGE,
+        ) from None
+
+
+# ------------------------------------------------------------------ identity and state
+
+
+def state_home() -> Path:
+    """The user's capsock state directory ($XDG_STATE_HOME/capsock, ~/.local/state/capsock)."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "capsock"
+
+
+def state_dir(args: argparse.Namespace) -> Path:
+    """``--state-dir`` or the default."""
+    given: Path | None = getattr(args, "state_dir", None)
+    return given if given is not None else state_home()
+
+
+def lock_holder(directory: Path) -> str | None:
+    """The pid (text) of the process holding ``directory``'s node lock, or None if free."""
+    try:
+        fd = os.open(directory / "lock", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def busy_message(directory: Path, pid: str, doing: str) -> str:
+    return (
+        f"cannot {doing}: the state directory {directory} is in use by another capsock "
+        f"process (pid {pid}); stop it first, or pass another --state-dir"
+    )
+
+
+def load_identity(directory: Path, *, create: bool) -> tuple[KeyPair | None, bool]:
+    """The identity key in ``directory`` (and whether it was just created).
+
+    Without ``create``, a missing key gives ``(None, False)`` and nothing is written.
+    """
+    path = directory / "node.key"
+    if path.exists():
+        return KeyPair.load(path), False
+    if not create:
+        return None, False
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = _lock_state_dir(directory)
+    except LocalUsageError:
+        # The holder is a running node: it created the key before locking... or
+        # is about to.  Either way, reading is all that is left to do.
+        return KeyPair.load(path), False
+    try:
+        created = not path.exists()
+        return KeyPair.load_or_create(path), created
+    finally:
+        _unlock(fd)
+
+
+def dialing_node(args: argparse.Namespace, target: Capability) -> Node:
+    """A node that only dials: this machine's identity if there is one, else a fresh one.
+
+    The identity key is read, never created, and the state directory is not
+    locked: dialing commands run next to a listening one.  Dialing one's own
+    identity is impossible, so a capability of this very identity is dialed
+    with a fresh key.
+    """
+    key: KeyPair | None = None
+    if not args.ephemeral:
+        key, _ = load_identity(state_dir(args), create=False)
+        if key is not None and key.node_id == target.node:
+            key = None
+    return Node(key=key)
+
+
+@asynccontextmanager
+async def listening_node(args: argparse.Namespace) -> AsyncIterator[Node]:
+    """The node of a listening command (``listen``, ``share``, ``send``).
+
+    With ``--name``, the state directory's identity and store (locked for the
+    node's lifetime), so the capability is sturdy and revocable; otherwise a
+    fresh identity that lives as long as the process.  Default address:
+    ``tcp:127.0.0.1:0``, none when relays are given.
+    """
+    name = getattr(args, "name", None)
+    directory = state_dir(args) if name else None
+    if directory is not None:
+        pid = lock_holder(directory)
+        if pid is not None:
+            raise CliError(busy_message(directory, pid, f"serve the sturdy name {name!r}"))
+    listen = args.listen or ([] if args.relay else ["tcp:127.0.0.1:0"])
+    try:
+        node = Node(
+            directory,
+            listen=[_listen_spec(s) for s in listen],
+            advertise=[_listen_spec(s) for s in args.advertise] if args.advertise else None,
+            relays=args.relay or (),
+        )
+    except InvalidCapability as exc:
+        raise CliError(f"--relay: not a relay capability ({exc})", Exit.USAGE) from None
+    except LocalUsageError as exc:
+        raise CliError(str(exc), Exit.USAGE) from None
+    async with node:
+        if args.relay:
+            await _wait_for_relays(node)
+        yield node
+
+
+def _listen_spec(text: str) -> str:
+    """``tcp:HOST:PORT``, ``unix:/PATH``; a bare ``HOST:PORT`` means tcp."""
+    if text.startswith(("tcp:", "unix:")):
+        return text
+    return f"tcp:{text}"
+
+
+async def _wait_for_relays(node: Node, limit: float = 15.0) -> None:
+    with anyio.move_on_after(limit):
+        # The node exposes the registration state only as a dict: poll it, briefly.
+        while not node.relay_status or any(s != "registered" for s in node.relay_status.values()):  # noqa: ASYNC110
+            await anyio.sleep(0.05)
+    for relay, status in node.relay_status.items():
+        if status != "registered":
+            info(f"warning: relay {relay} is not reachable yet ({status}); still trying")
+
+
+async def make_listener(
+    node: Node, args: argparse.Namespace, *, uses: int | None = None
+) -> tuple[Listener, Capability]:
+    """The listener of a listening command and the capability to hand out.
+
+    With caveats (``--ttl/--uses/--peer/--label``) and no ``--name``: a fresh
+    temporary listener (``Node.mint``) that retires when its capability is
+    used up or expired.  With ``--name``: the sturdy listener, and its
+    capability attenuated with the caveats.  Otherwise a fresh root listener.
+    """
+    caveats = {
+        "ttl": args.ttl,
+        "uses": args.uses if args.uses is not None else uses,
+        "peer": args.peer,
+        "label": args.label,
+    }
+    restricted = any(v is not None for v in caveats.values())
+    name = getattr(args, "name", None)
+    if name:
+        listener = await node.listen(name)
+        cap = listener.uri.attenuate(**caveats) if restricted else listener.uri
+        return listener, cap
+    if restricted:
+        listener = await node.mint(**caveats)
+        return listener, listener.uri
+    listener = await node.listen()
+    return listener, listener.uri
+
+
+@asynccontextmanager
+async def resetting(stream: Stream) -> AsyncIterator[Stream]:
+    """Close ``stream`` at the end; reset it if the body failed or was interrupted,
+    so the peer never mistakes a cut-off stream for a complete one."""
+    try:
+        yield stream
+    except BaseException:
+        stream.reset(ErrorCode.CANCELLED)
+        raise
+    finally:
+        with anyio.CancelScope(shield=True):
+            await stream.aclose()
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, readable by the owner only."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode("utf-8"))
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def announce(args: argparse.Namespace, cap: Capability, what: str) -> None:
+    """Hand the capability to the user: stderr (and ``--uri-file``), never stdout."""
+    if args.uri_file is not None:
+        write_secret(args.uri_file, f"{cap}\n")
+    if quiet() and args.uri_file is not None:
+        return
+    info(f"{what}; the capability below is a secret: whoever holds it may connect")
+    say(str(cap))
+    if cap.hints and all(_is_local(h) for h in cap.hints):
+        info("(reachable from this machine only: use --listen/--advertise or --relay for others)")
+
+
+def _is_local(hint: object) -> bool:
+    if isinstance(hint, UnixHint):
+        return True
+    if isinstance(hint, TcpHint):
+        return hint.host in ("localhost", "::1") or hint.host.startswith("127.")
+    return False
+
+
+def add_node_options(parser: argparse.ArgumentParser, *, sturdy: bool) -> None:
+    """The options of listening commands: addresses, relays, caveats, URI file."""
+    parser.add_argument(
+        "--listen", action="append", metavar="ADDR",
+        help="accept sessions on tcp:HOST:PORT or unix:/PATH (repeatable; "
+        "default tcp:127.0.0.1:0, or none with --relay)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--advertise", action="append", metavar="ADDR",
+        help="route hint to put into the capability instead of the bound addresses",
+    )  # fmt: skip
+    parser.add_argument(
+        "--relay", action="append", metavar="URI",
+        help="register with this relay and add it to the capability (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--uri-file", type=Path, metavar="PATH",
+        help="also write the capability to PATH (mode 0600), for scripts",
+    )  # fmt: skip
+    add_caveat_options(parser)
+    if sturdy:
+        parser.add_argument(
+            "--name", metavar="NAME",
+            help="a sturdy capability: the same URI across restarts (kept in --state-dir; "
+            "revocable with `capsock revoke`)",
+        )  # fmt: skip
+        add_state_dir_option(parser)
+
+
+def add_caveat_options(parser: argparse.ArgumentParser, uses_help: str | None = None) -> None:
+    parser.add_argument(
+        "--ttl", type=parse_duration, metavar="DURATION",
+        help="expire after DURATION (seconds, or 30s, 15m, 2h, 7d)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--uses", type=parse_uses, metavar="N",
+        help=uses_help or "allow N streams to be opened with it",
+    )  # fmt: skip
+    parser.add_argument(
+        "--peer", type=parse_node_id, metavar="NODEID",
+        help="only the node with this id may use it (its `capsock id`)",
+    )  # fmt: skip
+    parser.add_argument("--label", metavar="TEXT", help="a label for logs (restricts nothing)")
+
+
+def add_state_dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--state-dir", type=Path, metavar="DIR",
+        help="identity and capability store (default: $XDG_STATE_HOME/capsock)",
+    )  # fmt: skip
+
+
+def add_dialer_options(parser: argparse.ArgumentParser) -> None:
+    add_state_dir_option(parser)
+    parser.add_argument(
+        "--ephemeral", action="store_true",
+        help="dial with a fresh identity instead of this machine's",
+    )  # fmt: skip

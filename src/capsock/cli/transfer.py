@@ -1,0 +1,632 @@
+"""``send`` / ``receive``: files and directories, verified end to end, files resumable.
+
+The protocol (``capsock-send/1``, specified in docs/cli.md) runs on one capsock
+stream opened by the receiver.  Control messages are a 4-byte big-endian
+length and a msgpack map (the framing of :mod:`capsock.messages`)::
+
+    sender                               receiver
+    OFFER   {proto, kind, name, size, ...}  ->
+                                         <-  REQUEST {offset, prefix} | {decline}
+    START   {offset}                     ->
+    DATA    (file bytes from offset, or ENTRY messages and file bytes)  ->
+    DONE    {sha256}                     ->
+                                         <-  RESULT {ok, error?}
+    EOF                                  <->  EOF
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import stat
+import struct
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import anyio
+import anyio.abc
+import msgpack
+
+from ..errors import CapabilityRejected, CapsockError, Unreachable
+from ..stream import Stream
+from .common import (
+    CliError,
+    Exit,
+    announce,
+    dialing_node,
+    info,
+    listening_node,
+    make_listener,
+    read_capability,
+    resetting,
+    say,
+)
+from .progress import Progress, human_bytes
+
+__all__ = ["PROTOCOL", "cmd_receive", "cmd_send"]
+
+PROTOCOL = "capsock-send/1"
+PART_SUFFIX = ".capsock-part"
+MAX_MESSAGE = 64 * 1024
+_LEN = struct.Struct(">I")
+_CHUNK = 1 << 20
+_OFFER_TIMEOUT = 30.0
+_GOODBYE_TIMEOUT = 5.0
+_STREAM_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, CapsockError)
+
+
+# ------------------------------------------------------------------ framing
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    """One control message: length prefix and msgpack body."""
+    body: bytes = msgpack.packb(obj, use_bin_type=True)
+    return _LEN.pack(len(body)) + body
+
+
+async def _read_exactly(stream: anyio.abc.ByteReceiveStream, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        out += await stream.receive(n - len(out))
+    return bytes(out)
+
+
+async def read_message(stream: anyio.abc.ByteReceiveStream) -> tuple[dict[str, Any], bytes]:
+    """The next control message, decoded, and its raw bytes (prefix included).
+
+    Raises:
+        CliError: too large or not a msgpack map.
+        anyio.EndOfStream: the stream ended.
+    """
+    prefix = await _read_exactly(stream, 4)
+    (size,) = _LEN.unpack(prefix)
+    if size > MAX_MESSAGE:
+        raise CliError(f"the other side sent a {size}-byte message; is it running `capsock send`?")
+    body = await _read_exactly(stream, size)
+    try:
+        obj = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except (ValueError, msgpack.UnpackException):
+        obj = None
+    if not isinstance(obj, dict):
+        raise CliError("the other side sent a malformed message (not capsock-send/1)")
+    return obj, prefix + body
+
+
+def _field(msg: dict[str, Any], key: str, kind: type, what: str) -> Any:
+    value = msg.get(key)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise CliError(f"the other side sent a malformed {what} (field {key!r})")
+    return value
+
+
+# ------------------------------------------------------------------ what is sent
+
+
+@dataclass(slots=True)
+class Entry:
+    """One directory entry of a directory transfer."""
+
+    path: str  # relative, "/"-separated
+    kind: str  # "dir" or "file"
+    source: Path
+    size: int = 0
+    mode: int = 0o755
+    mtime: float = 0.0
+
+
+@dataclass(slots=True)
+class Item:
+    """The file or directory given to ``capsock send``."""
+
+    kind: str
+    name: str
+    source: Path
+    size: int
+    mode: int
+    mtime: float
+    entries: list[Entry] = field(default_factory=list)
+
+    def offer(self) -> dict[str, Any]:
+        offer: dict[str, Any] = {
+            "proto": PROTOCOL,
+            "kind": self.kind,
+            "name": self.name,
+            "size": self.size,
+            "mode": self.mode,
+            "mtime": self.mtime,
+        }
+        if self.kind == "dir":
+            offer["entries"] = len(self.entries)
+        return offer
+
+
+def scan(path: Path) -> Item:
+    """What ``capsock send PATH`` will send.  Symlinks and special files inside a
+    directory are skipped (with a message).
+
+    Raises:
+        CliError: ``path`` does not exist or is neither a file nor a directory.
+    """
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise CliError(f"cannot send {path}: {exc.strerror}") from None
+    name = path.resolve().name or "root"
+    mode = stat.S_IMODE(st.st_mode)
+    if stat.S_ISREG(st.st_mode):
+        return Item("file", name, path, st.st_size, mode, st.st_mtime)
+    if not stat.S_ISDIR(st.st_mode):
+        raise CliError(f"cannot send {path}: not a regular file or a directory")
+    item = Item("dir", name, path, 0, mode, st.st_mtime)
+    for top, dirs, files in os.walk(path, onerror=_walk_error):
+        dirs.sort()
+        rel_top = Path(top).relative_to(path)
+        for names, expect_dir in ((dirs, True), (sorted(files), False)):
+            for entry_name in list(names):
+                full = Path(top) / entry_name
+                rel = (rel_top / entry_name).as_posix()
+                est = full.lstat()
+                if expect_dir and stat.S_ISDIR(est.st_mode):
+                    item.entries.append(Entry(rel, "dir", full, 0, stat.S_IMODE(est.st_mode)))
+                elif stat.S_ISREG(est.st_mode):
+                    size = est.st_size
+                    mode = stat.S_IMODE(est.st_mode)
+                    item.entries.append(Entry(rel, "file", full, size, mode, est.st_mtime))
+                    item.size += size
+                else:
+                    info(f"skipping {full}: not a regular file or directory (symlinks are skipped)")
+                    if expect_dir:
+                        names.remove(entry_name)
+    return item
+
+
+def _walk_error(exc: OSError) -> None:
+    raise CliError(f"cannot read {exc.filename}: {exc.strerror}")
+
+
+def _read_hashed(f: BinaryIO, n: int, h: Any) -> bytes:
+    data = f.read(n)
+    h.update(data)
+    return data
+
+
+def _hash_prefix(path: Path, n: int) -> Any:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while n > 0:
+            data = f.read(min(_CHUNK, n))
+            if not data:
+                break
+            h.update(data)
+            n -= len(data)
+    return h
+
+
+# ------------------------------------------------------------------ send
+
+
+async def _send_file_bytes(
+    stream: Stream, source: Path, start: int, size: int, h: Any, progress: Progress
+) -> None:
+    with source.open("rb") as f:
+        f.seek(start)
+        remaining = size - start
+        while remaining:
+            data = await anyio.to_thread.run_sync(_read_hashed, f, min(_CHUNK, remaining), h)
+            if not data:
+                raise CliError(f"{source} shrank while it was being sent; send it again")
+            await stream.send(data)
+            remaining -= len(data)
+            progress.advance(len(data))
+
+
+async def serve_transfer(stream: Stream, item: Item, *, bar: bool) -> bool:
+    """Run the sender's side of one transfer; True when the receiver verified it."""
+    peer = stream.peer.short()
+    await stream.send(encode(item.offer()))
+    request, _ = await read_message(stream)
+    if "decline" in request:
+        say(f"capsock: error: the receiver {peer} declined: {request['decline']}")
+        return False
+    offset = _field(request, "offset", int, "request")
+    h = hashlib.sha256()
+    start = 0
+    if item.kind == "file" and 0 < offset <= item.size and isinstance(request.get("prefix"), bytes):
+        h = await anyio.to_thread.run_sync(_hash_prefix, item.source, offset)
+        if h.digest() == request["prefix"]:
+            start = offset
+            info(f"{peer} resumes at {human_bytes(offset)} of {human_bytes(item.size)}")
+        else:
+            h = hashlib.sha256()
+            info(f"{peer} has a partial file that differs from {item.name}: starting over")
+    await stream.send(encode({"offset": start}))
+    progress = Progress(f"{item.name} -> {peer}", item.size, start)
+    progress.enabled = progress.enabled and bar
+    if item.kind == "file":
+        await _send_file_bytes(stream, item.source, start, item.size, h, progress)
+    else:
+        for entry in item.entries:
+            header = {"path": entry.path, "type": entry.kind, "mode": entry.mode}
+            if entry.kind == "file":
+                header |= {"size": entry.size, "mtime": entry.mtime}
+            raw = encode(header)
+            h.update(raw)
+            await stream.send(raw)
+            if entry.kind == "file":
+                await _send_file_bytes(stream, entry.source, 0, entry.size, h, progress)
+    await stream.send(encode({"sha256": h.digest()}))
+    progress.finish()
+    result, _ = await read_message(stream)
+    await stream.send_eof()
+    with anyio.move_on_after(_GOODBYE_TIMEOUT):
+        try:
+            while True:
+                await stream.receive()
+        except (anyio.EndOfStream, *_STREAM_ERRORS):
+            pass
+    if result.get("ok") is not True:
+        say(f"capsock: error: the receiver {peer} reports: {result.get('error', 'failure')}")
+        return False
+    info(f"sent {item.name} to {stream.peer} ({progress.summary()}); the receiver verified it")
+    return True
+
+
+async def cmd_send(args: argparse.Namespace) -> int:
+    """Offer a file or directory behind a (by default one-shot) capability."""
+    item = scan(Path(args.path))
+    outcomes: list[bool] = []
+
+    async def one(stream: Stream, bar: bool) -> None:
+        try:
+            async with resetting(stream):
+                outcomes.append(await serve_transfer(stream, item, bar=bar))
+        except (*_STREAM_ERRORS, anyio.EndOfStream, CliError) as exc:
+            why = "it closed the stream" if isinstance(exc, anyio.EndOfStream) else str(exc)
+            say(f"capsock: error: the transfer to {stream.peer.short()} failed: {why}")
+            outcomes.append(False)
+
+    async with listening_node(args) as node:
+        listener, cap = await make_listener(node, args, uses=1)
+        uses = args.uses or 1
+        what = f"{item.kind} {item.name} ({human_bytes(item.size)})"
+        times = "once" if uses == 1 else f"{uses} times"
+        announce(args, cap, f"offering {what} {times}: run `capsock receive URI` to fetch it")
+        async with anyio.create_task_group() as tg:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except anyio.ClosedResourceError:
+                    break
+                tg.start_soon(one, stream, uses == 1)
+    if not outcomes:
+        raise CliError("nobody received it before the capability expired; run `capsock send` again")
+    if not all(outcomes):
+        raise CliError(
+            "a transfer did not complete (see above); run `capsock send` again: "
+            "a receiver resumes a file where it stopped"
+        )
+    return Exit.OK
+
+
+# ------------------------------------------------------------------ receive
+
+
+def _check_name(name: object, what: str) -> str:
+    if (
+        not isinstance(name, str)
+        or name in ("", ".", "..")
+        or "/" in name
+        or "\0" in name
+        or len(name.encode("utf-8", "surrogateescape")) > 255
+    ):
+        raise CliError(f"the sender offered an unsafe {what} {name!r}; refusing it")
+    return name
+
+
+def _safe_relative(path: object) -> str:
+    if not isinstance(path, str) or len(path) > 4096:
+        raise CliError("the sender sent an unsafe path; refusing it")
+    for part in path.split("/"):
+        _check_name(part, "path")
+    return path
+
+
+def _target(output: str | None, name: str) -> Path | None:
+    """Where the received item goes (None: stdout)."""
+    if output == "-":
+        return None
+    if output is None:
+        return Path.cwd() / name
+    out = Path(output)
+    return out / name if out.is_dir() else out
+
+
+def _mode(mode: object, umask: int) -> int:
+    return (mode if isinstance(mode, int) else 0o644) & 0o777 & ~umask
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class _Sink:
+    """Hashes and writes received bytes in a worker thread (the file, or stdout)."""
+
+    def __init__(self, f: BinaryIO | None, h: Any) -> None:
+        self.f = f
+        self.h = h
+        self.fd = sys.stdout.fileno() if f is None else -1
+
+    def _write(self, data: bytes) -> None:
+        self.h.update(data)
+        if self.f is not None:
+            self.f.write(data)
+            return
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+    async def copy(self, stream: Stream, n: int, progress: Progress) -> None:
+        """Exactly ``n`` bytes from ``stream``.
+
+        Raises:
+            anyio.EndOfStream: the sender ended early.
+        """
+        while n:
+            data = await stream.receive(min(n, _CHUNK))
+            n -= len(data)
+            await anyio.to_thread.run_sync(self._write, data)
+            progress.advance(len(data))
+
+
+async def _finish(stream: Stream, ok: bool, error: str | None = None) -> None:
+    result: dict[str, Any] = {"ok": ok} if ok else {"ok": False, "error": error}
+    await stream.send(encode(result))
+    await stream.send_eof()
+    # Wait for the sender's EOF: it has read the result then.
+    with anyio.move_on_after(_GOODBYE_TIMEOUT):
+        try:
+            while True:
+                await stream.receive()
+        except (anyio.EndOfStream, *_STREAM_ERRORS):
+            pass
+
+
+async def _decline(stream: Stream, why: str) -> None:
+    await stream.send(encode({"decline": why}))
+    await stream.send_eof()
+    raise CliError(why)
+
+
+def _target_problem(target: Path) -> str | None:
+    if target.exists() or target.is_symlink():
+        return f"{target} exists: remove it or choose another name with -o"
+    if not target.parent.is_dir():
+        return f"{target.parent} is not a directory: create it, or fix -o"
+    return None
+
+
+async def _check_target(stream: Stream, target: Path) -> None:
+    """Decline (and fail) unless ``target`` can be created."""
+    problem = _target_problem(target)
+    if problem is not None:
+        await _decline(stream, problem)
+
+
+async def _expect_digest(stream: Stream, h: Any) -> bool:
+    done, _ = await read_message(stream)
+    return bool(_field(done, "sha256", bytes, "digest") == h.digest())
+
+
+async def _receive_file(stream: Stream, offer: dict[str, Any], output: str | None) -> int:
+    name = _check_name(offer.get("name"), "file name")
+    size = _field(offer, "size", int, "offer")
+    target = _target(output, name)
+    h = hashlib.sha256()
+    offset = 0
+    part: Path | None = None
+    if target is not None:
+        await _check_target(stream, target)
+        part = target.with_name(target.name + PART_SUFFIX)
+        try:
+            st = part.lstat()
+        except FileNotFoundError:
+            st = None
+        if st is not None and stat.S_ISREG(st.st_mode) and 0 < st.st_size <= size:
+            h = await anyio.to_thread.run_sync(_hash_prefix, part, st.st_size)
+            offset = st.st_size
+    request: dict[str, Any] = {"offset": offset}
+    if offset:
+        request["prefix"] = h.digest()
+    await stream.send(encode(request))
+    start_msg, _ = await read_message(stream)
+    start = _field(start_msg, "offset", int, "start")
+    if start not in (0, offset):
+        raise CliError("the sender chose an offset that was not asked for")
+    if offset and start == offset:
+        info(f"resuming {name} at {human_bytes(offset)} of {human_bytes(size)}")
+    elif offset:
+        info(f"the partial {part} is not a part of the offered {name}: starting over")
+        h = hashlib.sha256()
+    progress = Progress(name, size, start)
+    if part is None:
+        await _Sink(None, h).copy(stream, size, progress)
+    else:
+        with part.open("r+b" if start else "wb") as f:
+            f.truncate(start)
+            f.seek(start)
+            try:
+                await _Sink(f, h).copy(stream, size - start, progress)
+            except (anyio.EndOfStream, *_STREAM_ERRORS) as exc:
+                progress.finish()
+                why = "the sender ended the stream" if isinstance(exc, anyio.EndOfStream) else exc
+                raise CliError(
+                    f"the transfer stopped at {human_bytes(progress.done)} of "
+                    f"{human_bytes(size)} ({why}); {part} is kept: receive again to resume "
+                    "(a one-shot capability needs a new `capsock send`)"
+                ) from None
+            f.flush()
+            os.fsync(f.fileno())
+    progress.finish()
+    if not await _expect_digest(stream, h):
+        if part is not None:
+            part.unlink(missing_ok=True)
+        await _finish(stream, False, "SHA-256 mismatch")
+        raise CliError(
+            f"{name}: the SHA-256 of the received data differs from the sender's; "
+            "the partial file was removed: receive it again",
+            Exit.INTEGRITY,
+        )
+    if part is not None and target is not None:
+        os.chmod(part, _mode(offer.get("mode"), _umask()))
+        mtime = offer.get("mtime")
+        if isinstance(mtime, int | float):
+            os.utime(part, (mtime, mtime))
+        os.replace(part, target)
+    await _finish(stream, True)
+    info(f"received {target or name} ({progress.summary()}); SHA-256 verified")
+    return Exit.OK
+
+
+async def _receive_dir(stream: Stream, offer: dict[str, Any], output: str | None) -> int:
+    name = _check_name(offer.get("name"), "directory name")
+    size = _field(offer, "size", int, "offer")
+    count = _field(offer, "entries", int, "offer")
+    target = _target(output, name)
+    if target is None:
+        await _decline(stream, "a directory cannot be written to stdout: use -o DIR")
+        raise AssertionError("unreachable")
+    await _check_target(stream, target)
+    part = target.with_name(target.name + PART_SUFFIX)
+    if part.is_dir() and not part.is_symlink():
+        info(f"removing the partial {part} of an earlier attempt (directories start over)")
+        shutil.rmtree(part)
+    else:
+        part.unlink(missing_ok=True)
+    part.mkdir(mode=0o700)
+    await stream.send(encode({"offset": 0}))
+    start_msg, _ = await read_message(stream)
+    if _field(start_msg, "offset", int, "start") != 0:
+        raise CliError("the sender chose an offset that was not asked for")
+    umask = _umask()
+    h = hashlib.sha256()
+    progress = Progress(name, size, 0)
+    dirs: list[tuple[Path, int]] = []
+    try:
+        for _ in range(count + 1):
+            header, raw = await read_message(stream)
+            if "sha256" in header:
+                break
+            h.update(raw)
+            await _receive_entry(stream, header, part, dirs, umask, size, h, progress)
+        else:
+            raise CliError("the sender sent more entries than it offered")
+        progress.finish()
+        if _field(header, "sha256", bytes, "digest") != h.digest():
+            await _finish(stream, False, "SHA-256 mismatch")
+            raise CliError(
+                f"{name}: the SHA-256 of the received data differs from the sender's; "
+                "the partial directory was removed: receive it again",
+                Exit.INTEGRITY,
+            )
+        for path, mode in reversed(dirs):
+            os.chmod(path, mode)
+        os.chmod(part, _mode(offer.get("mode"), umask))
+        os.replace(part, target)
+    except (anyio.EndOfStream, *_STREAM_ERRORS) as exc:
+        progress.finish()
+        why = "the sender ended the stream" if isinstance(exc, anyio.EndOfStream) else exc
+        raise CliError(f"the transfer of {name} stopped ({why}); receive it again") from None
+    finally:
+        if part.exists():
+            shutil.rmtree(part, ignore_errors=True)
+    await _finish(stream, True)
+    info(f"received {target}/ ({progress.summary()}); SHA-256 verified")
+    return Exit.OK
+
+
+async def _receive_entry(
+    stream: Stream,
+    header: dict[str, Any],
+    part: Path,
+    dirs: list[tuple[Path, int]],
+    umask: int,
+    size: int,
+    h: Any,
+    progress: Progress,
+) -> None:
+    """One ENTRY of a directory transfer, written below ``part``."""
+    rel = _safe_relative(header.get("path"))
+    path = part / rel
+    if not path.parent.is_dir() or path.parent.is_symlink():
+        raise CliError(f"the sender sent {rel!r} before its directory")
+    if header.get("type") == "dir":
+        path.mkdir(mode=0o700)
+        dirs.append((path, _mode(header.get("mode"), umask)))
+        return
+    length = _field(header, "size", int, "entry")
+    if header.get("type") != "file" or not 0 <= length <= size - progress.done:
+        raise CliError(f"the sender sent a malformed entry for {rel!r}")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        await _Sink(f, h).copy(stream, length, progress)
+    os.chmod(path, _mode(header.get("mode"), umask))
+    mtime = header.get("mtime")
+    if isinstance(mtime, int | float):
+        os.utime(path, (mtime, mtime))
+
+
+def _check_output(output: str | None) -> None:
+    """Refuse an existing ``-o`` file before connecting (a one-shot capability is not wasted)."""
+    if output not in (None, "-"):
+        out = Path(output)
+        if out.exists() and not out.is_dir():
+            raise CliError(f"{out} exists: remove it or choose another name with -o")
+
+
+async def cmd_receive(args: argparse.Namespace) -> int:
+    """Fetch what ``capsock send`` offers."""
+    cap = read_capability(args.uri)
+    _check_output(args.output)
+    async with dialing_node(args, cap) as node:
+        try:
+            stream = await node.connect(cap)
+        except CapabilityRejected as exc:
+            raise CliError(
+                f"{exc} (a `capsock send` capability works once unless sent with --uses N)",
+                Exit.REFUSED,
+            ) from None
+        except Unreachable as exc:
+            raise CliError(
+                f"{exc}; is the sender still running? `capsock send` exits once its "
+                "capability is used up: ask for a new one",
+                Exit.UNREACHABLE,
+            ) from None
+        async with resetting(stream):
+            try:
+                with anyio.fail_after(_OFFER_TIMEOUT):
+                    offer, _ = await read_message(stream)
+            except TimeoutError:
+                raise CliError(
+                    "no offer from the other side: is this a `capsock send` capability? "
+                    "(`capsock connect` opens plain streams)"
+                ) from None
+            except anyio.EndOfStream:
+                raise CliError("the other side closed the stream without an offer") from None
+            if offer.get("proto") != PROTOCOL:
+                raise CliError(
+                    f"the other side does not speak {PROTOCOL}; is this a `capsock send` "
+                    "capability?"
+                )
+            if offer.get("kind") == "file":
+                return await _receive_file(stream, offer, args.output)
+            if offer.get("kind") == "dir":
+                return await _receive_dir(stream, offer, args.output)
+            await _decline(stream, f"unknown kind {offer.get('kind')!r}; upgrade capsock")
+    return Exit.ERROR
