@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import anyio
@@ -15,39 +12,11 @@ import pytest
 import capsock
 from capsock import CapsockAttribute
 
+from .chaos import RelayProcess, free_port
 from .helpers import echo, read_all
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RelayProcess:
-    """`capsock relay` in a subprocess (the real command line)."""
-
-    def __init__(self, state: Path, port: int) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "capsock", "relay", "--listen", f"tcp:127.0.0.1:{port}",
-             "--state-dir", str(state)],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )  # fmt: skip
-        assert self.proc.stdout is not None
-        self.uri = self.proc.stdout.readline().strip()
-        assert self.uri.startswith("capsock://"), "the relay did not print its capability"
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
 
 
 async def _wait_registered(node: capsock.Node) -> None:
@@ -57,7 +26,7 @@ async def _wait_registered(node: capsock.Node) -> None:
 
 
 async def test_nodes_without_listeners_talk_through_a_relay(tmp_path: Path) -> None:
-    relay = await anyio.to_thread.run_sync(RelayProcess, tmp_path / "relay", _free_port())
+    relay = await anyio.to_thread.run_sync(RelayProcess, tmp_path / "relay", free_port())
     try:
         async with (
             capsock.Node(relays=[relay.uri]) as endpoint,
@@ -89,7 +58,7 @@ async def test_nodes_without_listeners_talk_through_a_relay(tmp_path: Path) -> N
 
 
 async def test_relay_restart_fails_open_streams_and_clients_come_back(tmp_path: Path) -> None:
-    state, port = tmp_path / "relay", _free_port()
+    state, port = tmp_path / "relay", free_port()
     relay = await anyio.to_thread.run_sync(RelayProcess, state, port)
     cfg = capsock.NodeConfig(relay_backoff=(0.1, 0.5))
     try:
@@ -121,7 +90,7 @@ async def test_relay_restart_fails_open_streams_and_clients_come_back(tmp_path: 
 
 @pytest.mark.slow
 async def test_one_relay_carries_200_sessions_and_1000_streams(tmp_path: Path) -> None:
-    relay = await anyio.to_thread.run_sync(RelayProcess, tmp_path / "relay", _free_port())
+    relay = await anyio.to_thread.run_sync(RelayProcess, tmp_path / "relay", free_port())
     cfg = capsock.NodeConfig(listener_backlog=1024)
     try:
         async with (

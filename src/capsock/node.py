@@ -199,6 +199,7 @@ class Node:
             collections.OrderedDict()
         )
         self._session_count = 0
+        self._counted: set[Session] = set()  # sessions counted in _session_count
         self._tg: anyio.abc.TaskGroup | None = None
         self._closed = False
         self._counters = {
@@ -393,6 +394,10 @@ class Node:
                     log.info("dropped inbound connection from %s: %s", origin, exc)
                     return
                 session = self._new_session(transport, result, leftover, route)
+                # Join the pool the moment the dialer is confirmed, before the
+                # session processes anything that record asks for (a relay
+                # registration answered "ok" must find the session pooled).
+                session.on_confirmed = self._confirm_inbound
                 self._tg_start(session.run)
                 await session.confirmed.wait()
         finally:
@@ -409,15 +414,33 @@ class Node:
                     await transport.aclose()
         if session is None or not session.confirmed.is_set():
             return
+        try:
+            await session.finished.wait()
+        finally:
+            self._pool_remove(session)
+
+    def _confirm_inbound(self, session: Session) -> None:
+        if session in self._counted:
+            return
         if self._session_count >= self.config.max_sessions:
             log.warning("dropping session from %s: max_sessions reached", session.peer.short())
             session.abort()
             return
+        self._pool_add(session)
+
+    def _pool_add(self, session: Session) -> None:
         self._session_count += 1
-        try:
-            await self._run_registered(session, run=False)
-        finally:
+        self._counted.add(session)
+        previous = self._sessions.get(session.peer)
+        if previous is None or not previous.is_usable:
+            self._sessions[session.peer] = session
+
+    def _pool_remove(self, session: Session) -> None:
+        if session in self._counted:
+            self._counted.discard(session)
             self._session_count -= 1
+        if self._sessions.get(session.peer) is session:
+            del self._sessions[session.peer]
 
     def _new_session(
         self, transport: anyio.abc.ByteStream, result: HandshakeResult, leftover: bytes, route: str
@@ -432,28 +455,15 @@ class Node:
         )
 
     async def _run_session(self, session: Session) -> None:
-        self._session_count += 1
+        """Run an outbound (or otherwise trusted) session, pooled while it runs."""
+        self._pool_add(session)
         try:
-            await self._run_registered(session)
+            await session.run()
         finally:
-            self._session_count -= 1
+            self._pool_remove(session)
 
     def _tg_start(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
         self._require_running().start_soon(fn)
-
-    async def _run_registered(self, session: Session, *, run: bool = True) -> None:
-        """Pool ``session`` while it runs (``run=False``: it already runs; wait for it)."""
-        previous = self._sessions.get(session.peer)
-        if previous is None or not previous.is_usable:
-            self._sessions[session.peer] = session
-        try:
-            if run:
-                await session.run()
-            else:
-                await session.finished.wait()
-        finally:
-            if self._sessions.get(session.peer) is session:
-                del self._sessions[session.peer]
 
     async def _on_open(self, session: Session, sid: int, token_bytes: bytes) -> None:
         if token_bytes == TRANSPORT_TOKEN:

@@ -194,6 +194,8 @@ class Session:
         self._opening: dict[int, _OpenWaiter] = {}
         self._wake: anyio.Event | None = None
         self._peer_spoke = anyio.Event()
+        self.on_confirmed: Callable[[Session], None] | None = None
+        """Called synchronously when the dialer's first record authenticated."""
         self.confirmed = self._peer_spoke
         """Set once the dialer's first transport record authenticated (at once
         for the dialer's own side): until then the handshake may be a replay."""
@@ -312,9 +314,12 @@ class Session:
         receive = self._mux.receive_message
         while True:
             while (record := reader.next_record()) is not None:
-                events = receive(decrypt(record))
+                plaintext = decrypt(record)
                 if not self._peer_spoke.is_set():
                     self._peer_spoke.set()
+                    if self.on_confirmed is not None:
+                        self.on_confirmed(self)  # before anything the record asks for
+                events = receive(plaintext)
                 if events:
                     self._dispatch(events)
             if self._mux.has_output():
