@@ -61,7 +61,7 @@ def golden() -> dict[str, list[dict[str, str]]]:
 
 
 def main(test_one_input: Callable[[bytes], None], seeds: Iterable[bytes]) -> None:
-    """Run under atheris; with no corpus directory given, start from the seeds.
+    """Run under atheris, starting from the seeds when no corpus (or an empty one) is given.
 
     ``--selftest`` runs the seeds and 2,000 random inputs without atheris.
     """
@@ -78,11 +78,15 @@ def main(test_one_input: Callable[[bytes], None], seeds: Iterable[bytes]) -> Non
     import atheris
 
     atheris.instrument_all()
+    dirs = [Path(a) for a in args if not a.startswith("-") and Path(a).is_dir()]
     if not [a for a in args if not a.startswith("-")]:
-        corpus = tempfile.mkdtemp(prefix="capsock-corpus-")
-        for i, seed in enumerate(seeds):
-            Path(corpus, f"seed-{i:04d}").write_bytes(seed)
-        sys.argv.append(corpus)
+        corpus = Path(tempfile.mkdtemp(prefix="capsock-corpus-"))
+        sys.argv.append(str(corpus))
         print(f"seed corpus: {corpus}", file=sys.stderr)
+        dirs = [corpus]
+    if dirs and not any(dirs[0].iterdir()):
+        # An empty corpus directory (a first run) starts from the seeds too.
+        for i, seed in enumerate(seeds):
+            Path(dirs[0], f"seed-{i:04d}").write_bytes(seed)
     atheris.Setup(sys.argv, test_one_input)
     atheris.Fuzz()
