@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,84 +86,121 @@ def tls_context(server: bool, cert: Path, key: Path) -> ssl.SSLContext:
     return ctx
 
 
-async def drain(stream: anyio.abc.ByteStream, size: int) -> tuple[int, float]:
+async def drain(stream: anyio.abc.ByteStream, size: int, clock: list[float]) -> int:
     """Receive ``size`` bytes, then acknowledge with one byte.
 
-    Returns (bytes, seconds from the first byte to the last).  The explicit
-    acknowledgement lets the sender close only after everything arrived, the
-    same way for all three kinds (anyio's TLS stream has no half-close).
+    ``clock`` collects the time of the first byte and of the last one (the
+    receiver times from its first byte to its last, so setup is not counted).
+    The explicit acknowledgement lets the sender close only after everything
+    arrived, the same way for all kinds (anyio's TLS stream has no half-close).
     """
     first = await stream.receive(MiB)
-    start = time.perf_counter()
+    clock.append(time.perf_counter())
     total = len(first)
     while total < size:
         total += len(await stream.receive(MiB))
-    seconds = time.perf_counter() - start
+    clock.append(time.perf_counter())
     await stream.send(b"k")
-    return total, seconds
+    return total
 
 
-async def receiver(kind: str, size: int, cert: Path, key: Path, relay: str | None) -> None:
-    """Listen, print the address (or URI) on stdout, drain one stream, print the result."""
-    result: dict[str, Any] = {}
+async def receiver(
+    kind: str, size: int, cert: Path, key: Path, relay: str | None, streams: int = 1
+) -> None:
+    """Listen, print the address (or URI), drain ``streams`` streams, print the result.
+
+    ``streams`` > 1: capsock streams share one session; tcp and tls use one
+    connection each.  Every stream carries ``size // streams`` bytes.
+    """
+    clock: list[float] = []
+    received: list[int] = []
     done = anyio.Event()
 
     async def handle(stream: anyio.abc.ByteStream) -> None:
-        total, seconds = await drain(stream, size)
-        result.update(bytes=total, seconds=seconds)
-        done.set()
+        received.append(await drain(stream, size // streams, clock))
+        if len(received) == streams:
+            done.set()
 
-    if kind in ("capsock", "relay"):
-        listen = ["tcp:127.0.0.1:0"] if kind == "capsock" else []
-        relays = [relay] if kind == "relay" and relay else []
-        async with capsock.Node(listen=listen, relays=relays) as node:
-            while (
-                relays and node.relay_status.get(next(iter(node.relay_status), "")) != "registered"
-            ):
-                await anyio.sleep(0.05)
+    async with anyio.create_task_group() as tg:
+        if kind in ("capsock", "relay"):
+            listen = ["tcp:127.0.0.1:0"] if kind == "capsock" else []
+            relays = [relay] if kind == "relay" and relay else []
+            node = await tg.start(_run_node, listen, relays)
             listener = await node.listen()
             print(listener.uri, flush=True)
-            stream = await listener.accept()
-            await handle(stream)
-            await stream.aclose()
-    else:
-        tcp = await anyio.create_tcp_listener(local_host="127.0.0.1")
-        port = tcp.extra(anyio.abc.SocketAttribute.local_port)
-        print(f"127.0.0.1:{port}", flush=True)
-        listener: anyio.abc.Listener[Any] = tcp
-        if kind == "tls":
-            listener = TLSListener(tcp, tls_context(True, cert, key), standard_compatible=False)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(listener.serve, handle)
-            await done.wait()
-            tg.cancel_scope.cancel()
-    print(json.dumps(result), flush=True)
+            for _ in range(streams):
+                stream = await listener.accept()
+                tg.start_soon(_handle_and_close, handle, stream)
+        else:
+            tcp = await anyio.create_tcp_listener(local_host="127.0.0.1")
+            port = tcp.extra(anyio.abc.SocketAttribute.local_port)
+            print(f"127.0.0.1:{port}", flush=True)
+            listener_: anyio.abc.Listener[Any] = tcp
+            if kind == "tls":
+                ctx = tls_context(True, cert, key)
+                listener_ = TLSListener(tcp, ctx, standard_compatible=False)
+            tg.start_soon(listener_.serve, handle)
+        await done.wait()
+        await anyio.sleep(0.05)  # let the acknowledgements go out
+        tg.cancel_scope.cancel()
+    seconds = max(clock) - min(clock)
+    print(json.dumps({"bytes": sum(received), "seconds": seconds}), flush=True)
 
 
-async def sender(kind: str, address: str, size: int, cert: Path, key: Path) -> None:
+async def _handle_and_close(
+    handle: Callable[[anyio.abc.ByteStream], Awaitable[None]], stream: anyio.abc.ByteStream
+) -> None:
+    async with stream:
+        await handle(stream)
+
+
+async def _run_node(
+    listen: list[str],
+    relays: list[str],
+    *,
+    task_status: anyio.abc.TaskStatus[capsock.Node] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    async with capsock.Node(listen=listen, relays=relays) as node:
+        while relays and node.relay_status.get(next(iter(node.relay_status), "")) != "registered":
+            await anyio.sleep(0.05)
+        task_status.started(node)
+        await anyio.sleep_forever()
+
+
+async def sender(
+    kind: str, address: str, size: int, cert: Path, key: Path, streams: int = 1
+) -> None:
     chunk = os.urandom(MiB)
-    stream: anyio.abc.ByteStream
     node: capsock.Node | None = None
     if kind in ("capsock", "relay"):
         node = capsock.Node()
         await node.__aenter__()
-        stream = await node.connect(address)
-    else:
-        host, port = address.rsplit(":", 1)
-        stream = await anyio.connect_tcp(host, int(port))
-        if kind == "tls":
-            stream = await TLSStream.wrap(
-                stream,
-                hostname="127.0.0.1",
-                ssl_context=tls_context(False, cert, key),
-                standard_compatible=False,
-            )
-    sent = 0
-    while sent < size:
-        await stream.send(chunk)
-        sent += len(chunk)
-    await stream.receive(1)  # the receiver's acknowledgement: everything arrived
-    await stream.aclose()
+
+    async def one() -> None:
+        stream: anyio.abc.ByteStream
+        if node is not None:
+            stream = await node.connect(address)
+        else:
+            host, port = address.rsplit(":", 1)
+            stream = await anyio.connect_tcp(host, int(port))
+            if kind == "tls":
+                stream = await TLSStream.wrap(
+                    stream,
+                    hostname="127.0.0.1",
+                    ssl_context=tls_context(False, cert, key),
+                    standard_compatible=False,
+                )
+        sent, share = 0, size // streams
+        while sent < share:
+            piece = chunk[: min(MiB, share - sent)]
+            await stream.send(piece)
+            sent += len(piece)
+        await stream.receive(1)  # the receiver's acknowledgement: everything arrived
+        await stream.aclose()
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(streams):
+            tg.start_soon(one)
     if node is not None:
         await node.__aexit__(None, None, None)
 
@@ -180,9 +218,12 @@ def start_relay(workdir: Path) -> tuple[subprocess.Popen[str], str]:
     return relay, relay.stdout.readline().strip()
 
 
-def run_once(kind: str, size: int, backend: str, workdir: Path, relay: str) -> float:
+def run_once(
+    kind: str, size: int, backend: str, workdir: Path, relay: str, streams: int = 1
+) -> float:
+    """One transfer of ``size`` MiB in two processes; returns MB/s."""
     base = [sys.executable, "-m", "bench.throughput", "--backend", backend]
-    base += ["--workdir", str(workdir), "--relay", relay]
+    base += ["--workdir", str(workdir), "--relay", relay, "--streams", str(streams)]
     root = Path(__file__).resolve().parents[1]
     recv = subprocess.Popen(
         [*base, "--role", "recv", "--kind", kind, "--size", str(size)],
@@ -196,6 +237,7 @@ def run_once(kind: str, size: int, backend: str, workdir: Path, relay: str) -> f
         [*base, "--role", "send", "--kind", kind, "--address", address, "--size", str(size)],
         cwd=root,
         check=True,
+        timeout=300,
     )
     del send
     result = json.loads(recv.stdout.readline())
@@ -211,6 +253,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="MiB per run (default 256)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    parser.add_argument("--streams", type=int, default=1, help="parallel streams (default 1)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--role", choices=["recv", "send"], help=argparse.SUPPRESS)
     parser.add_argument("--kind", choices=KINDS, help=argparse.SUPPRESS)
@@ -223,12 +266,14 @@ def main() -> None:
         cert, key = args.workdir / "cert.pem", args.workdir / "key.pem"
         if args.role == "recv":
             anyio.run(
-                receiver, args.kind, args.size * MiB, cert, key, args.relay, backend=args.backend
-            )
+                receiver, args.kind, args.size * MiB, cert, key, args.relay, args.streams,
+                backend=args.backend,
+            )  # fmt: skip
         else:
             anyio.run(
-                sender, args.kind, args.address, args.size * MiB, cert, key, backend=args.backend
-            )
+                sender, args.kind, args.address, args.size * MiB, cert, key, args.streams,
+                backend=args.backend,
+            )  # fmt: skip
         return
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -239,14 +284,16 @@ def main() -> None:
         try:
             for _ in range(args.runs):
                 for kind in KINDS:  # interleaved, so drift hits every kind alike
-                    rates[kind].append(run_once(kind, args.size, args.backend, workdir, relay))
+                    rates[kind].append(
+                        run_once(kind, args.size, args.backend, workdir, relay, args.streams)
+                    )
         finally:
             relay_proc.kill()
             relay_proc.wait()
             if relay_proc.stdout is not None:
                 relay_proc.stdout.close()
     med = {k: statistics.median(v) for k, v in rates.items()}
-    print(f"bulk, one stream, {args.size} MiB, {args.runs} runs, {args.backend}, 2 processes")
+    print(f"bulk, {args.streams} stream(s), {args.size} MiB, {args.runs} runs, {args.backend}")
     print("(relay: sender and receiver both reach a `capsock relay` process)")
     print(f"{'kind':10} {'median MB/s':>12}   runs")
     for kind in KINDS:
