@@ -465,10 +465,12 @@ class Node:
     def _tg_start(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
         self._require_running().start_soon(fn)
 
-    async def _on_open(self, session: Session, sid: int, token_bytes: bytes) -> None:
+    def _on_open(
+        self, session: Session, sid: int, token_bytes: bytes
+    ) -> Coroutine[Any, Any, None] | None:
+        """Answer an OPEN at once; return a coroutine when it must wait (full backlog)."""
         if token_bytes == TRANSPORT_TOKEN:
-            await self._accept_transport(session, sid)
-            return
+            return self._accept_transport(session, sid)
         self._counters["opens_received"] += 1
         token: Token | None
         reason: str | None = None
@@ -488,18 +490,35 @@ class Node:
                 self._store, token, peer=session.peer, now=self._clock(), consume=ready
             )
             if verdict.allowed and listener is not None and not ready:
-                # Give a busy application a moment to accept() before refusing BUSY.
-                with anyio.move_on_after(self.config.backlog_wait):
-                    while listener._full() and not listener._retired:  # noqa: ASYNC110
-                        await anyio.sleep(0.01)
-                if listener._retired or listener._full():
-                    log.warning("listener is full; refusing a stream from %s", session.peer.short())
-                    session.reject(sid, ErrorCode.BUSY)
-                    return
-                verdict = authorize(self._store, token, peer=session.peer, now=self._clock())
-            reason = verdict.reason
-            if reason is None and (listener is None or listener._retired):
-                reason = "listener closed"
+                return self._open_when_room(session, sid, token, listener)
+        self._answer_open(session, sid, token, listener, verdict)
+        return None
+
+    async def _open_when_room(
+        self, session: Session, sid: int, token: Token, listener: Listener
+    ) -> None:
+        """Give a busy application a moment to accept() before refusing BUSY."""
+        with anyio.move_on_after(self.config.backlog_wait):
+            while listener._full() and not listener._retired:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        if listener._retired or listener._full():
+            log.warning("listener is full; refusing a stream from %s", session.peer.short())
+            session.reject(sid, ErrorCode.BUSY)
+            return
+        verdict = authorize(self._store, token, peer=session.peer, now=self._clock())
+        self._answer_open(session, sid, token, listener, verdict)
+
+    def _answer_open(
+        self,
+        session: Session,
+        sid: int,
+        token: Token | None,
+        listener: Listener | None,
+        verdict: Verdict,
+    ) -> None:
+        reason = verdict.reason
+        if reason is None and (listener is None or listener._retired):
+            reason = "listener closed"
         if reason is not None or listener is None or token is None:
             self._counters["opens_refused"] += 1
             log.info("refused a stream from %s: %s", session.peer.short(), reason)

@@ -160,7 +160,9 @@ class _OpenWaiter:
         self.outcome: Stream | BaseException | None = None
 
 
-OpenHandler = Callable[["Session", int, bytes], Coroutine[Any, Any, None]]
+OpenHandler = Callable[["Session", int, bytes], Coroutine[Any, Any, None] | None]
+"""Called for each OPEN: answers it at once, or returns a coroutine that will
+(run in the session's task group: waiting for a full backlog, say)."""
 
 
 class Session:
@@ -351,7 +353,9 @@ class Session:
                     if self._on_open is None or self._tg is None:
                         self._mux.reject_stream(sid, ErrorCode.REFUSED)
                     else:
-                        self._tg.start_soon(self._on_open, self, sid, token)
+                        later = self._on_open(self, sid, token)
+                        if later is not None:
+                            self._tg.start_soon(_await, later)
                 case StreamAccepted(sid):
                     waiter = self._opening.pop(sid, None)
                     if waiter is None:
@@ -572,6 +576,10 @@ class Session:
         if not mux.is_open(sid):
             self._streams.pop(sid, None)
         self._kick()
+
+
+async def _await(coro: Coroutine[Any, Any, None]) -> None:
+    await coro
 
 
 def _rejection(peer: NodeId, code: ErrorCode) -> CapsockError:
