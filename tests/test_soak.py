@@ -1,16 +1,34 @@
 """Opt-in soak: ``pytest -m soak`` (10 minutes; ``CAPSOCK_SOAK_SECONDS`` to change).
 
-Mixed traffic through direct, forwarded (introduction) and relayed routes while
-a chaos proxy in front of the direct route injects faults in bursts. Every
-stream must deliver exactly or raise; afterwards RSS and open file descriptors
-must be back near where they were after warm-up (no leak), and nothing hangs.
+Streams of random sizes to one echo endpoint over three routes, each from its
+own client node.  (A node keeps one session per peer and puts every stream to
+that peer on it, whatever route the capability names: one client for all
+routes would carry every stream on whichever session it happened to dial
+first, through the chaos proxy or not at all.)
+
+* ``direct``: TCP through a chaos proxy.  Its client cycles through faults:
+  a round of streams with the fault struck while they run (flip a bit, drop a
+  chunk, fragment into pieces of 1..4096 bytes), then the proxy passes again,
+  a probe stream (which may meet the session the fault broke), and a round
+  that must succeed;
+* ``relayed``: through a relay process (``via=`` the relay), no faults;
+* ``forwarded``: through the introducer (``via=`` its forwarding
+  capability), no faults.
+
+Every stream must deliver exactly or raise, and must have travelled its route.
+Relayed and forwarded streams must all succeed (the faults never touch them);
+on the direct route bit flips and drops must bite (some streams raise, some
+succeed), fragmentation must break nothing, and once a fault is cleared new
+streams must succeed.  Afterwards RSS and open file descriptors must be back
+near where they were after warm-up (no leak), and nothing hangs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -23,6 +41,24 @@ from .chaos import ChaosProxy, RelayProcess, free_port
 
 pytestmark = [pytest.mark.soak, pytest.mark.anyio]
 MiB = 1 << 20
+SIZES = (1024, 64 * 1024, 1024 * 1024)
+STREAM_BOUND = 30.0
+"""Seconds one stream (connect, echo, read to the end) may take."""
+PER_ROUND = 4
+"""Concurrent streams per round on each route."""
+DIRECT_SESSION = capsock.SessionConfig(keepalive_interval=1.0, keepalive_timeout=10.0)
+"""The faulted client pings after 1 s of silence (so a record soon follows a
+dropped or corrupted one, and the peer notices) and gives up on a peer silent
+for 10 s, well within ``STREAM_BOUND``."""
+WARM_UP = 10
+"""Rounds on every route before RSS and descriptors are measured."""
+PROBES = 2
+"""Streams tried one after another once a fault is cleared: the first may still
+meet the session the fault broke (noticed only when the next record arrives)."""
+
+Outcomes = Counter[str]
+"""Streams by outcome: ``ok``, ``corrupt`` (a clean end with different data:
+never allowed), ``misrouted`` (not carried by its route) or ``error <type>``."""
 
 
 def _rss() -> int:
@@ -34,13 +70,27 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-async def _one(
-    node: capsock.Node, cap: capsock.Capability, size: int, tally: dict[str, int]
-) -> None:
+def _errors(outcomes: Outcomes) -> int:
+    return sum(n for what, n in outcomes.items() if what.startswith("error"))
+
+
+def _route_of(cap: capsock.Capability) -> str:
+    """The route a stream opened with ``cap`` reports (``CapsockAttribute.route``)."""
+    (hint,) = cap.hints
+    if isinstance(hint, capsock.uri.ViaHint):
+        return f"via {hint.capability.node.short()}"
+    return str(hint)
+
+
+async def _one(node: capsock.Node, cap: capsock.Capability, size: int) -> str:
+    """One stream: send ``size`` random bytes, read the echo to the end."""
     payload = os.urandom(size)
+    route = None
+    got = b""
     try:
-        with anyio.fail_after(30):
+        with anyio.fail_after(STREAM_BOUND):
             stream = await node.connect(cap)
+            route = stream.extra(capsock.CapsockAttribute.route)
             async with stream, anyio.create_task_group() as tg:
 
                 async def send() -> None:
@@ -52,76 +102,164 @@ async def _one(
 
                 tg.start_soon(send)
                 got = await read_to_eof(stream)
-    except (capsock.CapsockError, anyio.BrokenResourceError, TimeoutError, OSError):
-        tally["errors"] += 1
-        return
-    if hashlib.sha256(got).digest() != hashlib.sha256(payload).digest():
-        tally["corrupt"] += 1  # never allowed: a clean end with different data
+    except* (capsock.CapsockError, anyio.BrokenResourceError, TimeoutError, OSError) as group:
+        # (a task group raises even a single exception in a group)
+        outcome = f"error {type(group.exceptions[0]).__name__}"
     else:
-        tally["ok"] += 1
+        outcome = "ok" if got == payload else "corrupt"
+    if route is not None and route != _route_of(cap):
+        return "misrouted"
+    return outcome
+
+
+def _report(tally: dict[str, dict[str, Outcomes]], slowest: dict[str, float]) -> str:
+    lines = []
+    for route, phases in tally.items():
+        for phase, outcomes in phases.items():
+            kinds = ", ".join(f"{n} {what}" for what, n in sorted(outcomes.items()))
+            lines.append(f"  {route:9} {phase:24} {kinds}")
+    lines.append("  slowest round: " + ", ".join(f"{k} {v:.1f} s" for k, v in slowest.items()))
+    return "\n".join(lines)
 
 
 @pytest.mark.timeout(0)
-async def test_soak_mixed_routes_with_faults(tmp_path: Path) -> None:
+async def test_soak_routes_with_faults_on_direct(tmp_path: Path) -> None:
     seconds = float(os.environ.get("CAPSOCK_SOAK_SECONDS", "600"))
     relay = await anyio.to_thread.run_sync(RelayProcess, tmp_path / "relay", free_port())
-    rng = random.Random(1)
-    tally = {"ok": 0, "errors": 0, "corrupt": 0}
+    tally: dict[str, dict[str, Outcomes]] = {r: {} for r in ("direct", "relayed", "forwarded")}
+    slowest: dict[str, float] = {}  # seconds, per route and phase kind
+    cleared: list[tuple[str, int, Outcomes]] = []  # per fault: failed probes, the round after
     try:
         async with (
             capsock.Node(listen=["tcp:127.0.0.1:0"], relays=[relay.uri]) as server,
             capsock.Node(listen=["tcp:127.0.0.1:0"]) as introducer,
-            capsock.Node() as client,
+            capsock.Node(config=capsock.NodeConfig(session=DIRECT_SESSION)) as direct_client,
+            capsock.Node() as relayed_client,
+            capsock.Node() as forwarded_client,
             anyio.create_task_group() as tg,
         ):
             service = await server.listen()
             tg.start_soon(service.serve, echo)
-            hint = service.uri.hints[0]
+            with anyio.fail_after(10):
+                while "registered" not in server.relay_status.values():
+                    await anyio.sleep(0.05)
+            hint, via_relay = service.uri.hints
             assert isinstance(hint, capsock.uri.TcpHint)
+            assert isinstance(via_relay, capsock.uri.ViaHint)
             async with ChaosProxy(hint.host, hint.port, seed=1) as proxy:
-                direct = proxy.route(service.uri)
-                relayed = service.uri.with_hints(service.uri.hints[1:])
                 to_intro = await server.connect((await introducer.listen()).uri)
-                hello = await client.connect((await introducer.listen()).uri)
+                hello = await forwarded_client.connect((await introducer.listen()).uri)
                 introduced = await introducer.introduce(
-                    service.uri, to=client.id, ttl=seconds + 600
+                    service.uri, to=forwarded_client.id, ttl=seconds + 600
                 )
-                forwarded = introduced.with_hints(
-                    tuple(h for h in introduced.hints if isinstance(h, capsock.uri.ViaHint))[:1]
+                via_introducer = next(
+                    h
+                    for h in introduced.hints
+                    if isinstance(h, capsock.uri.ViaHint) and h.capability.node == introducer.id
                 )
-                routes = [direct, relayed, forwarded]
+                clients = {
+                    "direct": (direct_client, proxy.route(service.uri)),
+                    "relayed": (relayed_client, service.uri.with_hints((via_relay,))),
+                    "forwarded": (forwarded_client, introduced.with_hints((via_introducer,))),
+                }
+                rng = random.Random(1)
 
-                async def round_(n: int) -> None:
-                    async with anyio.create_task_group() as batch:
-                        for i in range(n):
-                            batch.start_soon(
-                                _one, client, routes[i % 3], rng.choice([1, 64, 1024]) * 1024, tally
-                            )
+                async def round_(route: str, phase: str, kind: str | None = None) -> Outcomes:
+                    """``PER_ROUND`` concurrent streams on ``route``, tallied under ``phase``."""
+                    node, cap = clients[route]
+                    this: Outcomes = Counter()
 
-                await round_(30)  # warm-up
+                    async def one(size: int) -> None:
+                        this[await _one(node, cap, size)] += 1
+
+                    start = anyio.current_time()
+                    async with anyio.create_task_group() as streams:
+                        for _ in range(PER_ROUND):
+                            streams.start_soon(one, rng.choice(SIZES))
+                    key = f"{route} {kind or phase}"
+                    slowest[key] = max(slowest.get(key, 0.0), anyio.current_time() - start)
+                    tally[route].setdefault(phase, Counter()).update(this)
+                    return this
+
+                async def all_routes(phase: str) -> None:
+                    async with anyio.create_task_group() as group:
+                        for route in clients:
+                            group.start_soon(round_, route, phase)
+
+                for _ in range(WARM_UP):
+                    await all_routes("warm-up")
                 rss0, fds0 = _rss(), _fds()
                 end = anyio.current_time() + seconds
-                faults = [
-                    proxy.pass_,
-                    lambda: proxy.corrupt(),
-                    lambda: proxy.fragment(7),
-                    lambda: proxy.drop(),
-                ]
-                while anyio.current_time() < end:
-                    rng.choice(faults)()
-                    await round_(12)
-                    proxy.pass_()
-                    await round_(12)
-                await round_(30)
+                done = anyio.Event()
+
+                async def unfaulted(route: str) -> None:
+                    while not done.is_set():
+                        await round_(route, "soak")
+
+                async def faulted() -> None:
+                    faults: list[tuple[str, Callable[[], None]]] = [
+                        ("corrupt", lambda: proxy.corrupt()),
+                        ("fragment", lambda: proxy.fragment(4096)),
+                        ("drop", lambda: proxy.drop()),
+                    ]
+                    node, cap = clients["direct"]
+                    cycle = 0
+                    while cycle < len(faults) or anyio.current_time() < end:
+                        name, inject = faults[cycle % len(faults)]
+                        cycle += 1
+
+                        async def strike(inject: Callable[[], None] = inject) -> None:
+                            await anyio.sleep(rng.uniform(0.0, 0.2))  # while streams run
+                            inject()
+
+                        async with anyio.create_task_group() as fault_round:
+                            fault_round.start_soon(strike)
+                            fault_round.start_soon(round_, "direct", name)
+                        proxy.pass_()
+                        probes = tally["direct"].setdefault(f"{name} cleared: probes", Counter())
+                        failed = 0
+                        for _ in range(PROBES):
+                            outcome = await _one(node, cap, 1024)
+                            probes[outcome] += 1
+                            if outcome == "ok":
+                                break
+                            failed += 1
+                        after = await round_("direct", f"{name} cleared", "cleared")
+                        cleared.append((name, failed, after))
+                    done.set()
+
+                async with anyio.create_task_group() as soak:
+                    soak.start_soon(unfaulted, "relayed")
+                    soak.start_soon(unfaulted, "forwarded")
+                    soak.start_soon(faulted)
+                await all_routes("final")
                 await anyio.sleep(1)
                 rss1, fds1 = _rss(), _fds()
+                faults_applied = proxy.faults_applied
                 await hello.aclose()
                 await to_intro.aclose()
             tg.cancel_scope.cancel()
     finally:
         relay.kill()
-    print(f"\nsoak: {tally}, RSS {rss0 / MiB:.0f} -> {rss1 / MiB:.0f} MiB, fds {fds0} -> {fds1}")
-    assert tally["corrupt"] == 0
-    assert tally["ok"] > tally["errors"]
+    print(
+        f"\nsoak ({seconds:.0f} s, {len(cleared)} faults struck, {faults_applied} bit flips "
+        f"and drops applied):\n{_report(tally, slowest)}\n"
+        f"  RSS {rss0 / MiB:.0f} -> {rss1 / MiB:.0f} MiB, fds {fds0} -> {fds1}"
+    )
+    for route, phases in tally.items():
+        for phase, outcomes in phases.items():
+            assert outcomes["corrupt"] == 0, f"{route}, {phase}: a clean end with wrong data"
+            assert outcomes["misrouted"] == 0, f"{route}, {phase}: a stream took another route"
+    for route in ("relayed", "forwarded"):
+        assert sum(_errors(o) for o in tally[route].values()) == 0, f"{route}: no faults there"
+        assert sum(o["ok"] for o in tally[route].values()) > 0
+    direct = tally["direct"]
+    bites = [direct[name] for name in ("corrupt", "drop")]
+    assert faults_applied > 0 and sum(_errors(o) for o in bites) > 0, "the faults never bit"
+    assert sum(o["ok"] for o in bites) > 0, "no stream ever outlived a fault"
+    assert _errors(direct["fragment"]) == 0, "fragmentation must not break a stream"
+    for name, failed, after in cleared:
+        assert failed < PROBES, f"no new stream succeeded after {name} was cleared"
+        assert after["ok"] == PER_ROUND, f"streams failed after {name} was cleared: {after}"
     assert rss1 - rss0 < 64 * MiB, "memory grew during the soak"
     assert fds1 - fds0 < 20, "file descriptors leaked during the soak"
