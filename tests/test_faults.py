@@ -262,6 +262,26 @@ async def test_handshake_faults_fail_cleanly_and_the_next_dial_works(name: str) 
         await check_new_session_works(setup, new=True)
 
 
+async def test_a_desynchronised_session_is_declared_dead_by_keepalive() -> None:
+    """One byte cut from the server's stream: every later record is misframed.
+
+    The client keeps receiving bytes (the server's PONGs), but none of them
+    authenticates: that is no sign of life, so keepalive ends the session within
+    its timeout, the stream raises and a new session works.  (Counting raw bytes
+    as life kept such a session "usable" for minutes.)
+    """
+    async with proxied() as setup:
+        first = await echo_transfer(setup.client, setup.cap, os.urandom(KiB), 10)
+        assert first.end == "eof", first.end
+        setup.proxy.rewrite(lambda unit: unit[1:], direction="down", count=1)
+        start = anyio.current_time()
+        out = await echo_transfer(setup.client, setup.cap, os.urandom(4 * KiB), 15)
+        out.check()
+        assert out.end.startswith(("error", "connect")), out.end
+        assert anyio.current_time() - start < 10, "keepalive did not end the session in time"
+        await check_new_session_works(setup, new=True)
+
+
 # --------------------------------------------------------------- fragmentation
 
 

@@ -315,8 +315,10 @@ class Session:
         decrypt = self._cipher.decrypt
         receive = self._mux.receive_message
         while True:
+            heard = False
             while (record := reader.next_record()) is not None:
                 plaintext = decrypt(record)
+                heard = True
                 if not self._peer_spoke.is_set():
                     self._peer_spoke.set()
                     if self.on_confirmed is not None:
@@ -324,12 +326,15 @@ class Session:
                 events = receive(plaintext)
                 if events:
                     self._dispatch(events)
+            if heard:
+                # Only an authenticated record is a sign of life: raw bytes are
+                # not (a desynchronised stream, or an attacker trickling bytes,
+                # must not keep a dead session open).
+                self._last_heard = self._clock()
+                self._pinged = False
             if self._mux.has_output():
                 self._kick()
-            data = await transport.receive(_READ_SIZE)
-            self._last_heard = self._clock()
-            self._pinged = False
-            reader.feed(data)
+            reader.feed(await transport.receive(_READ_SIZE))
 
     def _dispatch(self, events: list[Event]) -> None:
         streams = self._streams
