@@ -84,10 +84,13 @@ class InvalidCapability(CapsockError, ValueError):
 
 
 class CapabilityRejected(CapsockError):
-    """The endpoint refused a well-formed capability.
+    """The endpoint refused a well-formed capability, or did not take the stream.
 
-    The reason is deliberately not disclosed by the endpoint (unknown, forged,
-    expired, used up, wrong peer and revoked all look the same on the wire).
+    ``code`` tells which: ``REFUSED`` means the capability was refused, and the
+    reason is deliberately not disclosed by the endpoint (unknown, forged,
+    expired, used up, wrong peer and revoked all look the same on the wire);
+    ``BUSY`` (a full listener) and ``SHUTTING_DOWN`` (the session went away
+    before answering) are passing conditions, safe to retry.
     """
 
     def __init__(self, message: str, code: ErrorCode = ErrorCode.REFUSED) -> None:

@@ -754,7 +754,10 @@ class Node:
             LocalUsageError: ``uri`` names this node itself, or the node is not running.
             PeerAuthenticationError: the node reached does not hold the URI's key.
             Unreachable: no route hint worked (each one is listed).
-            CapabilityRejected: the endpoint refused the capability.
+            CapabilityRejected: the endpoint refused the capability (``code`` is
+                ``REFUSED``), or did not take the stream for a passing reason
+                (``BUSY``; ``SHUTTING_DOWN`` when the session went away before
+                the answer): those are safe to retry.
         """
         cap = uri if isinstance(uri, Capability) else Capability.parse(uri)
         self._require_running()
