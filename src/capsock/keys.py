@@ -9,6 +9,7 @@ Ed25519 keys (``crypto_sign_ed25519_pk_to_curve25519`` and friends).
 from __future__ import annotations
 
 import base64
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,12 @@ NODE_ID_LEN = 32
 NODE_ID_TEXT_LEN = 52
 _KEY_FILE_HEADER = "capsock-node-key-v1\n"
 _B32_ALPHABET = frozenset("abcdefghijklmnopqrstuvwxyz234567")
+
+
+@functools.lru_cache(maxsize=1024)
+def _base32(raw: bytes) -> str:
+    """Lower-case unpadded base32 of a public key (cached: ids of peers recur)."""
+    return base64.b32encode(raw).decode("ascii").rstrip("=").lower()
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +83,7 @@ class NodeId:
         return str(self)[:12]
 
     def __str__(self) -> str:
-        return base64.b32encode(self.raw).decode("ascii").rstrip("=").lower()
+        return _base32(self.raw)
 
     def __repr__(self) -> str:
         return f"NodeId({str(self)!r})"
