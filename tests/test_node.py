@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import capsock
@@ -195,3 +197,45 @@ async def test_stream_errors_map_to_anyio() -> None:
         await stream.aclose()
         with pytest.raises(anyio.ClosedResourceError):
             await stream.send(b"x")
+
+
+async def test_cancelled_small_sends_never_break_the_session() -> None:
+    """Small sends write from the caller's task; cancelling it must not cut a record.
+
+    Half the senders run in an already-cancelled scope.  A small send queues
+    its bytes before its first checkpoint and its write is shielded, so every
+    byte arrives, in order, and the session stays the same one (a record cut
+    short would desynchronise it and force a re-dial).
+    """
+    async with (
+        capsock.Node(listen=["tcp:127.0.0.1:0"]) as server,
+        capsock.Node() as client,
+        anyio.create_task_group() as tg,
+    ):
+        listener = await server.listen()
+        received: list[bytes] = []
+
+        async def collect(stream: capsock.Stream) -> None:
+            received.append(await read_all(stream))
+
+        tg.start_soon(listener.serve, collect)
+        stream = await client.connect(listener.uri)
+        sent = bytearray()
+        rng = random.Random(5)
+        for i in range(400):
+            piece = bytes([i % 251]) * rng.randint(1, 2048)
+            with anyio.CancelScope() as scope:
+                if i % 2:
+                    scope.cancel()
+                sent += piece
+                await stream.send(piece)
+                await anyio.lowlevel.checkpoint()  # where the cancellation lands
+        await stream.send_eof()
+        with anyio.fail_after(10):
+            while not received:
+                await anyio.sleep(0.01)
+        assert received[0] == bytes(sent)
+        again = await client.connect(listener.uri)
+        await again.aclose()
+        assert server.stats()["inbound_connections"] == 1, "the session was re-dialed"
+        tg.cancel_scope.cancel()

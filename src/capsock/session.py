@@ -195,6 +195,7 @@ class Session:
         self._streams: dict[int, Stream] = {}
         self._opening: dict[int, _OpenWaiter] = {}
         self._wake: anyio.Event | None = None
+        self._send_busy = False  # a task is inside _flush_once (writer or inline)
         self._peer_spoke = anyio.Event()
         self.on_confirmed: Callable[[Session], None] | None = None
         """Called synchronously when the dialer's first record authenticated."""
@@ -405,13 +406,45 @@ class Session:
         # DESIGN §4.3: the first handshake message is replayable, so the
         # responder sends nothing until the dialer has sent a transport record.
         await self._peer_spoke.wait()
+        mux = self._mux
         while True:
-            while not self._mux.has_output():
-                if self._draining is not None:
+            while self._send_busy or not mux.has_output():
+                if self._draining is not None and not self._send_busy:
                     self._draining.set()
                 event = self._wake = anyio.Event()
                 await event.wait()
-            await self._flush_once()
+            self._send_busy = True
+            try:
+                await self._flush_once()
+            finally:
+                self._send_busy = False
+
+    async def flush_inline(self) -> None:
+        """Write what is queued from the calling task, if no write is in progress.
+
+        Saves the hop to the writer task (an event-loop turn each way) for
+        small messages.  The write is shielded from the caller's cancellation:
+        records taken from the mux carry nonces, so one cut short would break
+        the session; a write that cannot finish ends with the transport (the
+        session closes it when it dies).  Otherwise the writer task is woken.
+        """
+        if self._send_busy or self._closed_reason is not None or not self._peer_spoke.is_set():
+            self._kick()
+            return
+        self._send_busy = True
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._flush_once()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            # What the writer task's failure would do: end the session.
+            if self._closed_reason is None:
+                self._closed_reason = f"connection lost ({type(exc).__name__})"
+            if self._tg is not None:
+                self._tg.cancel_scope.cancel()
+        finally:
+            self._send_busy = False
+        if self._mux.has_output() or self._draining is not None:
+            self._kick()
 
     async def _flush_once(self) -> None:
         mux = self._mux
@@ -532,11 +565,12 @@ class Session:
 
     # ---------------------------------------------------------- used by Stream
 
-    def send_data(self, sid: int, data: memoryview) -> int:
+    def send_data(self, sid: int, data: memoryview, *, kick: bool = True) -> int:
+        """Queue what the credit allows; ``kick=False``: the caller flushes."""
         if self._closed_reason is not None:
             return 0
         n = self._mux.send_data(sid, data)
-        if n:
+        if n and kick:
             self._kick()
         return n
 

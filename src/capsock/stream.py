@@ -30,6 +30,11 @@ from .uri import Capability
 if TYPE_CHECKING:
     from .session import Session
 
+INLINE_SEND_MAX = 16 * 1024
+"""A send of at most this many bytes is written from the caller's task when no
+write is in progress (:meth:`Session.flush_inline`); larger ones are left to
+the session's writer task, which batches them."""
+
 __all__ = ["CapsockAttribute", "Stream"]
 
 
@@ -245,17 +250,22 @@ class Stream(anyio.abc.ByteStream):
             data = item if isinstance(item, bytes) else bytes(item)
             view = memoryview(data)
             session = self._session
+            small = len(view) <= INLINE_SEND_MAX
             while True:
                 if self._closed or self._local_eof:
                     raise anyio.ClosedResourceError
                 if self._error is not None:
                     raise self._error
                 if not view:
+                    if small:
+                        await session.flush_inline()
                     return
-                n = session.send_data(self._sid, view)
+                n = session.send_data(self._sid, view, kick=not small)
                 if n:
                     view = view[n:]
                     continue
+                if small:
+                    session._kick()  # what was queued goes out while we wait for credit
                 event = self._writable = anyio.Event()
                 await event.wait()
         finally:
