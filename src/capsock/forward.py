@@ -125,7 +125,7 @@ class Forwarder:
             with anyio.fail_after(self._node.config.handshake_timeout):
                 request = await receive_message(stream)
         except (TimeoutError, CapsockError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
-            log.info("no forwarding request from %s: %s", peer.short(), exc)
+            log.info("no forwarding request from %s: %s", peer.short(), str(exc))
             await stream.aclose()
             return
         if isinstance(request, dict) and request.get("op") == "register":

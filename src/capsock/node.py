@@ -391,7 +391,7 @@ class Node:
                     OSError,
                 ) as exc:
                     self._counters["handshakes_failed"] += 1
-                    log.info("dropped inbound connection from %s: %s", origin, exc)
+                    log.info("dropped inbound connection from %s: %s", origin, str(exc))
                     return
                 session = self._new_session(transport, result, leftover, route)
                 # Join the pool the moment the dialer is confirmed, before the
@@ -694,7 +694,7 @@ class Node:
                 stream = await forward_register(self, relay)
             except (CapsockError, OSError, TimeoutError, anyio.BrokenResourceError) as exc:
                 self.relay_status[key] = f"failed: {exc}"
-                log.warning("relay %s: %s; retrying in %.1f s", relay.node.short(), exc, delay)
+                log.warning("relay %s: %s; retrying in %.1f s", relay.node.short(), str(exc), delay)
             else:
                 self.relay_status[key] = "registered"
                 delay = first
@@ -967,7 +967,7 @@ class Listener(anyio.abc.Listener[Stream]):
                 anyio.EndOfStream,
                 CapsockError,
             ) as exc:
-                log.info("stream from %s ended: %s", stream.peer.short(), exc)
+                log.info("stream from %s ended: %s", stream.peer.short(), str(exc))
             except Exception:
                 log.exception("stream handler failed; the listener keeps serving")
 

@@ -262,7 +262,7 @@ class Session:
             reason = "the session was closed"
         except ProtocolError as exc:
             reason = f"protocol error: {exc}"
-            log.warning("session with %s closed: %s", self.peer.short(), exc)
+            log.warning("session with %s closed: %s", self.peer.short(), str(exc))
             # Fail the streams first: whatever their tasks do next (aclose, say)
             # must not queue a clean EOF behind the bad record.
             self._fail_all(reason)

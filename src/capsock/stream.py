@@ -225,7 +225,7 @@ class Stream(anyio.abc.ByteStream):
                 if self._eof:
                     raise anyio.EndOfStream
                 if self._error is not None:
-                    raise self._error
+                    raise self._error.with_traceback(None)  # no growing chain of old frames
                 event = self._readable = anyio.Event()
                 await event.wait()
         finally:
@@ -255,7 +255,7 @@ class Stream(anyio.abc.ByteStream):
                 if self._closed or self._local_eof:
                     raise anyio.ClosedResourceError
                 if self._error is not None:
-                    raise self._error
+                    raise self._error.with_traceback(None)  # no growing chain of old frames
                 if not view:
                     if small:
                         await session.flush_inline()
@@ -283,7 +283,7 @@ class Stream(anyio.abc.ByteStream):
         if self._local_eof:
             return
         if self._error is not None:
-            raise self._error
+            raise self._error.with_traceback(None)  # no growing chain of old frames
         self._local_eof = True
         self._session.send_eof(self._sid)
 

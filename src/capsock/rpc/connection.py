@@ -435,7 +435,7 @@ class Connection:
             await self._peer_finished()
         except RpcProtocolError as exc:
             self._note(exc)
-            log.warning("closing the RPC connection with %s: %s", _short(self.peer), exc)
+            log.warning("closing the RPC connection with %s: %s", _short(self.peer), str(exc))
             self._end(str(exc), exc)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, CapsockError) as exc:
             self._end(f"the stream broke ({type(exc).__name__})", exc)

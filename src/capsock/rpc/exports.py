@@ -119,7 +119,7 @@ class Exports:
                 try:
                     await node.revoke(cap)
                 except (CapsockError, OSError) as exc:  # the node is already closed, ...
-                    log.debug("could not revoke export %s: %s", cap.redacted(), exc)
+                    log.debug("could not revoke export %s: %s", cap.redacted(), str(exc))
             await export.listener.aclose()
         if node is not None and not _registry.get(node, True):
             _registry.pop(node, None)
