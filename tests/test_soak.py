@@ -25,6 +25,7 @@ near where they were after warm-up (no leak), and nothing hangs.
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 from collections import Counter
@@ -35,6 +36,8 @@ import anyio
 import pytest
 
 import capsock
+from capsock.session import Session
+from capsock.stream import Stream
 from capsock.testing import echo, read_to_eof
 
 from .chaos import ChaosProxy, RelayProcess, free_port
@@ -52,6 +55,10 @@ dropped or corrupted one, and the peer notices) and gives up on a peer silent
 for 10 s, well within ``STREAM_BOUND``."""
 WARM_UP = 10
 """Rounds on every route before RSS and descriptors are measured."""
+COOL_DOWN = 2 * DIRECT_SESSION.keepalive_timeout
+"""Seconds to wait after the last round for sessions broken by the last faults
+to be declared dead (a silently dropped session lingers up to
+``keepalive_timeout``, holding what was buffered for it)."""
 PROBES = 2
 """Streams tried one after another once a fault is cleared: the first may still
 meet the session the fault broke (noticed only when the next record arrives)."""
@@ -68,6 +75,13 @@ def _rss() -> int:
 
 def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def _live() -> tuple[int, int]:
+    """Session and Stream objects alive (after a full collection)."""
+    gc.collect()
+    kinds = Counter(type(o) for o in gc.get_objects())
+    return kinds[Session], kinds[Stream]
 
 
 def _errors(outcomes: Outcomes) -> int:
@@ -131,7 +145,11 @@ async def test_soak_routes_with_faults_on_direct(tmp_path: Path) -> None:
     cleared: list[tuple[str, int, Outcomes]] = []  # per fault: failed probes, the round after
     try:
         async with (
-            capsock.Node(listen=["tcp:127.0.0.1:0"], relays=[relay.uri]) as server,
+            capsock.Node(
+                listen=["tcp:127.0.0.1:0"],
+                relays=[relay.uri],
+                config=capsock.NodeConfig(session=DIRECT_SESSION),
+            ) as server,
             capsock.Node(listen=["tcp:127.0.0.1:0"]) as introducer,
             capsock.Node(config=capsock.NodeConfig(session=DIRECT_SESSION)) as direct_client,
             capsock.Node() as relayed_client,
@@ -188,7 +206,7 @@ async def test_soak_routes_with_faults_on_direct(tmp_path: Path) -> None:
 
                 for _ in range(WARM_UP):
                     await all_routes("warm-up")
-                rss0, fds0 = _rss(), _fds()
+                rss0, fds0, live0 = _rss(), _fds(), _live()
                 end = anyio.current_time() + seconds
                 done = anyio.Event()
 
@@ -233,8 +251,10 @@ async def test_soak_routes_with_faults_on_direct(tmp_path: Path) -> None:
                     soak.start_soon(unfaulted, "forwarded")
                     soak.start_soon(faulted)
                 await all_routes("final")
-                await anyio.sleep(1)
-                rss1, fds1 = _rss(), _fds()
+                with anyio.move_on_after(COOL_DOWN):  # broken sessions run out their keepalive
+                    while _live()[0] > live0[0]:
+                        await anyio.sleep(1)
+                rss1, fds1, live1 = _rss(), _fds(), _live()
                 faults_applied = proxy.faults_applied
                 await hello.aclose()
                 await to_intro.aclose()
@@ -244,7 +264,8 @@ async def test_soak_routes_with_faults_on_direct(tmp_path: Path) -> None:
     print(
         f"\nsoak ({seconds:.0f} s, {len(cleared)} faults struck, {faults_applied} bit flips "
         f"and drops applied):\n{_report(tally, slowest)}\n"
-        f"  RSS {rss0 / MiB:.0f} -> {rss1 / MiB:.0f} MiB, fds {fds0} -> {fds1}"
+        f"  RSS {rss0 / MiB:.0f} -> {rss1 / MiB:.0f} MiB, fds {fds0} -> {fds1}, "
+        f"live sessions and streams {live0} -> {live1}"
     )
     for route, phases in tally.items():
         for phase, outcomes in phases.items():
@@ -261,5 +282,6 @@ async def test_soak_routes_with_faults_on_direct(tmp_path: Path) -> None:
     for name, failed, after in cleared:
         assert failed < PROBES, f"no new stream succeeded after {name} was cleared"
         assert after["ok"] == PER_ROUND, f"streams failed after {name} was cleared: {after}"
+    assert live1[0] <= live0[0] and live1[1] <= live0[1] + PER_ROUND, "sessions or streams leaked"
     assert rss1 - rss0 < 64 * MiB, "memory grew during the soak"
     assert fds1 - fds0 < 20, "file descriptors leaked during the soak"
