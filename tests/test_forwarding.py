@@ -168,10 +168,12 @@ async def test_a_forwarder_refusal_is_unreachable_with_the_reason() -> None:
     async with triangle() as (intro, recipient, endpoint, cap):
         via = cap.hints[-1]
         assert isinstance(via, capsock.uri.ViaHint)
-        # Ask the introducer to forward to a node it has no route to.
+        # Ask the introducer to forward to a node it has no route to (with a
+        # forwarding capability that is not limited to one target).
+        unlimited = capsock.uri.ViaHint((await intro.forwarding()).uri)
         async with capsock.Node() as nowhere:
             target = await nowhere.listen()
-            lost = target.uri.with_hints((via,))
+            lost = target.uri.with_hints((unlimited,))
             with pytest.raises(capsock.Unreachable) as info:
                 await recipient.connect(lost)
             assert "no session and no route" in str(info.value)
@@ -187,3 +189,36 @@ async def _drop_sessions_to(node: capsock.Node, peer: capsock.NodeId) -> None:
     for session in list(node._sessions.values()):
         if session.peer == peer:
             await session.aclose()
+
+
+async def test_an_introduction_forwards_only_to_the_introduced_node() -> None:
+    """The introduction's forwarding capability names its target (a ``to`` caveat).
+
+    The recipient cannot use it to reach another node the introducer has a
+    session with, nor to register itself at the introducer; a ``to`` caveat
+    cannot be removed, and adding a second, different one allows nothing.
+    """
+    async with triangle() as (intro, recipient, endpoint, cap):
+        via = cap.hints[-1]
+        assert isinstance(via, capsock.uri.ViaHint)
+        assert capsock.uri.To(endpoint.id) in via.capability.caveats
+        async with capsock.Node() as other, anyio.create_task_group() as tg:
+            service = await other.listen()
+            tg.start_soon(service.serve, echo)
+            inbox = await intro.listen()
+            keep = await other.connect(inbox.uri)  # the introducer has a session to it
+            detour = service.uri.with_hints((via,))
+            with pytest.raises(capsock.Unreachable) as info:
+                await recipient.connect(detour)
+            assert "does not reach that node" in str(info.value)
+            with pytest.raises((capsock.Unreachable, capsock.CapsockError)) as reg:
+                await capsock.forward.register(recipient, via.capability)
+            assert "limited to one target" in str(reg.value)
+            both = via.capability.attenuate(capsock.uri.To(other.id))
+            with pytest.raises(capsock.Unreachable):
+                await recipient.connect(cap.with_hints((capsock.uri.ViaHint(both),)))
+            # The introduced node itself is still reachable.
+            stream = await recipient.connect(cap)
+            await stream.aclose()
+            await keep.aclose()
+            tg.cancel_scope.cancel()

@@ -29,6 +29,7 @@ from capsock.uri import (
     Label,
     Peer,
     TcpHint,
+    To,
     Token,
     UnixHint,
     UnknownCaveat,
@@ -190,8 +191,11 @@ def test_golden_covers_the_grammar() -> None:
     kinds = {k for v in VALID for c in v["caveats"] for k in c}
     assert kinds == {"exp", "uses", "peer", "label", "unknown"}
     hints = [h for v in VALID for h in v["hints"]]
-    tcp_hosts = [ipaddress.ip_address(h["tcp"][0]).version for h in hints if "tcp" in h
-                 and not h["tcp"][0][0].isalpha()]
+    tcp_hosts = [
+        ipaddress.ip_address(h["tcp"][0]).version
+        for h in hints
+        if "tcp" in h and not h["tcp"][0][0].isalpha()
+    ]
     assert {4, 6} <= set(tcp_hosts)
     assert any("tcp" in h and h["tcp"][0][0].isalpha() for h in hints)
     assert any("unix" in h for h in hints)
@@ -220,7 +224,9 @@ def test_uri_is_sans_io() -> None:
 def test_public_names() -> None:
     for name in uri_module.__all__:
         assert hasattr(uri_module, name)
-    assert {k.name: int(k) for k in CaveatKind} == {"EXP": 1, "USES": 2, "PEER": 3, "LABEL": 4}
+    assert {k.name: int(k) for k in CaveatKind} == {
+        "EXP": 1, "USES": 2, "PEER": 3, "LABEL": 4, "TO": 5,
+    }  # fmt: skip
 
 
 def test_root_tag_matches_independent_blake2b() -> None:
@@ -229,7 +235,9 @@ def test_root_tag_matches_independent_blake2b() -> None:
     caveat = Uses(7)
     assert encode_caveat(caveat) == b"\x02\x04\x00\x00\x00\x07"
     step = hashlib.blake2b(
-        b"\x02\x04\x00\x00\x00\x07", digest_size=32, key=expected.digest(),
+        b"\x02\x04\x00\x00\x00\x07",
+        digest_size=32,
+        key=expected.digest(),
         person=b"capsock/1 caveat",
     )
     assert chain_tag(expected.digest(), caveat) == step.digest()
@@ -240,6 +248,7 @@ def test_encode_caveat_bytes() -> None:
     assert encode_caveat(Expires(0)) == b"\x01\x08" + bytes(8)
     assert encode_caveat(Uses(1)) == b"\x02\x04\x00\x00\x00\x01"
     assert encode_caveat(Peer(NODE)) == b"\x03\x20" + NODE.raw
+    assert encode_caveat(To(NODE)) == b"\x05\x20" + NODE.raw
     assert encode_caveat(Label("é")) == b"\x04\x02\xc3\xa9"
     assert encode_caveat(UnknownCaveat(9, b"")) == b"\x09\x00"
     with pytest.raises(InvalidCapability):
@@ -329,6 +338,8 @@ def altered(caveat: Caveat) -> Caveat:
         return Uses(caveat.count ^ 1 or 2)
     if isinstance(caveat, Peer):
         return Peer(NODE if caveat.node != NODE else OTHER)
+    if isinstance(caveat, To):
+        return To(NODE if caveat.node != NODE else OTHER)
     if isinstance(caveat, Label):
         return Label("!" if caveat.text != "!" else "?")
     return UnknownCaveat(caveat.kind, caveat.value[:-1] if caveat.value else b"!")
@@ -554,12 +565,13 @@ CAVEATS: st.SearchStrategy[Caveat] = st.one_of(
     st.integers(0, 2**64 - 1).map(Expires),
     st.integers(1, 2**32 - 1).map(Uses),
     NODE_IDS.map(Peer),
+    NODE_IDS.map(To),
     st.text(LABEL_CHARS, min_size=1, max_size=16)
     .filter(lambda t: len(t.encode()) <= 64)
     .map(Label),
     st.builds(
         UnknownCaveat,
-        st.integers(0, 255).filter(lambda k: k not in (1, 2, 3, 4)),
+        st.integers(0, 255).filter(lambda k: k not in (1, 2, 3, 4, 5)),
         st.binary(max_size=24),
     ),
 )
@@ -571,9 +583,11 @@ HOSTS = st.one_of(
     st.ip_addresses(v=6).map(str).filter(lambda a: not a.startswith("::ffff:")),
     DNS_NAMES.filter(lambda n: not n.split(".")[-1].isdigit()),
 )
-PATHS = st.text(
-    st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), max_size=30
-).map(lambda t: "/" + t).filter(lambda p: len(p.encode()) <= 107)
+PATHS = (
+    st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), max_size=30)
+    .map(lambda t: "/" + t)
+    .filter(lambda p: len(p.encode()) <= 107)
+)
 SIMPLE_HINTS: st.SearchStrategy[Hint] = st.one_of(
     st.builds(TcpHint, HOSTS, st.integers(1, 65535)), PATHS.map(UnixHint)
 )
@@ -649,24 +663,32 @@ KEYS = st.sampled_from(["tcp", "unix", "via", "", "TCP", "x", "advertise"])
 VALUES = st.one_of(
     st.text(URI_ALPHABET, max_size=20),
     st.sampled_from(["127.0.0.1:80", "[::1]:80", "/tmp/x", "%2Ftmp", "example.com:443", "%zz"]),
-    st.sampled_from(VALID_URIS).map(lambda u: "".join(f"%{b:02X}" if chr(b) in ":/?&=%" else chr(b)
-                                                      for b in u.encode())),
+    st.sampled_from(VALID_URIS).map(
+        lambda u: "".join(f"%{b:02X}" if chr(b) in ":/?&=%" else chr(b) for b in u.encode())
+    ),
 )
 
 
 @st.composite
 def grammar_like(draw: st.DrawFn) -> str:
-    node = draw(st.one_of(st.sampled_from([v["node"] for v in VALID]),
-                          st.text("abcdefghijklmnopqrstuvwxyz234567A", min_size=50, max_size=54)))
-    token = draw(st.one_of(
-        st.sampled_from([b64(bytes.fromhex(v["token"])) for v in VALID]),
-        st.binary(max_size=120).map(b64),
-        st.text("ABCabc019-_=+/", max_size=90),
-    ))
+    node = draw(
+        st.one_of(
+            st.sampled_from([v["node"] for v in VALID]),
+            st.text("abcdefghijklmnopqrstuvwxyz234567A", min_size=50, max_size=54),
+        )
+    )
+    token = draw(
+        st.one_of(
+            st.sampled_from([b64(bytes.fromhex(v["token"])) for v in VALID]),
+            st.binary(max_size=120).map(b64),
+            st.text("ABCabc019-_=+/", max_size=90),
+        )
+    )
     text = draw(st.sampled_from(["capsock://", "CAPSOCK://", "capsock:/", ""])) + node + "/" + token
     if draw(st.booleans()):
-        parts = draw(st.lists(st.tuples(KEYS, st.sampled_from(["=", "", "=="]), VALUES),
-                              max_size=5))
+        parts = draw(
+            st.lists(st.tuples(KEYS, st.sampled_from(["=", "", "=="]), VALUES), max_size=5)
+        )
         text += "?" + "&".join(k + eq + v for k, eq, v in parts)
     return text
 
@@ -713,12 +735,15 @@ def test_fuzz_mutations_of_valid_uris(text: str) -> None:
 
 
 @settings(max_examples=1000, deadline=None)
-@given(st.one_of(
-    st.binary(max_size=400),
-    st.binary(max_size=300).map(lambda b: b"\x01" + b),
-    st.tuples(st.binary(min_size=16, max_size=16), st.integers(0, 40), st.binary(max_size=300))
-    .map(lambda t: b"\x01" + t[0] + bytes([t[1]]) + t[2]),
-))
+@given(
+    st.one_of(
+        st.binary(max_size=400),
+        st.binary(max_size=300).map(lambda b: b"\x01" + b),
+        st.tuples(
+            st.binary(min_size=16, max_size=16), st.integers(0, 40), st.binary(max_size=300)
+        ).map(lambda t: b"\x01" + t[0] + bytes([t[1]]) + t[2]),
+    )
+)
 def test_fuzz_token_decode(data: bytes) -> None:
     try:
         token = Token.decode(data)
@@ -728,3 +753,15 @@ def test_fuzz_token_decode(data: bytes) -> None:
             assert data.hex() not in str(exc) and b64(data) not in str(exc)
     else:
         assert token.encode() == data
+
+
+def test_to_caveat_round_trips_and_comes_after_peer() -> None:
+    cap = Capability(NODE, mint_root(ROOT_KEY, ROOT_ID))
+    narrowed = cap.attenuate(ttl=60, peer=NODE, to=NODE, label="x", uses=1, now=1000)
+    kinds = [type(c).__name__ for c in narrowed.caveats]
+    assert kinds == ["Expires", "Peer", "To", "Label", "Uses"]
+    again = Capability.parse(str(narrowed))
+    assert again == narrowed
+    assert To(NODE) in again.caveats
+    with pytest.raises(InvalidCapability):
+        To(b"\x00" * 32)  # type: ignore[arg-type]

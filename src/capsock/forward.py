@@ -42,8 +42,8 @@ import anyio.abc
 from .errors import CapsockError, ProtocolError, Unreachable
 from .keys import NodeId
 from .messages import receive_message, send_message
-from .stream import Stream
-from .uri import Capability
+from .stream import CapsockAttribute, Stream
+from .uri import Capability, To
 
 if TYPE_CHECKING:
     from .node import Node
@@ -121,12 +121,17 @@ class Forwarder:
         stream is closed, so the dialer can say why the route failed.
         """
         peer = stream.peer
+        cap = stream.extra(CapsockAttribute.capability, None)
+        targets = {c.node for c in cap.caveats if isinstance(c, To)} if cap is not None else set()
         try:
             with anyio.fail_after(self._node.config.handshake_timeout):
                 request = await receive_message(stream)
         except (TimeoutError, CapsockError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
             log.info("no forwarding request from %s: %s", peer.short(), str(exc))
             await stream.aclose()
+            return
+        if targets and isinstance(request, dict) and request.get("op") == "register":
+            await self._refuse(stream, "this forwarding capability is limited to one target")
             return
         if isinstance(request, dict) and request.get("op") == "register":
             await self._registered(stream)
@@ -140,6 +145,10 @@ class Forwarder:
             await self._refuse(stream, "malformed forwarding request")
             return
         target = NodeId(request["to"])
+        if targets and targets != {target}:
+            # Every ``to`` caveat must name the target (two different ones allow none).
+            await self._refuse(stream, "this forwarding capability does not reach that node")
+            return
         if target in (self._node.id, peer):
             await self._refuse(stream, "a node cannot be forwarded to itself")
             return
@@ -206,7 +215,7 @@ async def register(node: Node, relay: Capability) -> Stream:
     stream, answer = await _request(node, relay, {"op": "register"})
     if answer.get("ok") is not True:
         await stream.aclose()
-        raise ProtocolError("the relay did not accept the registration")
+        raise ProtocolError(f"the relay did not accept the registration: {_reason(answer)}")
     return stream
 
 
@@ -232,6 +241,15 @@ async def _request(
     return stream, answer
 
 
+def _reason(answer: dict[Any, Any]) -> str:
+    """The forwarder's stated reason, made safe to show: it is the remote's text."""
+    why = answer.get("error")
+    if not isinstance(why, str):
+        return "no reason given"
+    text = "".join(ch if ch.isprintable() else "?" for ch in why[:200])
+    return text + ("..." if len(why) > 200 else "")
+
+
 async def open_via(node: Node, via: Capability, target: NodeId) -> Stream:
     """Ask the forwarder named by ``via`` for a transport stream to ``target``.
 
@@ -243,5 +261,5 @@ async def open_via(node: Node, via: Capability, target: NodeId) -> Stream:
     stream, answer = await _request(node, via, {"op": "forward", "to": target.raw})
     if answer.get("ok") is not True:
         await stream.aclose()
-        raise Unreachable(f"the forwarder {via.node.short()} has no route: {answer.get('error')}")
+        raise Unreachable(f"the forwarder {via.node.short()} has no route: {_reason(answer)}")
     return stream

@@ -584,7 +584,8 @@ class Node:
 
         The result is ``cap`` attenuated to ``to`` and ``ttl`` seconds, with an
         extra ``via=`` hint: this node's forwarding capability, itself bound to
-        ``to`` and expiring.  Give it to ``to`` over an existing stream (e.g.
+        ``to``, expiring, and limited (``to`` caveat) to forwarding to ``cap``'s
+        node.  Give it to ``to`` over an existing stream (e.g.
         :func:`capsock.send_capability`).  ``to`` tries the direct hints first.
 
         Raises:
@@ -596,7 +597,7 @@ class Node:
             self._introductions = await self.forwarding()
         now = self._clock()
         self._remember_route(c)
-        via = self._introductions.uri.attenuate(ttl=ttl, peer=to, now=now)
+        via = self._introductions.uri.attenuate(ttl=ttl, peer=to, to=c.node, now=now)
         narrowed = c.attenuate(ttl=ttl, peer=to, now=now)
         direct = tuple(h for h in c.hints if not isinstance(h, ViaHint))
         relayed = tuple(h for h in c.hints if isinstance(h, ViaHint))

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .keys import NodeId
-from .uri import Expires, Label, Peer, Token, UnknownCaveat, Uses, chain_tag, root_tag
+from .uri import Expires, Label, Peer, To, Token, UnknownCaveat, Uses, chain_tag, root_tag
 
 __all__ = ["MemoryStore", "RootEntry", "SqliteStore", "Store", "Verdict", "authorize", "chain"]
 
@@ -270,8 +270,8 @@ def authorize(
                     return Verdict("bound to another peer")
             case Uses(count):
                 counters.append((after, count))
-            case Label():
-                pass
+            case Label() | To():
+                pass  # To restricts forwarding targets: the forwarder checks it
             case UnknownCaveat(kind):
                 return Verdict(f"unknown caveat kind {kind}")
     if any(store.uses(key) >= limit for key, limit in counters):

@@ -101,6 +101,7 @@ __all__ = [
     "Label",
     "Peer",
     "TcpHint",
+    "To",
     "Token",
     "UnixHint",
     "UnknownCaveat",
@@ -163,6 +164,8 @@ class CaveatKind(IntEnum):
     """Only this node may use the capability."""
     LABEL = 4
     """A human-readable label for logs; restricts nothing."""
+    TO = 5
+    """A forwarding capability may carry sessions only to this node."""
 
 
 _KNOWN_KINDS = frozenset(int(k) for k in CaveatKind)
@@ -227,6 +230,23 @@ class Peer:
 
 
 @dataclass(frozen=True, slots=True)
+class To:
+    """Caveat ``to``: a forwarding capability may carry sessions only to this node.
+
+    The forwarder checks it (a ``to`` caveat also forbids registering to be
+    reached through the forwarder); any other endpoint lets it pass.  An
+    introduction's forwarding capability carries one, naming the introduced
+    node.  Raises InvalidCapability if ``node`` is no NodeId.
+    """
+
+    node: NodeId
+    """The only node sessions may be forwarded to."""
+
+    def __post_init__(self) -> None:
+        _check_type("to caveat", self.node, NodeId)
+
+
+@dataclass(frozen=True, slots=True)
 class Label:
     """Caveat ``label``: a name for logs; restricts nothing.
 
@@ -267,7 +287,7 @@ class UnknownCaveat:
             raise InvalidCapability("unknown caveat value must be at most 255 bytes")
 
 
-Caveat: TypeAlias = Expires | Uses | Peer | Label | UnknownCaveat
+Caveat: TypeAlias = Expires | Uses | Peer | To | Label | UnknownCaveat
 """Any caveat, known or not."""
 
 
@@ -285,6 +305,8 @@ def encode_caveat(caveat: Caveat) -> bytes:
         kind, value = CaveatKind.USES, caveat.count.to_bytes(4, "big")
     elif isinstance(caveat, Peer):
         kind, value = CaveatKind.PEER, caveat.node.raw
+    elif isinstance(caveat, To):
+        kind, value = CaveatKind.TO, caveat.node.raw
     elif isinstance(caveat, Label):
         kind, value = CaveatKind.LABEL, caveat.text.encode("utf-8")
     elif isinstance(caveat, UnknownCaveat):
@@ -294,7 +316,7 @@ def encode_caveat(caveat: Caveat) -> bytes:
     return bytes((kind, len(value))) + value
 
 
-_EXPECTED_LEN = {CaveatKind.EXP: 8, CaveatKind.USES: 4, CaveatKind.PEER: 32}
+_EXPECTED_LEN = {CaveatKind.EXP: 8, CaveatKind.USES: 4, CaveatKind.PEER: 32, CaveatKind.TO: 32}
 
 
 def _decode_caveat(kind: int, value: bytes) -> Caveat:
@@ -314,6 +336,8 @@ def _decode_caveat(kind: int, value: bytes) -> Caveat:
         return Uses(count)
     if known is CaveatKind.PEER:
         return Peer(NodeId(value))
+    if known is CaveatKind.TO:
+        return To(NodeId(value))
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError:
@@ -716,6 +740,7 @@ class Capability:
         ttl: float | None = None,
         uses: int | None = None,
         peer: NodeId | None = None,
+        to: NodeId | None = None,
         label: str | None = None,
         now: float | None = None,
     ) -> Capability:
@@ -723,10 +748,10 @@ class Capability:
 
         ``caveats`` are appended first, then the keyword ones in the order
         ``exp`` (``ceil(now + ttl)``; ``now`` defaults to the wall clock),
-        ``peer``, ``label``, ``uses``.  ``uses`` comes last on purpose: a use
-        counter belongs to the chain position of its caveat, so
-        ``attenuate(uses=1, peer=bob)`` and ``attenuate(uses=1, peer=carol)``
-        get separate counters.
+        ``peer``, ``to`` (forwarding only to that node), ``label``, ``uses``.
+        ``uses`` comes last on purpose: a use counter belongs to the chain
+        position of its caveat, so ``attenuate(uses=1, peer=bob)`` and
+        ``attenuate(uses=1, peer=carol)`` get separate counters.
 
         Raises:
             InvalidCapability: a caveat is invalid, ``ttl`` is not a positive
@@ -740,6 +765,8 @@ class Capability:
             extra.append(Expires(math.ceil(start + ttl)))
         if peer is not None:
             extra.append(Peer(peer))
+        if to is not None:
+            extra.append(To(to))
         if label is not None:
             extra.append(Label(label))
         if uses is not None:

@@ -18,6 +18,7 @@ from ..uri import (
     Label,
     Peer,
     TcpHint,
+    To,
     UnixHint,
     UnknownCaveat,
     Uses,
@@ -112,6 +113,8 @@ def _caveat(c: Caveat, now: float) -> dict[str, Any]:
             return {"kind": "uses", "count": count}
         case Peer(node):
             return {"kind": "peer", "node": str(node)}
+        case To(node):
+            return {"kind": "to", "node": str(node)}
         case Label(text):
             return {"kind": "label", "text": text}
         case UnknownCaveat(kind, value):
@@ -166,6 +169,8 @@ def _text(cap: Capability, now: float, indent: str = "") -> list[str]:
                 text = f"uses    at most {count} stream{'s' if count != 1 else ''}"
             case Peer(node):
                 text = f"peer    only node {node}"
+            case To(node):
+                text = f"to      forwarding only to node {node}"
             case Label(label):
                 text = f"label   {json.dumps(label, ensure_ascii=False)}"
             case UnknownCaveat(kind, value):
