@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import capsock
 from capsock.keys import KeyPair
-from capsock.store import MemoryStore, RootEntry, authorize
+from capsock.store import MemoryStore, RootEntry, SqliteStore, authorize
 from capsock.uri import Capability, Expires, Label, Peer, Token, Uses, mint_root
 
 from .helpers import echo, read_all
@@ -356,3 +356,31 @@ async def test_a_revoked_sturdy_name_gets_a_fresh_capability(tmp_path: Path) -> 
     for name in ("capabilities.sqlite3", "node.key"):
         assert (tmp_path / "state" / name).stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize("sturdy", [False, True], ids=["memory", "sqlite"])
+async def test_forgotten_temporary_roots_leave_nothing_behind(sturdy: bool, tmp_path: Path) -> None:
+    """Minting, using, revoking and closing temporary sockets all day stays bounded.
+
+    Closing a temporary listener forgets its root, and with it the use counters
+    and revocations recorded under it (its tokens are refused as unknown from
+    then on, and root ids are never reused).
+    """
+    state = tmp_path / "state" if sturdy else None
+    async with (
+        capsock.Node(state, listen=["tcp:127.0.0.1:0"]) as server,
+        capsock.Node() as client,
+    ):
+        store = server._store
+        memory = store._memory if isinstance(store, SqliteStore) else store
+        assert isinstance(memory, MemoryStore)
+        before = memory.sizes()
+        for i in range(60):
+            async with await server.mint(ttl=60, uses=1) as listener:
+                stream = await client.connect(listener.uri)
+                await stream.aclose()
+                if i % 2:
+                    await server.revoke(listener.uri.attenuate(label="half"))
+            with pytest.raises(capsock.CapabilityRejected):
+                await client.connect(listener.uri)  # forgotten: refused as unknown
+        assert memory.sizes() == before

@@ -72,6 +72,10 @@ class MemoryStore:
         self._names: dict[str, bytes] = {}
         self._uses: dict[bytes, int] = {}
         self._revoked: set[bytes] = set()
+        # What each root owns, so that forgetting a root frees it all: a node
+        # that mints temporary sockets all day must not grow without bound.
+        self._root_uses: dict[bytes, set[bytes]] = {}
+        self._root_revoked: dict[bytes, set[bytes]] = {}
 
     def add_root(self, entry: RootEntry) -> None:
         self._roots[entry.root_id] = entry
@@ -79,9 +83,18 @@ class MemoryStore:
             self._names[entry.name] = entry.root_id
 
     def remove_root(self, root_id: bytes) -> None:
+        """Forget a root with its counters and revocations (its tokens are now
+        refused as unknown, and a root id is never reused)."""
         entry = self._roots.pop(root_id, None)
         if entry is not None and entry.name is not None:
             self._names.pop(entry.name, None)
+        for key in self._root_uses.pop(root_id, ()):
+            self._uses.pop(key, None)
+        self._revoked.difference_update(self._root_revoked.pop(root_id, ()))
+
+    def sizes(self) -> dict[str, int]:
+        """How many roots, counters and revocations are held (for tests and stats)."""
+        return {"roots": len(self._roots), "uses": len(self._uses), "revoked": len(self._revoked)}
 
     def get_root(self, root_id: bytes) -> RootEntry | None:
         return self._roots.get(root_id)
@@ -92,6 +105,7 @@ class MemoryStore:
 
     def revoke(self, tag: bytes, root_id: bytes) -> None:
         self._revoked.add(tag)
+        self._root_revoked.setdefault(root_id, set()).add(tag)
 
     def is_revoked(self, tags: list[bytes]) -> bool:
         return any(t in self._revoked for t in tags)
@@ -100,8 +114,10 @@ class MemoryStore:
         return self._uses.get(key, 0)
 
     def add_uses(self, keys: list[bytes], root_id: bytes) -> None:
+        owned = self._root_uses.setdefault(root_id, set())
         for key in keys:
             self._uses[key] = self._uses.get(key, 0) + 1
+            owned.add(key)
 
     def close(self) -> None:
         pass
