@@ -19,8 +19,11 @@ Every stream must deliver exactly or raise, and must have travelled its route.
 Relayed and forwarded streams must all succeed (the faults never touch them);
 on the direct route bit flips and drops must bite (some streams raise, some
 succeed), fragmentation must break nothing, and once a fault is cleared new
-streams must succeed.  Afterwards RSS and open file descriptors must be back
-near where they were after warm-up (no leak), and nothing hangs.
+streams must succeed.  Afterwards, once broken sessions have run out their
+keepalive, the live ``Session`` and ``Stream`` objects must be back at their
+count after warm-up (no leak), open file descriptors too, RSS must not keep
+growing over the second half (the allocator keeps its high water), and
+nothing hangs.
 """
 
 from __future__ import annotations
@@ -209,6 +212,11 @@ async def test_soak_routes_with_faults_on_direct(tmp_path: Path) -> None:
                 rss0, fds0, live0 = _rss(), _fds(), _live()
                 end = anyio.current_time() + seconds
                 done = anyio.Event()
+                rss_half: list[int] = []
+
+                async def halfway() -> None:
+                    await anyio.sleep(seconds / 2)
+                    rss_half.append(_rss())
 
                 async def unfaulted(route: str) -> None:
                     while not done.is_set():
@@ -250,6 +258,7 @@ async def test_soak_routes_with_faults_on_direct(tmp_path: Path) -> None:
                     soak.start_soon(unfaulted, "relayed")
                     soak.start_soon(unfaulted, "forwarded")
                     soak.start_soon(faulted)
+                    soak.start_soon(halfway)
                 await all_routes("final")
                 with anyio.move_on_after(COOL_DOWN):  # broken sessions run out their keepalive
                     while _live()[0] > live0[0]:
@@ -264,7 +273,8 @@ async def test_soak_routes_with_faults_on_direct(tmp_path: Path) -> None:
     print(
         f"\nsoak ({seconds:.0f} s, {len(cleared)} faults struck, {faults_applied} bit flips "
         f"and drops applied):\n{_report(tally, slowest)}\n"
-        f"  RSS {rss0 / MiB:.0f} -> {rss1 / MiB:.0f} MiB, fds {fds0} -> {fds1}, "
+        f"  RSS {rss0 / MiB:.0f} -> {rss_half[0] / MiB:.0f} (half-time) -> {rss1 / MiB:.0f} MiB, "
+        f"fds {fds0} -> {fds1}, "
         f"live sessions and streams {live0} -> {live1}"
     )
     for route, phases in tally.items():
@@ -283,5 +293,9 @@ async def test_soak_routes_with_faults_on_direct(tmp_path: Path) -> None:
         assert failed < PROBES, f"no new stream succeeded after {name} was cleared"
         assert after["ok"] == PER_ROUND, f"streams failed after {name} was cleared: {after}"
     assert live1[0] <= live0[0] and live1[1] <= live0[1] + PER_ROUND, "sessions or streams leaked"
-    assert rss1 - rss0 < 64 * MiB, "memory grew during the soak"
+    # The allocator keeps its high water (1 MiB streams, several at once on three
+    # routes): RSS may rise while the traffic mix settles, but must not keep
+    # rising over the second half.  The exact leak check is the object count above.
+    assert rss1 - rss0 < 128 * MiB, "memory grew during the soak"
+    assert rss1 - rss_half[0] < 32 * MiB, "memory kept growing over the second half"
     assert fds1 - fds0 < 20, "file descriptors leaked during the soak"
