@@ -40,6 +40,7 @@ from anyio.streams.tls import TLSListener, TLSStream
 import capsock
 from capsock.testing import echo
 
+from . import procs
 from .throughput import make_cert, tls_context
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,13 +211,7 @@ def run(
             )
             return float(json.loads(out.stdout.strip().splitlines()[-1]))
         finally:
-            server.stdin.close()
-            try:
-                server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
-            server.stdout.close()
+            procs.stop(server)
 
 
 DEFAULT_COUNT = {"setup": 30, "rtt": 3000, "opens": 5000}

@@ -35,6 +35,8 @@ import anyio
 import capsock
 from capsock.testing import echo
 
+from . import procs
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -152,13 +154,7 @@ def idle_sessions(count: int, backend: str) -> dict[str, float]:
             clients.stderr.close()
         return figures
     finally:
-        server.stdin.close()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        server.stdout.close()
+        procs.stop(server, timeout=30)
 
 
 def main() -> None:

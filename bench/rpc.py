@@ -45,6 +45,8 @@ import capsock
 from capsock.rpc import msgpack as rpc
 from capsock.testing import echo
 
+from . import procs
+
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = (
     "raw/capsock",
@@ -248,13 +250,7 @@ def run_kind(kind: str, calls: int, backend: str) -> tuple[float, float]:
             return result
         return anyio.run(run_client, kind, address, calls, backend=backend)
     finally:
-        server.stdin.close()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        server.stdout.close()
+        procs.stop(server)
 
 
 async def _with_kj(coro: Awaitable[Any], kind: str) -> Any:
