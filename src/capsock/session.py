@@ -65,8 +65,8 @@ log = logging.getLogger("capsock.session")
 
 _LEN = struct.Struct(">H")
 _MAX_FIRST_MESSAGE = 1024
-_WRITE_BATCH = 256 * 1024
-_READ_SIZE = 256 * 1024
+_WRITE_BATCH = 1024 * 1024
+_READ_SIZE = 1024 * 1024
 
 
 @dataclass(slots=True)
