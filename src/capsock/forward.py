@@ -130,11 +130,11 @@ class Forwarder:
             log.info("no forwarding request from %s: %s", peer.short(), str(exc))
             await stream.aclose()
             return
-        if targets and isinstance(request, dict) and request.get("op") == "register":
-            await self._refuse(stream, "this forwarding capability is limited to one target")
-            return
         if isinstance(request, dict) and request.get("op") == "register":
-            await self._registered(stream)
+            if targets:
+                await self._refuse(stream, "this forwarding capability is limited to one target")
+            else:
+                await self._registered(stream)
             return
         if (
             not isinstance(request, dict)
