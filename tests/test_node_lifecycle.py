@@ -27,6 +27,40 @@ async def test_cancelling_a_node_body_shuts_down_cleanly() -> None:
     assert scope.cancelled_caught
 
 
+async def test_a_cancelled_body_still_resets_its_streams_for_the_peer() -> None:
+    """Cancelling the body (a timeout, Ctrl-C) must not silence the node: the
+    peer learns at once that the stream was reset, not that the connection
+    vanished, and the shutdown takes no timeouts (regression: the node's session
+    writers were cancelled with the body, so nothing could be sent)."""
+    async with capsock.Node(listen=["tcp:127.0.0.1:0"]) as server:
+        listener = await server.listen()
+        opened = anyio.Event()
+        started = anyio.current_time()
+        with anyio.move_on_after(5) as scope:
+            async with capsock.Node() as client, anyio.create_task_group() as tg:
+
+                async def hold() -> None:
+                    stream = await client.connect(listener.uri)
+                    await stream.send(b"x")
+                    opened.set()
+                    try:
+                        await anyio.sleep_forever()
+                    except anyio.get_cancelled_exc_class():
+                        stream.reset()
+                        raise
+
+                tg.start_soon(hold)
+                await opened.wait()
+                scope.cancel()
+        assert scope.cancelled_caught
+        assert anyio.current_time() - started < 1.0  # no drain or close timeouts hit
+        accepted = await listener.accept()
+        assert await accepted.receive() == b"x"
+        with pytest.raises(capsock.StreamReset) as caught:
+            await accepted.receive()
+        assert not isinstance(caught.value, capsock.ConnectionLost), caught.value
+
+
 async def test_errors_from_the_body_are_not_wrapped_in_groups() -> None:
     with pytest.raises(capsock.CapabilityRejected):
         async with capsock.Node(listen=["tcp:127.0.0.1:0"]) as server, capsock.Node() as client:

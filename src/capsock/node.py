@@ -200,7 +200,9 @@ class Node:
         )
         self._session_count = 0
         self._counted: set[Session] = set()  # sessions counted in _session_count
-        self._tg: anyio.abc.TaskGroup | None = None
+        self._host: anyio.abc.TaskGroup | None = None  # entered by __aenter__
+        self._tasks_scope = anyio.CancelScope(shield=True)
+        self._tg: anyio.abc.TaskGroup | None = None  # the node's own tasks
         self._closed = False
         self._counters = {
             "inbound_connections": 0,
@@ -238,26 +240,45 @@ class Node:
     # ---------------------------------------------------------- lifecycle
 
     async def __aenter__(self) -> Node:
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
-        self._tg = tg
+        host = anyio.create_task_group()
+        await host.__aenter__()
+        self._host = host
         try:
+            self._tg = await host.start(self._run_tasks)
             hints: list[Hint] = []
-            for kind, host, port in self._listen_specs:
-                hints.extend(await self._bind(kind, host, port))
+            for kind, host_, port in self._listen_specs:
+                hints.extend(await self._bind(kind, host_, port))
             if self._advertise is not None:
                 hints = [
                     TcpHint(h, p) if k == "tcp" else UnixHint(h) for k, h, p in self._advertise
                 ]
             self._hints = tuple(hints) + tuple(ViaHint(r) for r in self._relays)
             for relay in self._relays:
-                tg.start_soon(self._keep_relay, relay)
+                self._tg.start_soon(self._keep_relay, relay)
         except BaseException:
-            tg.cancel_scope.cancel()
-            await tg.__aexit__(None, None, None)
-            self._tg = None
+            await self._stop_tasks()
             raise
         return self
+
+    async def _run_tasks(
+        self, *, task_status: anyio.abc.TaskStatus[anyio.abc.TaskGroup] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The node's tasks (sessions, listeners, relay upkeep) run in a task group
+        shielded from the body's cancellation: when the body is cancelled (a
+        timeout, Ctrl-C), the shutdown in ``__aexit__`` still has working session
+        writers to send its RESETs and GOAWAYs with.  ``__aexit__`` cancels this
+        scope itself once the shutdown is done."""
+        with self._tasks_scope:
+            async with anyio.create_task_group() as tg:
+                task_status.started(tg)
+                await anyio.sleep_forever()
+
+    async def _stop_tasks(self) -> None:
+        self._tasks_scope.cancel()
+        host, self._host, self._tg = self._host, None, None
+        if host is not None:
+            host.cancel_scope.cancel()
+            await host.__aexit__(None, None, None)
 
     async def __aexit__(
         self,
@@ -266,16 +287,13 @@ class Node:
         tb: TracebackType | None,
     ) -> bool | None:
         # The body's own exception (or cancellation) propagates unchanged: the
-        # node's task group is closed as if the body had ended normally, and
-        # the shutdown itself is shielded so a timeout cannot interrupt it half way.
+        # node's tasks are stopped as if the body had ended normally, and the
+        # shutdown itself is shielded so a timeout cannot interrupt it half way.
         try:
             with anyio.CancelScope(shield=True):
                 await self.aclose()
         finally:
-            tg, self._tg = self._tg, None
-            if tg is not None:
-                tg.cancel_scope.cancel()
-                await tg.__aexit__(None, None, None)
+            await self._stop_tasks()  # cancelled already: returns at once
         return None
 
     async def aclose(self, grace: float = 0.0) -> None:

@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -226,10 +226,10 @@ def _failure(exc: BaseException, verbose: int) -> int:
 def _dispatch(args: argparse.Namespace, top: argparse.ArgumentParser, commands: Commands) -> int:
     name = args.command
     if name == "demo":
-        return anyio.run(demo)
+        return _run(demo)
     if name == "relay":
         state = args.state_dir or state_home() / "relay"
-        return anyio.run(run_relay, args.listen, args.advertise, state)
+        return _run(run_relay, args.listen, args.advertise, state)
     if name == "completion":
         make = completion.bash_script if args.shell == "bash" else completion.zsh_script
         print(make(top, commands), end="", flush=True)
@@ -250,8 +250,7 @@ def _dispatch(args: argparse.Namespace, top: argparse.ArgumentParser, commands: 
         "receive": transfer.cmd_receive,
         "revoke": caps.cmd_revoke,
     }
-    result: int = anyio.run(run[name], args)
-    return result
+    return _run(run[name], args)
 
 
 class Terminated(KeyboardInterrupt):
@@ -260,6 +259,47 @@ class Terminated(KeyboardInterrupt):
 
 def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated
+
+
+def _run(command: Callable[..., Awaitable[int]], *args: Any) -> int:
+    """Run an async command; SIGINT and SIGTERM cancel it from inside the event loop.
+
+    A Python signal handler that raises runs wherever the main thread happens to
+    be: in some other task, or halfway through a cancel scope's bookkeeping,
+    which anyio then reports as a RuntimeError instead of a clean stop. So while
+    the loop runs, the signals are received as messages and turned into a
+    cancellation of the command; the exception (exit code 130 or 143) is raised
+    once the loop is gone. A second signal during the shutdown takes the
+    default action (Ctrl-C raises at once; SIGTERM kills the process)."""
+    received: list[int] = []
+
+    async def guarded() -> int:
+        result: int = Exit.ERROR
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        received.append(signum)
+                        tg.cancel_scope.cancel()
+                        return
+
+            tg.start_soon(watch)
+            result = await command(*args)
+            tg.cancel_scope.cancel()
+        return result
+
+    try:
+        result: int = anyio.run(guarded)
+    except BaseException:
+        if not received:
+            raise
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _on_sigterm)  # the loop left SIG_DFL behind
+    if received:
+        raise Terminated if received[0] == signal.SIGTERM else KeyboardInterrupt
+    return result
 
 
 def _occupy_standard_fds() -> None:
