@@ -1,0 +1,529 @@
+"""A minimal, blocking capsock/1 client written from ``docs/protocol.md`` alone.
+
+It exists to show that the wire spec is enough for an independent
+implementation: it does not import ``capsock``. It uses the standard library
+and PyNaCl's libsodium bindings (X25519, Ed25519 to Curve25519 conversion,
+ChaCha20-Poly1305 IETF); BLAKE2b and HMAC come from ``hashlib``/``hmac``.
+
+What it does (section numbers refer to ``docs/protocol.md``):
+
+1. parse a capability URI (4.1) and decode its token (4.2, only the outer
+   framing is needed: the token is sent as opaque bytes);
+2. TCP-connect to the first ``tcp=`` hint (4.1; ``unix`` and ``via`` hints
+   are not supported);
+3. run ``Noise_IK_25519_ChaChaPoly_BLAKE2b`` as the initiator with the
+   prologue ``capsock/1`` and no extensions, i.e. the plain-Noise path (3.1-3.5);
+4. speak first with ``OPEN(1, token)`` (3.5, 5, 6.2), wait for ACCEPT/REJECT;
+5. send the payload as DATA within the peer's credit (6.4), then EOF (6.5);
+6. read until the peer's EOF, returning credit as data is consumed (6.4),
+   then close the session with ``GOAWAY(0, NO_ERROR)`` (7).
+
+CLI: ``python tests/spec_client.py URI`` sends stdin and writes the answer to
+stdout.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import re
+import select
+import socket
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+
+from nacl import bindings as nb
+
+__all__ = [
+    "CapabilityRefused",
+    "HandshakeFailed",
+    "ParsedCapability",
+    "SpecClientError",
+    "StreamAborted",
+    "echo_once",
+    "parse_capability",
+]
+
+# --- errors -------------------------------------------------------------------
+
+
+class SpecClientError(Exception):
+    """Base class of this client's errors."""
+
+
+class HandshakeFailed(SpecClientError):
+    """The Noise handshake failed (3.4): typically the node does not hold the key."""
+
+
+class CapabilityRefused(SpecClientError):
+    """The endpoint answered our OPEN with ``REJECT(id, code)`` (4.4, 8)."""
+
+    def __init__(self, code: int) -> None:
+        name = ERROR_NAMES.get(code, "INTERNAL_ERROR")
+        super().__init__(f"capability refused by the endpoint: REJECT code {code} ({name})")
+        self.code = code
+
+
+class StreamAborted(SpecClientError):
+    """The stream or session ended without a clean EOF (RESET, GOAWAY, lost transport)."""
+
+
+# --- constants ------------------------------------------------------------------
+
+# 8. Error codes.
+ERROR_NAMES = {
+    0: "NO_ERROR",
+    1: "PROTOCOL_ERROR",
+    2: "INTERNAL_ERROR",
+    3: "FLOW_CONTROL_ERROR",
+    4: "REFUSED",
+    5: "CANCELLED",
+    6: "BUSY",
+    7: "LIMIT_EXCEEDED",
+    8: "SHUTTING_DOWN",
+    9: "TIMEOUT",
+}
+
+# 5. Frame types.
+OPEN, ACCEPT, REJECT, DATA, WINDOW, EOF, RESET, PING, PONG, GOAWAY, CONTROL = range(1, 12)
+FRAME_HEADER = struct.Struct(">BIH")  # type u8, stream_id u32, length u16: 7 bytes
+
+# 3.1 / 3.5 Noise parameters.
+PROTOCOL_NAME = b"Noise_IK_25519_ChaChaPoly_BLAKE2b"
+PROLOGUE = b"capsock/1"
+HASHLEN = 64  # BLAKE2b-512
+TAGLEN = 16
+MAX_MESSAGE = 65535  # 2: a record carries at most 65535 bytes
+MAX_DATA = MAX_MESSAGE - TAGLEN - FRAME_HEADER.size  # 5: 65512
+
+# 6.4 Credit windows (protocol constants).
+INITIAL_STREAM_WINDOW = 262144
+INITIAL_SESSION_WINDOW = 1048576
+
+STREAM_ID = 1  # 6.1: the dialer opens odd ids; this client opens exactly one stream.
+
+
+# --- 4.1 capability URIs ----------------------------------------------------------
+
+_URI_RE = re.compile(
+    r"capsock://(?P<node>[a-z2-7]{52})/(?P<token>[A-Za-z0-9_-]+)(?:\?(?P<query>.+))?\Z"
+)
+
+
+@dataclass(frozen=True)
+class ParsedCapability:
+    """The parts of a capability URI this client needs (4.1)."""
+
+    node_id: bytes  # 32-byte Ed25519 public key (3.2)
+    token: bytes  # binary token (4.2), sent verbatim in OPEN
+    tcp: list[tuple[str, int]] = field(default_factory=list)
+
+
+def _b32decode_node_id(text: str) -> bytes:
+    """Decode a 52-character lower-case, unpadded base32 node id (3.2)."""
+    raw = base64.b32decode(text.upper() + "====")
+    if len(raw) != 32 or base64.b32encode(raw).decode().rstrip("=").lower() != text:
+        raise ValueError("node id is not canonical base32 (trailing bits must be zero)")
+    return raw
+
+
+def _b64url_decode(text: str) -> bytes:
+    """Decode unpadded base64url and insist on the canonical form (4.1)."""
+    if len(text) % 4 == 1:
+        raise ValueError("token length is 1 mod 4")
+    raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if base64.urlsafe_b64encode(raw).decode().rstrip("=") != text:
+        raise ValueError("token is not canonical base64url")
+    return raw
+
+
+def parse_capability(uri: str) -> ParsedCapability:
+    """Parse ``capsock://<node-id>/<token>[?hints]`` (4.1).
+
+    Only as strict as this client needs: the grammar, canonical base32/base64url,
+    the token's outer framing (4.2) and ``tcp=HOST:PORT`` hints. ``unix`` and
+    ``via`` hints are accepted and ignored.
+    """
+    if len(uri) > 4096 or not uri.isascii() or not uri.isprintable() or " " in uri:
+        raise ValueError("a capability URI is at most 4096 printable ASCII characters")
+    m = _URI_RE.match(uri)
+    if m is None:
+        raise ValueError("not a capsock:// capability URI")
+    node_id = _b32decode_node_id(m["node"])
+    token = _b64url_decode(m["token"])
+    # 4.2: 0x01 | root_id (16) | n | n x (kind, len, value) | tag (32)
+    if len(token) < 1 + 16 + 1 + 32 or token[0] != 0x01:
+        raise ValueError("token is not a version-1 capsock token")
+    pos, n = 18, token[17]
+    for _ in range(n):
+        if pos + 2 > len(token):
+            raise ValueError("token truncated inside a caveat")
+        pos += 2 + token[pos + 1]
+    if n > 32 or pos + 32 != len(token):
+        raise ValueError("token has a wrong length")
+    tcp: list[tuple[str, int]] = []
+    if m["query"] is not None:
+        for hint in m["query"].split("&"):
+            key, sep, value = hint.partition("=")
+            if not sep or not value or key not in ("tcp", "unix", "via"):
+                raise ValueError(f"bad hint {key!r}")
+            if key == "tcp":
+                host, _, port = value.rpartition(":")
+                if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                    raise ValueError("bad tcp hint")
+                tcp.append((host.strip("[]"), int(port)))
+    return ParsedCapability(node_id, token, tcp)
+
+
+# --- 3. Noise_IK_25519_ChaChaPoly_BLAKE2b, initiator side ----------------------------
+
+
+def _nonce(n: int) -> bytes:
+    """3.5: ChaChaPoly nonce = 4 zero bytes | n as u64 little-endian."""
+    return b"\x00" * 4 + n.to_bytes(8, "little")
+
+
+def _hmac(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.blake2b).digest()
+
+
+def _hkdf(ck: bytes, ikm: bytes) -> tuple[bytes, bytes]:
+    """Noise HKDF with two outputs (Noise spec section 4.3)."""
+    temp = _hmac(ck, ikm)
+    out1 = _hmac(temp, b"\x01")
+    return out1, _hmac(temp, out1 + b"\x02")
+
+
+def _dh(private: bytes, public: bytes) -> bytes:
+    try:
+        shared: bytes = nb.crypto_scalarmult(private, public)
+    except Exception as exc:  # libsodium refuses an all-zero (low-order) result
+        raise HandshakeFailed("invalid or low-order public key in the handshake") from exc
+    return shared
+
+
+class CipherState:
+    """A Noise CipherState with ChaChaPoly (Noise spec 5.1, capsock 3.5)."""
+
+    def __init__(self, key: bytes | None = None) -> None:
+        self.key = key
+        self.n = 0
+
+    def encrypt(self, ad: bytes, plaintext: bytes) -> bytes:
+        if self.key is None:
+            return plaintext
+        if self.n >= 2**64 - 1:  # 3.5: nonce 2^64-1 is reserved
+            raise SpecClientError("nonce space exhausted")
+        ct: bytes = nb.crypto_aead_chacha20poly1305_ietf_encrypt(
+            plaintext, ad, _nonce(self.n), self.key
+        )
+        self.n += 1
+        return ct
+
+    def decrypt(self, ad: bytes, ciphertext: bytes) -> bytes:
+        if self.key is None:
+            return ciphertext
+        pt: bytes = nb.crypto_aead_chacha20poly1305_ietf_decrypt(
+            ciphertext, ad, _nonce(self.n), self.key
+        )
+        self.n += 1
+        return pt
+
+
+class IKInitiator:
+    """The dialer's half of ``Noise_IK`` (3.1): ``-> e, es, s, ss`` / ``<- e, ee, se``."""
+
+    def __init__(self, static_private: bytes, remote_static: bytes) -> None:
+        self.s_priv = static_private
+        self.s_pub: bytes = nb.crypto_scalarmult_base(static_private)
+        self.rs = remote_static
+        self.e_priv = os.urandom(32)
+        self.e_pub: bytes = nb.crypto_scalarmult_base(self.e_priv)
+        # InitializeSymmetric: the name fits in HASHLEN, so h = name padded with zeros.
+        self.h = PROTOCOL_NAME.ljust(HASHLEN, b"\x00")
+        self.ck = self.h
+        self.cipher = CipherState()
+        self._mix_hash(PROLOGUE)
+        self._mix_hash(self.rs)  # pre-message "<- s"
+
+    def _mix_hash(self, data: bytes) -> None:
+        self.h = hashlib.blake2b(self.h + data).digest()
+
+    def _mix_key(self, ikm: bytes) -> None:
+        self.ck, temp_k = _hkdf(self.ck, ikm)
+        self.cipher = CipherState(temp_k[:32])
+
+    def _encrypt_and_hash(self, plaintext: bytes) -> bytes:
+        ct = self.cipher.encrypt(self.h, plaintext)
+        self._mix_hash(ct)
+        return ct
+
+    def _decrypt_and_hash(self, ciphertext: bytes) -> bytes:
+        pt = self.cipher.decrypt(self.h, ciphertext)
+        self._mix_hash(ciphertext)
+        return pt
+
+    def write_message_1(self, payload: bytes) -> bytes:
+        """``-> e, es, s, ss`` + payload (3.3)."""
+        self._mix_hash(self.e_pub)
+        self._mix_key(_dh(self.e_priv, self.rs))
+        enc_s = self._encrypt_and_hash(self.s_pub)
+        self._mix_key(_dh(self.s_priv, self.rs))
+        return self.e_pub + enc_s + self._encrypt_and_hash(payload)
+
+    def read_message_2(self, message: bytes) -> bytes:
+        """``<- e, ee, se`` + payload (3.4); returns the decrypted payload."""
+        if len(message) < 32 + TAGLEN:
+            raise HandshakeFailed("message 2 is too short")
+        re_pub = message[:32]
+        self._mix_hash(re_pub)
+        self._mix_key(_dh(self.e_priv, re_pub))
+        self._mix_key(_dh(self.s_priv, re_pub))
+        try:
+            return self._decrypt_and_hash(message[32:])
+        except Exception as exc:
+            raise HandshakeFailed("message 2 did not decrypt: wrong node key") from exc
+
+    def split(self) -> tuple[CipherState, CipherState]:
+        """3.5: first key dialer-to-responder, second responder-to-dialer."""
+        k1, k2 = _hkdf(self.ck, b"")
+        return CipherState(k1[:32]), CipherState(k2[:32])
+
+
+# --- 2. transport records and a session ---------------------------------------------
+
+
+class Session:
+    """One blocking capsock/1 session over a TCP socket, dialer side, one stream."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+        self.rbuf = bytearray()
+        self.tx: CipherState | None = None
+        self.rx: CipherState | None = None
+        # 6.4: our send credit and the receive credit we still owe the peer.
+        self.send_stream = INITIAL_STREAM_WINDOW
+        self.send_session = INITIAL_SESSION_WINDOW
+        self.recv_stream_left = INITIAL_STREAM_WINDOW
+        self.recv_session_left = INITIAL_SESSION_WINDOW
+        self.unacked_stream = 0
+        self.unacked_session = 0
+        # stream 1 state
+        self.accepted = False
+        self.peer_eof = False
+        self.received = bytearray()
+
+    # -- records (2) --
+
+    def _recv_exact(self, n: int) -> bytes:
+        while len(self.rbuf) < n:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("capsock spec client timed out")
+            self.sock.settimeout(remaining)
+            chunk = self.sock.recv(max(65536, n - len(self.rbuf)))
+            if not chunk:
+                raise EOFError("transport closed by the peer")
+            self.rbuf += chunk
+        out = bytes(self.rbuf[:n])
+        del self.rbuf[:n]
+        return out
+
+    def read_record(self) -> bytes:
+        (length,) = struct.unpack(">H", self._recv_exact(2))
+        if length == 0:
+            raise StreamAborted("protocol error: zero-length record")
+        return self._recv_exact(length)
+
+    def write_record(self, message: bytes) -> None:
+        assert 1 <= len(message) <= MAX_MESSAGE
+        self.sock.settimeout(max(0.001, self.deadline - time.monotonic()))
+        self.sock.sendall(struct.pack(">H", len(message)) + message)
+
+    # -- handshake (3) --
+
+    def handshake(self, remote_node_id: bytes) -> None:
+        try:
+            rs: bytes = nb.crypto_sign_ed25519_pk_to_curve25519(remote_node_id)
+        except Exception as exc:  # 3.2: not a valid Ed25519 point
+            raise HandshakeFailed("node id is not a valid Ed25519 public key") from exc
+        # A fresh, throwaway identity for the dialer (3.2 conversions).
+        pk, sk = nb.crypto_sign_seed_keypair(os.urandom(32))
+        noise = IKInitiator(nb.crypto_sign_ed25519_sk_to_curve25519(sk), rs)
+        # 3.3: payload = our Ed25519 node id, no extensions (no cipher offer).
+        self.write_record(noise.write_message_1(pk))
+        try:
+            message2 = self.read_record()
+        except (EOFError, ConnectionResetError) as exc:  # 3.4: another key: it hangs up
+            raise HandshakeFailed(
+                "the node closed the connection during the handshake "
+                "(it does not hold the key named in the URI)"
+            ) from exc
+        payload = noise.read_message_2(message2)
+        # 3.4: we made no offer, so a type-1 extension is an error; skip unknown ones.
+        pos = 0
+        while pos < len(payload):
+            if pos + 2 > len(payload) or pos + 2 + payload[pos + 1] > len(payload):
+                raise HandshakeFailed("malformed extensions in message 2")
+            if payload[pos] == 1:
+                raise HandshakeFailed("cipher choice in message 2 although we made no offer")
+            pos += 2 + payload[pos + 1]
+        self.tx, self.rx = noise.split()
+
+    # -- frames (5) --
+
+    def send_frames(self, *frames: tuple[int, int, bytes]) -> None:
+        assert self.tx is not None
+        body = b"".join(FRAME_HEADER.pack(t, sid, len(p)) + p for t, sid, p in frames)
+        self.write_record(self.tx.encrypt(b"", body))
+
+    def receive_message(self) -> None:
+        """Read one transport message and act on all its frames (5, 6.3)."""
+        assert self.rx is not None
+        try:
+            record = self.read_record()
+        except EOFError as exc:
+            raise StreamAborted("transport lost before the stream ended cleanly") from exc
+        try:
+            body = self.rx.decrypt(b"", record)
+        except Exception as exc:
+            raise StreamAborted("transport message failed authentication") from exc
+        frames: list[tuple[int, int, bytes]] = []
+        pos = 0
+        while pos < len(body):  # 5: decode everything before acting
+            ftype, sid, length = FRAME_HEADER.unpack_from(body, pos)
+            pos += FRAME_HEADER.size
+            if pos + length > len(body):
+                raise StreamAborted("protocol error: frame runs past the message")
+            frames.append((ftype, sid, body[pos : pos + length]))
+            pos += length
+        if not frames:
+            raise StreamAborted("protocol error: empty transport message")
+        for frame in frames:
+            self._handle(*frame)
+
+    def _handle(self, ftype: int, sid: int, payload: bytes) -> None:
+        if ftype == WINDOW:
+            (inc,) = struct.unpack(">I", payload)
+            if sid == 0:
+                self.send_session += inc
+            elif sid == STREAM_ID:
+                self.send_stream += inc
+        elif ftype == PING:
+            self.send_frames((PONG, 0, payload))
+        elif ftype in (PONG, CONTROL):
+            pass  # 5: CONTROL is reserved and ignored
+        elif ftype == GOAWAY:
+            last, code = struct.unpack(">IH", payload)
+            if last < STREAM_ID or code != 0:
+                raise StreamAborted(f"GOAWAY (last stream {last}, code {ERROR_NAMES.get(code)})")
+        elif sid != STREAM_ID:
+            # The peer may open even streams (6.1); refuse them without ceremony.
+            if ftype == OPEN:
+                self.send_frames((REJECT, sid, struct.pack(">H", 4)))
+        elif ftype == ACCEPT:
+            self.accepted = True
+        elif ftype == REJECT:
+            raise CapabilityRefused(struct.unpack(">H", payload)[0])
+        elif ftype == RESET:
+            code = struct.unpack(">H", payload)[0]
+            raise StreamAborted(f"stream reset by the peer: {ERROR_NAMES.get(code, code)}")
+        elif ftype == EOF:
+            self.peer_eof = True
+        elif ftype == DATA:
+            self._on_data(payload)
+
+    def _on_data(self, data: bytes) -> None:
+        """6.4: check the credit, "consume" at once, return credit at half-window."""
+        n = len(data)
+        if n > self.recv_stream_left or n > self.recv_session_left or self.peer_eof:
+            raise StreamAborted("peer sent DATA beyond its credit or after EOF")
+        self.recv_stream_left -= n
+        self.recv_session_left -= n
+        self.received += data
+        self.unacked_stream += n
+        self.unacked_session += n
+        grants: list[tuple[int, int, bytes]] = []
+        if self.unacked_stream >= INITIAL_STREAM_WINDOW // 2:
+            grants.append((WINDOW, STREAM_ID, struct.pack(">I", self.unacked_stream)))
+            self.recv_stream_left += self.unacked_stream
+            self.unacked_stream = 0
+        if self.unacked_session >= INITIAL_SESSION_WINDOW // 2:
+            grants.append((WINDOW, 0, struct.pack(">I", self.unacked_session)))
+            self.recv_session_left += self.unacked_session
+            self.unacked_session = 0
+        if grants:
+            self.send_frames(*grants)
+
+    def _poll(self) -> None:
+        """Handle whatever the peer already sent, without blocking."""
+        while self.rbuf or select.select([self.sock], [], [], 0)[0]:
+            self.receive_message()
+
+    # -- the one stream (6.2, 6.4, 6.5) --
+
+    def run(self, token: bytes, payload: bytes) -> bytes:
+        # 3.5: the dialer speaks first; 6.2: OPEN(1, token).
+        self.send_frames((OPEN, STREAM_ID, token))
+        while not self.accepted:
+            self.receive_message()
+        view = memoryview(payload)
+        while view:
+            self._poll()
+            credit = min(self.send_stream, self.send_session, MAX_DATA)
+            if credit <= 0:
+                self.receive_message()  # block until a WINDOW (or data) arrives
+                continue
+            chunk, view = view[:credit], view[credit:]
+            self.send_stream -= len(chunk)
+            self.send_session -= len(chunk)
+            self.send_frames((DATA, STREAM_ID, bytes(chunk)))
+        self.send_frames((EOF, STREAM_ID, b""))
+        while not self.peer_eof:
+            self.receive_message()
+        # Both directions saw EOF: the stream is forgotten (6.3). End the session (7).
+        self.send_frames((GOAWAY, 0, struct.pack(">IH", 0, 0)))
+        return bytes(self.received)
+
+
+def echo_once(uri: str, payload: bytes, timeout: float = 10) -> bytes:
+    """Open one stream with ``uri``, send ``payload``, half-close, return the answer.
+
+    Raises ``HandshakeFailed`` if the node does not prove the URI's key,
+    ``CapabilityRefused`` (with ``.code``) on REJECT, ``StreamAborted`` if the
+    stream ends without a clean EOF, and ``TimeoutError`` after ``timeout`` seconds.
+    """
+    cap = parse_capability(uri)
+    if not cap.tcp:
+        raise SpecClientError("this client needs a tcp= hint")
+    deadline = time.monotonic() + timeout
+    host, port = cap.tcp[0]
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        session = Session(sock, deadline)
+        session.handshake(cap.node_id)
+        return session.run(cap.token, payload)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python tests/spec_client.py CAPSOCK_URI < input > output", file=sys.stderr)
+        return 2
+    try:
+        answer = echo_once(args[0], sys.stdin.buffer.read())
+    except (SpecClientError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.buffer.write(answer)
+    sys.stdout.buffer.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
