@@ -28,6 +28,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from .errors import (
     CapabilityRejected,
@@ -56,6 +57,7 @@ from .mux import (
     StreamRejected,
 )
 from .noise import RecordReader
+from .pushio import PushTransport, adopt
 from .stream import ConnectionLostError, Stream
 from .uri import Capability
 
@@ -67,6 +69,7 @@ _LEN = struct.Struct(">H")
 _MAX_FIRST_MESSAGE = 1024
 _WRITE_BATCH = 1024 * 1024
 _READ_SIZE = 1024 * 1024
+_INLINE_YIELD_EVERY = 16
 
 
 @dataclass(slots=True)
@@ -86,6 +89,10 @@ class SessionConfig:
     max_concurrent_opens: int = 64
     """OPENs this side keeps in flight at once; more wait their turn.  Keep it at
     or below the peer's ``MuxConfig.max_pending_opens`` (default 128)."""
+    push_reads: bool = True
+    """On asyncio, read the socket in protocol callbacks instead of a task
+    (:mod:`capsock.pushio`; fewer event-loop turns per message).  Off: the
+    portable task-based read loop that trio and nested sessions always use."""
 
 
 async def _read_exact(transport: anyio.abc.ByteStream, n: int, buf: bytearray) -> bytes:
@@ -196,6 +203,7 @@ class Session:
         self._opening: dict[int, _OpenWaiter] = {}
         self._wake: anyio.Event | None = None
         self._send_busy = False  # a task is inside _flush_once (writer or inline)
+        self._inline_writes = 0
         self._peer_spoke = anyio.Event()
         self.on_confirmed: Callable[[Session], None] | None = None
         """Called synchronously when the dialer's first record authenticated."""
@@ -247,8 +255,13 @@ class Session:
                     self._mux.ping(os.urandom(8))  # the dialer speaks first, at once
                 tg.start_soon(self._guard, self._writer)
                 tg.start_soon(self._guard, self._keepalive)
+                pushed = adopt(self._transport) if self.config.push_reads else None
                 self.ready.set()
-                await self._guard(self._read_loop)
+                if pushed is None:
+                    await self._guard(self._read_loop)
+                else:
+                    self._transport = pushed
+                    await self._guard(lambda: self._push_loop(pushed))
         finally:
             self._fail_all(self._closed_reason or "the session was closed")
             with anyio.CancelScope(shield=True):
@@ -312,30 +325,67 @@ class Session:
 
     async def _read_loop(self) -> None:
         transport = self._transport
+        feed = self._reader.feed
+        while True:
+            self._consume_records()
+            feed(await transport.receive(_READ_SIZE))
+
+    async def _push_loop(self, transport: PushTransport) -> None:
+        """The read loop of the asyncio fast path (:mod:`capsock.pushio`): records
+        are consumed in the transport's callbacks; this task only waits for the
+        end and raises it here, where :meth:`_guard` turns it into the reason."""
+        ended = anyio.Event()
+        outcome: list[BaseException] = []
+        feed = self._reader.feed
+
+        def on_data(data: bytes) -> None:
+            if outcome:
+                return
+            try:
+                feed(data)
+                self._consume_records()
+            except Exception as exc:  # the same exceptions the read loop would raise
+                outcome.append(exc)
+                transport.stop_push()
+                ended.set()
+
+        def on_end(error: BaseException) -> None:
+            if not outcome:
+                outcome.append(error)
+            ended.set()
+
+        try:
+            self._consume_records()  # the handshake's leftover
+            transport.start_push(on_data, on_end)
+            await ended.wait()
+        finally:
+            transport.stop_push()
+        raise outcome[0]
+
+    def _consume_records(self) -> None:
+        """Decrypt and dispatch every complete record received so far."""
         reader = self._reader
         decrypt = self._cipher.decrypt
         receive = self._mux.receive_message
-        while True:
-            heard = False
-            while (record := reader.next_record()) is not None:
-                plaintext = decrypt(record)
-                heard = True
-                if not self._peer_spoke.is_set():
-                    self._peer_spoke.set()
-                    if self.on_confirmed is not None:
-                        self.on_confirmed(self)  # before anything the record asks for
-                events = receive(plaintext)
-                if events:
-                    self._dispatch(events)
-            if heard:
-                # Only an authenticated record is a sign of life: raw bytes are
-                # not (a desynchronised stream, or an attacker trickling bytes,
-                # must not keep a dead session open).
-                self._last_heard = self._clock()
-                self._pinged = False
-            if self._mux.has_output():
-                self._kick()
-            reader.feed(await transport.receive(_READ_SIZE))
+        heard = False
+        while (record := reader.next_record()) is not None:
+            plaintext = decrypt(record)
+            heard = True
+            if not self._peer_spoke.is_set():
+                self._peer_spoke.set()
+                if self.on_confirmed is not None:
+                    self.on_confirmed(self)  # before anything the record asks for
+            events = receive(plaintext)
+            if events:
+                self._dispatch(events)
+        if heard:
+            # Only an authenticated record is a sign of life: raw bytes are
+            # not (a desynchronised stream, or an attacker trickling bytes,
+            # must not keep a dead session open).
+            self._last_heard = self._clock()
+            self._pinged = False
+        if self._mux.has_output():
+            self._kick()
 
     def _dispatch(self, events: list[Event]) -> None:
         streams = self._streams
@@ -445,6 +495,13 @@ class Session:
             self._send_busy = False
         if self._mux.has_output() or self._draining is not None:
             self._kick()
+        # The asyncio fast path writes without yielding, and a sender of many
+        # small messages would otherwise hold the event loop until its credit
+        # ran out: yield now and then.
+        self._inline_writes += 1
+        if self._inline_writes >= _INLINE_YIELD_EVERY:
+            self._inline_writes = 0
+            await anyio.lowlevel.cancel_shielded_checkpoint()
 
     async def _flush_once(self) -> None:
         mux = self._mux

@@ -1,0 +1,205 @@
+"""asyncio fast path: a session's socket read by callbacks instead of a task.
+
+On asyncio, anyio's ``SocketStream`` hands received bytes to a reader task:
+the bytes arrive in a protocol callback, wake the task (one event-loop turn),
+and the task decrypts and wakes the application's task (a second turn).  A
+round trip on an open stream paid two such hops per side, plus a yield in
+every ``send``.  :class:`PushTransport` takes over the asyncio transport under
+the anyio stream once the handshake is done and calls the session straight
+from ``data_received``, so a received record reaches the application's task
+in one turn; ``send`` writes without yielding unless the socket is full.
+
+Only used when the backend is asyncio and the stream is anyio's own TCP or
+Unix socket stream (anything else, trio included, keeps the task-based read
+loop).  It relies on two attributes of anyio's asyncio ``SocketStream``
+(``_transport`` and ``_protocol``); :func:`adopt` returns ``None`` if they are
+not what it expects, and ``tests/test_pushio.py`` fails loudly in that case so
+an anyio upgrade cannot silently turn the fast path off.
+
+Memory stays bounded without pausing the socket: the session consumes every
+complete record in the callback, so what stays buffered is one partial record
+(at most one maximum-size record) plus what the mux's credit windows allow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+
+try:
+    import sniffio
+except ImportError:  # pragma: no cover - anyio works without sniffio
+    sniffio = None  # type: ignore[assignment]
+
+__all__ = ["PushTransport", "adopt"]
+
+OnData = Callable[[bytes], None]
+OnEnd = Callable[[BaseException], None]
+
+
+def adopt(stream: anyio.abc.ByteStream) -> PushTransport | None:
+    """Take over ``stream``'s asyncio transport, or ``None`` if it is not one.
+
+    After a successful adopt, ``stream`` must not be used any more: the
+    returned transport reads and writes the socket and closes it.
+    """
+    transport = getattr(stream, "_transport", None)
+    old = getattr(stream, "_protocol", None)
+    if not isinstance(transport, asyncio.Transport) or old is None:
+        return None
+    queue = getattr(old, "read_queue", None)
+    if not isinstance(getattr(old, "write_event", None), asyncio.Event) or queue is None:
+        return None
+    if transport.is_closing():
+        return None
+    pushed = PushTransport(stream, transport)
+    pushed._take_over(old)
+    return pushed
+
+
+class _Protocol(asyncio.Protocol):
+    __slots__ = ("owner",)
+
+    def __init__(self, owner: PushTransport) -> None:
+        self.owner = owner
+
+    def data_received(self, data: bytes) -> None:
+        self.owner._on_data(data)
+
+    def eof_received(self) -> bool | None:
+        self.owner._on_end(anyio.EndOfStream())
+        return True  # keep our side open for writing; the session closes it
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        owner = self.owner
+        error: BaseException = (
+            anyio.BrokenResourceError(str(exc)) if exc is not None else anyio.EndOfStream()
+        )
+        if exc is not None:
+            error.__cause__ = exc
+        owner._lost = error
+        owner._writable.set()
+        owner._on_end(error)
+
+    def pause_writing(self) -> None:
+        self.owner._writable.clear()
+
+    def resume_writing(self) -> None:
+        self.owner._writable.set()
+
+
+class PushTransport(anyio.abc.ByteStream):
+    """The socket of one session, read by callbacks (see the module docstring)."""
+
+    def __init__(self, stream: anyio.abc.ByteStream, transport: asyncio.Transport) -> None:
+        self._stream = stream  # kept for its extra attributes only
+        self._transport = transport
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._pending: list[bytes] = []  # received before start_push()
+        self._ended: BaseException | None = None  # the end, before start_push()
+        self._lost: BaseException | None = None
+        self._on_data_cb: OnData | None = None
+        self._on_end_cb: OnEnd | None = None
+        self._started = False
+        self._closed = False
+
+    def _take_over(self, old: Any) -> None:
+        self._pending.extend(old.read_queue)
+        old.read_queue.clear()
+        if not old.write_event.is_set():
+            self._writable.clear()
+        if getattr(old, "exception", None) is not None:
+            self._ended = anyio.BrokenResourceError(str(old.exception))
+        elif getattr(old, "is_at_eof", False):
+            self._ended = anyio.EndOfStream()
+        self._transport.set_protocol(_Protocol(self))
+        self._transport.resume_reading()  # anyio pauses reading between receives
+
+    # ---------------------------------------------------------- push mode
+
+    def start_push(self, on_data: OnData, on_end: OnEnd) -> None:
+        """Deliver what was received so far, then every later chunk, to ``on_data``;
+        the end of the connection (``EndOfStream`` or ``BrokenResourceError``)
+        to ``on_end``, once.  Both run as event-loop callbacks."""
+        self._started = True
+        self._on_data_cb = on_data
+        self._on_end_cb = on_end
+        pending, self._pending = self._pending, []
+        for data in pending:
+            self._on_data(data)
+        if self._ended is not None:
+            self._on_end(self._ended)
+
+    def stop_push(self) -> None:
+        """Stop delivering: later bytes are dropped (the session is over)."""
+        self._on_data_cb = None
+        self._on_end_cb = None
+        if not self._transport.is_closing():
+            self._transport.pause_reading()
+
+    def _on_data(self, data: bytes) -> None:
+        callback = self._on_data_cb
+        if callback is None:
+            if not self._started and self._ended is None:
+                self._pending.append(data)  # delivered by start_push()
+            return  # stopped, or after the end: dropped
+        token = sniffio.current_async_library_cvar.set("asyncio") if sniffio else None
+        try:
+            callback(data)
+        finally:
+            if token is not None:
+                sniffio.current_async_library_cvar.reset(token)
+
+    def _on_end(self, error: BaseException) -> None:
+        callback = self._on_end_cb
+        if callback is None:
+            if self._ended is None:
+                self._ended = error
+            return
+        self._on_data_cb = self._on_end_cb = None
+        callback(error)
+
+    # ---------------------------------------------------------- ByteStream
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        raise anyio.BusyResourceError("reading from (a push-mode transport)")
+
+    async def send(self, item: bytes) -> None:
+        """Write ``item``; wait only while the socket's send buffer is full."""
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if self._lost is not None:
+            raise anyio.BrokenResourceError from self._lost
+        try:
+            self._transport.write(item)
+        except RuntimeError as exc:
+            raise anyio.BrokenResourceError from exc
+        if not self._writable.is_set():
+            await self._writable.wait()
+            if self._closed:
+                raise anyio.ClosedResourceError
+            if self._lost is not None:
+                raise anyio.BrokenResourceError from self._lost
+
+    async def send_eof(self) -> None:
+        if self._transport.can_write_eof() and not self._transport.is_closing():
+            self._transport.write_eof()
+
+    async def aclose(self) -> None:
+        """Abort the connection (what anyio's stream does): ``send`` returned only
+        once the kernel had every byte, so nothing written is lost."""
+        self._closed = True
+        self.stop_push()
+        self._transport.abort()
+        self._writable.set()
+        await anyio.lowlevel.checkpoint()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return self._stream.extra_attributes
