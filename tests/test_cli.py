@@ -233,6 +233,27 @@ def test_listen_serves_streams_one_after_another_until_used_up(cli: Cli, tmp_pat
     assert late.stdout == b""
 
 
+def test_ctrl_c_in_the_middle_of_a_transfer_says_one_line(cli: Cli, tmp_path: Path) -> None:
+    """Regression: the thread reading stdin ran a task in the event loop that
+    Ctrl-C left behind, and asyncio's shutdown printed its traceback."""
+    for _ in range(3):
+        listen = cli.start("listen", "--once", "--uri-file", "uri", stdout=DEVNULL)
+        cli.wait_file(tmp_path / "uri", listen)
+        producer = subprocess.Popen(["yes"], stdout=PIPE)
+        try:
+            assert producer.stdout is not None
+            connect = cli.start("connect", "@uri", stdin=producer.stdout, stdout=DEVNULL)
+            read_stderr_until(listen, r"(stream from)")
+            time.sleep(0.3)  # stdin keeps coming: the transfer is in full flow
+            _, err = cli.stop(connect)
+            assert err.decode().strip().splitlines() == ["capsock: interrupted"], err.decode()
+        finally:
+            producer.kill()
+            producer.communicate()
+        listen.communicate(timeout=20)
+        (tmp_path / "uri").unlink()
+
+
 def test_an_interrupted_connect_is_not_a_clean_end(cli: Cli, tmp_path: Path) -> None:
     listen = cli.start("listen", "--once", "--uri-file", "uri")
     cli.wait_file(tmp_path / "uri", listen)

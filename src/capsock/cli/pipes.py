@@ -13,6 +13,7 @@ import contextlib
 import errno
 import logging
 import os
+import queue
 import socket
 import struct
 import threading
@@ -58,13 +59,25 @@ _STREAM_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, CapsockE
 
 class InputPipe:
     """Reads a file descriptor in a daemon thread, so that a read blocked on a
-    terminal or an idle pipe never holds up the end of the command."""
+    terminal or an idle pipe never holds up the end of the command.
+
+    The thread hands each chunk over through a one-slot queue (it blocks there,
+    in its own thread, while the previous chunk is unread) and only wakes the
+    event loop with a plain callback: it never runs a task in the loop, which
+    an interrupted command would leave behind, cancelled, for asyncio's
+    shutdown to report as an unhandled exception."""
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
-        self._send, self._recv = anyio.create_memory_object_stream[bytes | OSError](1)
+        self._queue: queue.Queue[bytes | OSError] = queue.Queue(maxsize=1)
+        self._waiter: anyio.Event | None = None
         self._started = False
         self._eof = False
+
+    def _wake(self) -> None:
+        if self._waiter is not None:
+            self._waiter.set()
+            self._waiter = None
 
     def _run(self, token: anyio.lowlevel.EventLoopToken) -> None:
         try:
@@ -74,7 +87,8 @@ class InputPipe:
                 except OSError as exc:
                     # A closed stdin (EBADF) is an empty one; anything else is reported.
                     data = b"" if exc.errno == errno.EBADF else exc
-                anyio.from_thread.run(self._send.send, data, token=token)
+                self._queue.put(data)
+                anyio.from_thread.run_sync(self._wake, token=token)
                 if not data or isinstance(data, OSError):
                     return
         except BaseException:  # the event loop is gone: the command is over
@@ -92,7 +106,13 @@ class InputPipe:
             self._started = True
             token = anyio.lowlevel.current_token()
             threading.Thread(target=self._run, args=(token,), daemon=True).start()
-        data = await self._recv.receive()
+        while True:
+            try:
+                data = self._queue.get_nowait()
+                break
+            except queue.Empty:
+                self._waiter = anyio.Event()
+                await self._waiter.wait()
         if isinstance(data, OSError):
             self._eof = True
             raise data
