@@ -233,6 +233,18 @@ def test_listen_serves_streams_one_after_another_until_used_up(cli: Cli, tmp_pat
     assert late.stdout == b""
 
 
+def test_a_sturdy_name_on_a_random_port_gets_a_warning(cli: Cli, tmp_path: Path) -> None:
+    listen = cli.start("listen", "--name", "svc", "--uri-file", "uri")
+    cli.wait_file(tmp_path / "uri", listen)
+    _, err = cli.stop(listen)
+    assert b"--listen HOST:PORT" in err
+    port = free_port()
+    fixed = cli.start("listen", "--name", "svc", "--listen", f"127.0.0.1:{port}")
+    read_stderr_until(fixed, r"(capsock://\S+)")
+    _, err = cli.stop(fixed)
+    assert b"random port" not in err
+
+
 def test_ctrl_c_in_the_middle_of_a_transfer_says_one_line(cli: Cli, tmp_path: Path) -> None:
     """Regression: the thread reading stdin ran a task in the event loop that
     Ctrl-C left behind, and asyncio's shutdown printed its traceback."""
@@ -289,6 +301,17 @@ def test_relay_connects_nodes_without_direct_hints(cli: Cli, tmp_path: Path) -> 
     assert result.stdout == b"pong"
     out, err = listen.communicate(timeout=20)
     assert (listen.returncode, out) == (0, b"ping"), err.decode()
+    assert b"lost the relay" not in err  # its own exit is not a lost relay
+    # A relay capability the relay refuses: retrying cannot help, so exit 4 at once.
+    path, _, query = relay_uri.partition("?")
+    flipped = path[:-5] + ("A" if path[-5] != "A" else "B") + path[-4:]
+    started = time.monotonic()
+    refused = cli.run("listen", "--once", "--relay", f"{flipped}?{query}")
+    assert refused.returncode == 4, refused.stderr.decode()
+    *warnings, error = refused.stderr.decode().strip().splitlines()
+    assert "not retrying" in warnings[-1]  # the node's own log line, then the error
+    assert error.startswith("capsock: error: the relay refused the capability")
+    assert time.monotonic() - started < 10
     cli.stop(relay)
 
 

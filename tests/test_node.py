@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -14,7 +15,7 @@ import pytest
 import capsock
 from capsock import CapsockAttribute
 from capsock.keys import KeyPair
-from capsock.uri import Capability, Token
+from capsock.uri import Capability, TcpHint, Token
 
 from .helpers import echo, read_all, receive_and_hash, send_and_hash
 
@@ -146,6 +147,22 @@ async def test_unreachable_lists_every_route(tmp_path: Path) -> None:
             await client.connect(listener.uri)
         assert "tcp=127.0.0.1:" in str(info.value)
         assert len(info.value.attempts) == 1
+
+
+async def test_a_bare_host_port_listens_on_tcp() -> None:
+    async with capsock.Node(listen=["127.0.0.1:0"]) as node:
+        (hint,) = node.hints
+        assert isinstance(hint, TcpHint) and hint.host == "127.0.0.1" and hint.port > 0
+
+
+async def test_a_failed_bind_names_the_address() -> None:
+    async with capsock.Node(listen=["tcp:127.0.0.1:0"]) as first:
+        (hint,) = first.hints
+        assert isinstance(hint, TcpHint)
+        with pytest.raises(OSError, match=rf"cannot listen on tcp:127\.0\.0\.1:{hint.port}") as exc:
+            async with capsock.Node(listen=[f"tcp:127.0.0.1:{hint.port}"]):
+                pass
+        assert exc.value.errno == errno.EADDRINUSE
 
 
 async def test_garbage_to_the_port_is_dropped_and_others_are_served(

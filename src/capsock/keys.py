@@ -75,7 +75,8 @@ class NodeId:
             return bytes(nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(self.raw))
         except (nacl.exceptions.CryptoError, ValueError, RuntimeError) as exc:
             raise PeerAuthenticationError(
-                f"node id {self.short()} is not a valid Ed25519 public key"
+                f"node id {self.short()} is not a valid Ed25519 public key; the URI "
+                "is damaged (a changed character?): copy the whole URI again"
             ) from exc
 
     def short(self) -> str:

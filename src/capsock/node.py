@@ -29,6 +29,7 @@ import anyio.abc
 from anyio.abc import SocketAttribute
 
 from .errors import (
+    CapabilityRejected,
     CapsockError,
     ErrorCode,
     InvalidCapability,
@@ -93,8 +94,15 @@ class NodeConfig:
     connections are dropped after the handshake."""
 
 
+def _bind_error(exc: OSError, address: str) -> OSError:
+    """The same OSError (errno kept), naming the address that could not be bound."""
+    return OSError(exc.errno, f"cannot listen on {address}: {exc.strerror or exc}")
+
+
 def _parse_listen(spec: str) -> tuple[str, str, int]:
     kind, sep, rest = spec.partition(":")
+    if kind not in ("tcp", "unix") and spec.rpartition(":")[2].isdigit():
+        return _parse_listen(f"tcp:{spec}")  # a bare HOST:PORT, as on the command line
     if not sep:
         raise LocalUsageError(f"listen address {spec!r}: use tcp:HOST:PORT or unix:/PATH")
     if kind == "unix":
@@ -337,10 +345,17 @@ class Node:
             # anyio removes a stale socket file (never a regular file) and sets
             # the mode right after bind(); the capability, not the file mode, is
             # what authorises, so the short window before chmod is harmless.
-            listener = await anyio.create_unix_listener(path, mode=0o600)
+            try:
+                listener = await anyio.create_unix_listener(path, mode=0o600)
+            except OSError as exc:
+                raise _bind_error(exc, f"unix:{path}") from exc
             hints: list[Hint] = [UnixHint(str(path))]
         else:
-            listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+            try:
+                listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+            except OSError as exc:
+                shown = f"[{host}]" if ":" in host else host
+                raise _bind_error(exc, f"tcp:{shown}:{port}") from exc
             bound = listener.extra(SocketAttribute.local_port)
             if _is_wildcard(host):
                 hints = []
@@ -712,6 +727,12 @@ class Node:
             try:
                 stream = await forward_register(self, relay)
             except (CapsockError, OSError, TimeoutError, anyio.BrokenResourceError) as exc:
+                if isinstance(exc, CapabilityRejected) and exc.code == ErrorCode.REFUSED:
+                    # The capability is dead (revoked, expired, forged): retrying
+                    # cannot help.  BUSY and SHUTTING_DOWN are worth a retry.
+                    self.relay_status[key] = f"refused: {exc}"
+                    log.warning("relay %s: %s; not retrying", relay.node.short(), str(exc))
+                    return
                 self.relay_status[key] = f"failed: {exc}"
                 log.warning("relay %s: %s; retrying in %.1f s", relay.node.short(), str(exc), delay)
             else:
@@ -724,6 +745,8 @@ class Node:
                             await stream.receive()
                 except (anyio.EndOfStream, anyio.BrokenResourceError, CapsockError):
                     self.relay_status[key] = "lost"
+                    if self._closed:  # our own shutdown closed the session
+                        return
                     log.warning("lost the relay %s; reconnecting", relay.node.short())
             await anyio.sleep(delay * (0.5 + secrets.randbelow(1000) / 1000))
             delay = min(delay * 2, largest)
@@ -847,7 +870,11 @@ class Node:
                 f"the capability for {node.short()} carries no route hints and there is "
                 "no open session to that node"
             )
-        raise Unreachable(f"could not reach node {node.short()}", tuple(attempts))
+        raise Unreachable(
+            f"could not reach node {node.short()} (is it still running, and is one of "
+            "the URI's routes reachable from here?)",
+            tuple(attempts),
+        )
 
     async def _connect_route(self, hint: Hint, node: NodeId) -> anyio.abc.ByteStream:
         if isinstance(hint, TcpHint):

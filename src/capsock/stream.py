@@ -139,7 +139,7 @@ class Stream(anyio.abc.ByteStream):
         if self._error is None:
             self._error = StreamResetError(
                 f"stream {self._sid} with {self.peer.short()} was reset by the peer "
-                f"({code.name}); open a new stream if you need to go on",
+                f"({code.name}): it abandoned the stream; what arrived before was delivered",
                 code,
             )
         self._wake_reader()

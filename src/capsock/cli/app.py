@@ -69,7 +69,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, Commands]:
     parser = _Parser(
         prog="capsock",
         description="Capability-based, end-to-end encrypted byte streams. "
-        "stdout carries only data; messages go to stderr. Reference: docs/cli.md.",
+        "stdout carries only data; messages go to stderr. Reference: docs/cli.md "
+        "in the capsock source.",
     )
     parser.add_argument("--version", action="version", version=f"capsock {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
@@ -103,7 +104,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, Commands]:
     p.add_argument("uri", metavar="URI", help="the capability (or @FILE)")
     add_dialer_options(p)
 
-    p = command("share", "expose a local TCP service behind a capability")
+    p = command("share", "expose a local TCP or Unix-socket service behind a capability")
     p.add_argument("target", metavar="ADDR", help="the service: tcp:HOST:PORT or unix:/PATH")
     add_node_options(p, sturdy=True)
 
@@ -156,7 +157,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, Commands]:
         help="address to put into the relay capability (default: the --listen ones)",
     )  # fmt: skip
     p.add_argument(
-        "--state-dir", type=Path, default=None,
+        "--state-dir", type=Path, default=None, metavar="DIR",
         help="identity and sturdy capability store (default: $XDG_STATE_HOME/capsock/relay)",
     )  # fmt: skip
 

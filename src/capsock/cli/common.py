@@ -261,6 +261,12 @@ async def listening_node(args: argparse.Namespace) -> AsyncIterator[Node]:
         if pid is not None:
             raise CliError(busy_message(directory, pid, f"serve the sturdy name {name!r}"))
     listen = args.listen or ([] if args.relay else ["tcp:127.0.0.1:0"])
+    if name and not args.listen and not args.relay:
+        info(
+            f"warning: --name {name!r} keeps the capability's secret across restarts, but "
+            "its address is a random port: pass --listen HOST:PORT (or --relay) so that "
+            "the URI still reaches this node after a restart"
+        )
     try:
         node = Node(
             directory,
@@ -288,9 +294,17 @@ def _listen_spec(text: str) -> str:
 async def _wait_for_relays(node: Node, limit: float = 15.0) -> None:
     with anyio.move_on_after(limit):
         # The node exposes the registration state only as a dict: poll it, briefly.
-        while not node.relay_status or any(s != "registered" for s in node.relay_status.values()):  # noqa: ASYNC110
+        while not node.relay_status or any(  # noqa: ASYNC110
+            s != "registered" and not s.startswith("refused") for s in node.relay_status.values()
+        ):
             await anyio.sleep(0.05)
     for relay, status in node.relay_status.items():
+        if status.startswith("refused"):
+            raise CliError(
+                f"the relay refused the capability {relay}; ask the relay's operator "
+                "for a current one",
+                Exit.REFUSED,
+            )
         if status != "registered":
             info(f"warning: relay {relay} is not reachable yet ({status}); still trying")
 

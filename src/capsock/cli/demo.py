@@ -95,6 +95,6 @@ async def run_relay(listen: list[str], advertise: list[str] | None, state_dir: P
     async with Node(state_dir, listen=listen, advertise=advertise, config=config) as node:
         listener = await node.forwarding(name="relay")
         print(listener.uri, flush=True)
-        _say(f"capsock relay {node.id.short()}... forwarding; hand out the capability above")
+        _say(f"capsock: relay {node.id.short()}... forwarding; hand out the capability above")
         await anyio.sleep_forever()
     return Exit.OK
