@@ -222,3 +222,28 @@ async def test_an_introduction_forwards_only_to_the_introduced_node() -> None:
             await stream.aclose()
             await keep.aclose()
             tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "answered"),
+    [
+        (b"hi\n", False),  # not even a message: someone took the URI for an ordinary one
+        (b"\x00\x00\x00\x01\xc0", True),  # a message (nil), not a request: answered, refused
+    ],
+)
+async def test_a_bad_forwarding_request_ends_in_a_reset_not_a_clean_end(
+    request_bytes: bytes, answered: bool
+) -> None:
+    """Regression: the forwarder closed such streams cleanly, so `echo hi |
+    capsock connect RELAY_URI` printed nothing and exited 0."""
+    async with capsock.Node(listen=["tcp:127.0.0.1:0"]) as relay, capsock.Node() as client:
+        forwarding = await relay.forwarding()
+        stream = await client.connect(forwarding.uri)
+        await stream.send(request_bytes)
+        await stream.send_eof()
+        received = b""
+        with pytest.raises(capsock.StreamReset) as caught:
+            while True:
+                received += await stream.receive()
+        assert not isinstance(caught.value, capsock.ConnectionLost)
+        assert (b"malformed forwarding request" in received) is answered

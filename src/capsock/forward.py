@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 
-from .errors import CapsockError, ProtocolError, Unreachable
+from .errors import CapsockError, ErrorCode, ProtocolError, Unreachable
 from .keys import NodeId
 from .messages import receive_message, send_message
 from .stream import CapsockAttribute, Stream
@@ -128,6 +128,10 @@ class Forwarder:
                 request = await receive_message(stream)
         except (TimeoutError, CapsockError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
             log.info("no forwarding request from %s: %s", peer.short(), str(exc))
+            # A reset, not a clean end: whoever sent this (a program that took
+            # the forwarding URI for an ordinary one, say) must see a failure.
+            timeout = isinstance(exc, TimeoutError)
+            stream.reset(ErrorCode.TIMEOUT if timeout else ErrorCode.PROTOCOL_ERROR)
             await stream.aclose()
             return
         if isinstance(request, dict) and request.get("op") == "register":
@@ -185,6 +189,10 @@ class Forwarder:
             CapsockError, anyio.BrokenResourceError, anyio.ClosedResourceError
         ):
             await send_message(stream, {"ok": False, "error": why})
+        # Then a reset: the answer is delivered first (data before a RESET is
+        # still read), and whoever did not expect it sees a failure, not a
+        # clean end.
+        stream.reset(ErrorCode.REFUSED)
         await stream.aclose()
 
     async def _registered(self, stream: Stream) -> None:

@@ -130,9 +130,9 @@ async def dial_handshake(
         message = await _read_handshake_record(transport, buf, 65535)
     except (anyio.EndOfStream, anyio.BrokenResourceError, ConnectionError) as exc:
         raise PeerAuthenticationError(
-            f"the node there does not hold the key {remote.short()}... named in the "
-            "capability (it hung up during the handshake); check that the URI is "
-            "complete and current"
+            "what answered there hung up during the handshake: it is not the node "
+            f"{remote.short()}... named in the capability (another node, or not a "
+            "capsock node at all); check that the URI is complete and current"
         ) from exc
     return hs.read_second(message), bytes(buf)
 

@@ -92,8 +92,21 @@ def quiet() -> bool:
     return _quiet
 
 
+_bar_on_line = False  # a progress bar is drawn on the current stderr line
+
+
+def bar_drawn(on_line: bool) -> None:
+    """The progress bar tells whether it left its line open (no newline yet)."""
+    global _bar_on_line
+    _bar_on_line = on_line
+
+
 def say(text: str = "") -> None:
-    """Print one message line on stderr (never stdout)."""
+    """Print one message line on stderr (never stdout), below any progress bar."""
+    global _bar_on_line
+    if _bar_on_line:
+        _bar_on_line = False
+        text = "\n" + text
     print(text, file=sys.stderr, flush=True)
 
 

@@ -7,7 +7,7 @@ import shutil
 import sys
 import time
 
-from .common import quiet
+from .common import bar_drawn, quiet
 
 __all__ = ["Progress", "human_bytes"]
 
@@ -78,12 +78,14 @@ class Progress:
         columns = shutil.get_terminal_size((80, 24)).columns
         sys.stderr.write("\r" + self.line()[: columns - 1].ljust(columns - 1))
         sys.stderr.flush()
+        bar_drawn(True)
 
     def finish(self) -> None:
         if self.enabled:
             self._draw()
             sys.stderr.write("\n")
             sys.stderr.flush()
+            bar_drawn(False)
 
     def summary(self) -> str:
         moved = self.done - self._start_bytes

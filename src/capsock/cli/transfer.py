@@ -306,8 +306,8 @@ async def cmd_send(args: argparse.Namespace) -> int:
         raise CliError("nobody received it before the capability expired; run `capsock send` again")
     if not all(outcomes):
         raise CliError(
-            "a transfer did not complete (see above); run `capsock send` again: "
-            "a receiver resumes a file where it stopped"
+            "a transfer did not complete (see above); run `capsock send` again and "
+            "hand out its new capability: a receiver resumes a file where it stopped"
         )
     return Exit.OK
 
@@ -401,7 +401,10 @@ async def _finish(stream: Stream, ok: bool, error: str | None = None) -> None:
 async def _decline(stream: Stream, why: str) -> None:
     await stream.send(encode({"decline": why}))
     await stream.send_eof()
-    raise CliError(why)
+    raise CliError(
+        f"{why} (declined; the sender counted this as a use: a one-shot capability "
+        "now needs a new `capsock send`)"
+    )
 
 
 def _target_problem(target: Path) -> str | None:
@@ -471,6 +474,12 @@ async def _receive_file(stream: Stream, offer: dict[str, Any], output: str | Non
                     f"{human_bytes(size)} ({why}); {part} is kept: receive again to resume "
                     "(a one-shot capability needs a new `capsock send`)"
                 ) from None
+            except anyio.get_cancelled_exc_class():  # Ctrl-C, SIGTERM
+                info(
+                    f"{part} is kept ({human_bytes(progress.done)} of {human_bytes(size)}): "
+                    "receive again to resume (a one-shot capability needs a new `capsock send`)"
+                )
+                raise
             f.flush()
             os.fsync(f.fileno())
     progress.finish()
