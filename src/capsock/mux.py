@@ -103,6 +103,12 @@ class MuxConfig:
     max_queued_control: int = 1024 * 1024
     """Bytes of answers (PONG, REJECT, ...) queued for a peer that does not read
     before the session is closed as abusive."""
+    max_queued_data: int = 4 * 1024 * 1024
+    """Bytes of DATA this side queues for sending, over all streams; beyond it
+    :meth:`Mux.send_data` takes nothing (the sender waits), whatever credit
+    the peer granted.  The peer's credit is the peer's to choose (up to 2 GiB
+    per stream): without this bound, a peer that grants it and stops reading
+    would make this side buffer everything its application sends."""
 
     def __post_init__(self) -> None:
         if not INITIAL_STREAM_WINDOW <= self.stream_window <= MAX_WINDOW:
@@ -113,6 +119,8 @@ class MuxConfig:
             raise LocalUsageError("max_streams and max_pending_opens must be positive")
         if not 1 <= self.max_frame_data <= MAX_MESSAGE_PLAINTEXT - HEADER_LEN:
             raise LocalUsageError("max_frame_data out of range")
+        if self.max_queued_data < 1:
+            raise LocalUsageError("max_queued_data must be positive")
 
 
 # ---------------------------------------------------------------- events
@@ -257,6 +265,8 @@ class Mux:
         self._urgent: deque[bytes] = deque()
         self._queued_control = 0
         self._queued_data = 0
+        self._goaway_last = 0
+        self._goaway_code = ErrorCode.NO_ERROR
         self.goaway_sent = False
         self.goaway_received = False
         self.bytes_sent = 0
@@ -272,7 +282,14 @@ class Mux:
         st = self._streams.get(stream_id)
         if st is None or st.state is not _State.OPEN or st.local_eof:
             return 0
-        return min(st.send_credit, self._send_session_credit)
+        room = self.config.max_queued_data - self._queued_data
+        return max(0, min(st.send_credit, self._send_session_credit, room))
+
+    @property
+    def send_buffer_full(self) -> bool:
+        """Whether :meth:`send_data` takes nothing for lack of local room
+        (``max_queued_data``), whatever the credit."""
+        return self._queued_data >= self.config.max_queued_data
 
     def is_open(self, stream_id: int) -> bool:
         """Whether the engine still tracks ``stream_id``."""
@@ -360,7 +377,8 @@ class Mux:
             raise LocalUsageError(f"stream {stream_id} is not open")
         if st.local_eof:
             raise LocalUsageError(f"stream {stream_id} was half-closed (send_eof) already")
-        n = min(len(data), st.send_credit, self._send_session_credit)
+        room = self.config.max_queued_data - self._queued_data
+        n = min(len(data), st.send_credit, self._send_session_credit, room)
         if n <= 0:
             return 0
         st.send_credit -= n
@@ -632,7 +650,16 @@ class Mux:
         events.append(OpenRequested(sid, token))
 
     def _on_goaway(self, last: int, code: ErrorCode, events: list[Event]) -> None:
+        # Only the first GOAWAY, and one that lowers ``last``, can forget streams:
+        # a flood of repeats must not cost a scan of every stream each.
+        if self.goaway_received and last >= self._goaway_last:
+            if code != self._goaway_code:
+                self._goaway_code = code
+                events.append(GoAwayReceived(last, code))
+            return
         self.goaway_received = True
+        self._goaway_last = last
+        self._goaway_code = code
         local_parity = 1 if self.dialer else 0
         for sid in [s for s in self._streams if s % 2 == local_parity and s > last]:
             del self._streams[sid]

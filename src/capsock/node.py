@@ -9,6 +9,7 @@ every inbound OPEN with :func:`capsock.store.authorize`.
 from __future__ import annotations
 
 import collections
+import contextvars
 import fcntl
 import hmac
 import ipaddress
@@ -260,7 +261,12 @@ class Node:
                 hints = [
                     TcpHint(h, p) if k == "tcp" else UnixHint(h) for k, h, p in self._advertise
                 ]
-            self._hints = tuple(hints) + tuple(ViaHint(r) for r in self._relays)
+            # The relay capability itself stays with this node (it registers with
+            # it); the URIs this node mints carry it attenuated to reach only this
+            # node, so their holders can neither register at the relay nor use it
+            # to reach other nodes.
+            via = tuple(ViaHint(r.attenuate(to=self.id)) for r in self._relays)
+            self._hints = tuple(hints) + via
             for relay in self._relays:
                 self._tg.start_soon(self._keep_relay, relay)
         except BaseException:
@@ -817,12 +823,24 @@ class Node:
         session = self._sessions.get(node)
         if session is not None and session.is_usable:
             return session
+        # A via route dials its forwarder from inside this dial.  URIs are
+        # untrusted input: their via hints can loop (E via F, F via E) or nest
+        # without end; refuse both instead of re-entering the dial lock.
+        path = _DIALING.get()
+        if node in path:
+            raise Unreachable(f"the route to {node.short()} loops back to itself (via hints)")
+        if len(path) >= _MAX_VIA_DEPTH:
+            raise Unreachable(f"the route to {node.short()} nests too many via hints")
         lock = self._dial_locks.setdefault(node, anyio.Lock())
-        async with lock:
-            session = self._sessions.get(node)
-            if session is not None and session.is_usable:
-                return session
-            return await self._dial(node, hints)
+        token = _DIALING.set(path | {node})
+        try:
+            async with lock:
+                session = self._sessions.get(node)
+                if session is not None and session.is_usable:
+                    return session
+                return await self._dial(node, hints)
+        finally:
+            _DIALING.reset(token)
 
     async def _dial(self, node: NodeId, hints: tuple[Hint, ...]) -> Session:
         """Try direct hints (a short head start when forwarding routes exist), then ``via``."""
@@ -887,6 +905,13 @@ class Node:
         if hint.capability.node == node:
             raise Unreachable("a forwarding route through the endpoint itself is useless")
         return await open_via(self, hint.capability, node)
+
+
+_DIALING: contextvars.ContextVar[frozenset[NodeId]] = contextvars.ContextVar(
+    "capsock_dialing", default=frozenset()
+)
+"""The nodes this task is dialing right now (a via route dials its forwarder first)."""
+_MAX_VIA_DEPTH = 4
 
 
 def _lock_state_dir(state_dir: Path) -> int:

@@ -203,6 +203,7 @@ class Session:
         self._opening: dict[int, _OpenWaiter] = {}
         self._wake: anyio.Event | None = None
         self._send_busy = False  # a task is inside _flush_once (writer or inline)
+        self._send_waiters: set[Stream] = set()  # blocked on session credit or buffer room
         self._inline_writes = 0
         self._peer_spoke = anyio.Event()
         self.on_confirmed: Callable[[Session], None] | None = None
@@ -399,8 +400,9 @@ class Session:
                 continue
             match ev:
                 case CreditGranted(0):
-                    for st in streams.values():
-                        st._on_credit()
+                    # Only the streams waiting for it: a flood of WINDOW(0) frames
+                    # must not cost a pass over every stream each.
+                    self._wake_senders()
                 case CreditGranted(sid):
                     st = streams.get(sid)
                     if st is not None:
@@ -511,6 +513,8 @@ class Session:
             records.append(parts)
             size += sum(len(p) for p in parts)
         if records:
+            if self._send_waiters and not mux.send_buffer_full:
+                self._wake_senders()  # room again in the send buffer
             # A fresh buffer per write: the transport may keep a reference to it.
             await self._transport.send(self._cipher.encrypt_records(records))  # type: ignore[arg-type]
 
@@ -621,6 +625,16 @@ class Session:
         self._kick()
 
     # ---------------------------------------------------------- used by Stream
+
+    def wait_to_send(self, stream: Stream) -> None:
+        """``stream`` found no credit or no buffer room: wake it on session
+        credit or once the writer made room (its own credit wakes it anyway)."""
+        self._send_waiters.add(stream)
+
+    def _wake_senders(self) -> None:
+        waiters, self._send_waiters = self._send_waiters, set()
+        for st in waiters:
+            st._on_credit()
 
     def send_data(self, sid: int, data: memoryview, *, kick: bool = True) -> int:
         """Queue what the credit allows; ``kick=False``: the caller flushes."""

@@ -62,6 +62,7 @@ class ConnectionLostError(ConnectionLost, anyio.BrokenResourceError):
 
 
 _READ_CHUNK = 65536
+_COALESCE_BELOW = 4096
 
 
 class Stream(anyio.abc.ByteStream):
@@ -75,7 +76,7 @@ class Stream(anyio.abc.ByteStream):
         self._session = session
         self._sid = stream_id
         self._capability = capability
-        self._buf: deque[bytes | memoryview] | None = (
+        self._buf: deque[bytes | bytearray | memoryview] | None = (
             None  # created on first data: idle streams stay small
         )
         self._eof = False
@@ -126,9 +127,25 @@ class Stream(anyio.abc.ByteStream):
         if self._closed:
             self._session.consumed(self._sid, len(data))
             return
-        if self._buf is None:
-            self._buf = deque()
-        self._buf.append(data)
+        buf = self._buf
+        if buf is None:
+            buf = self._buf = deque()
+        # What is buffered must cost about what the peer's window counts (the
+        # payload bytes), whatever the peer packs into its records:
+        if len(data) < _COALESCE_BELOW:
+            # small payloads are copied into one growing tail, not kept as one
+            # object (and one view of a whole record) each;
+            tail = buf[-1] if buf else None
+            if type(tail) is bytearray and len(tail) < _COALESCE_BELOW:
+                tail += data
+            else:
+                buf.append(bytearray(data))
+        elif type(data) is memoryview and 2 * len(data) < len(data.obj):  # type: ignore[arg-type]
+            # a view covering under half of its decrypted record is copied, so
+            # a record mostly made of other frames is not kept alive by it;
+            buf.append(bytes(data))
+        else:
+            buf.append(data)  # zero-copy: the view is most of its record
         self._wake_reader()
 
     def _on_eof(self) -> None:
@@ -208,7 +225,7 @@ class Stream(anyio.abc.ByteStream):
                 buf = self._buf
                 if buf:
                     # Gather what is buffered, up to max_bytes, in one copy.
-                    pieces: list[bytes | memoryview] = []
+                    pieces: list[bytes | bytearray | memoryview] = []
                     room = max_bytes
                     while buf and room:
                         chunk = buf[0]
@@ -267,6 +284,7 @@ class Stream(anyio.abc.ByteStream):
                 if small:
                     session._kick()  # what was queued goes out while we wait for credit
                 event = self._writable = anyio.Event()
+                session.wait_to_send(self)
                 await event.wait()
         finally:
             self._sending = False
