@@ -795,3 +795,26 @@ def test_a_signal_at_any_moment_is_a_clean_stop(
         cli.stop(share, sig)
     finally:
         echo.close()
+
+
+# ------------------------------------------------------------------ remote text
+
+
+def test_a_peers_text_is_shown_without_its_control_characters() -> None:
+    """A receiver's decline or a forwarder's refusal is the remote side's text:
+    no terminal escape sequence from it may reach the user's terminal."""
+    from capsock.messages import printable
+
+    assert printable("\x1b]0;owned\x07\x1b[2Jbad\nname") == "?]0;owned??[2Jbad?name"
+    assert printable("x" * 500).endswith("...") and len(printable("x" * 500)) == 203
+    assert printable(None) == "no reason given"
+
+
+@pytest.mark.parametrize("name", ["\x1b[2J.txt", "a\nb", "tab\there"])
+def test_offered_names_with_control_characters_are_refused(name: str) -> None:
+    from capsock.cli.common import CliError
+    from capsock.cli.transfer import _check_name
+
+    with pytest.raises(CliError, match="unsafe"):
+        _check_name(name, "file name")
+    assert _check_name("résumé 2.pdf", "file name") == "résumé 2.pdf"

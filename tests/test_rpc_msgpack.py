@@ -507,6 +507,22 @@ async def test_unknown_and_malformed_responses() -> None:
         assert not conn.closed
 
 
+async def test_a_peer_cannot_flood_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """Unknown answers and malformed messages cost the peer a few bytes each:
+    the first of each kind is a warning, the rest are counted at debug level."""
+    caplog.set_level(logging.DEBUG, logger="capsock")
+    async with served(None) as (conn, stream):
+        peer = Raw(stream)
+        for msgid in range(200):
+            await peer.send([1, 10_000 + msgid, None, "nobody asked"])
+            await peer.send([0, msgid, 42, []])  # method must be a string: malformed
+        for _ in range(200):
+            await peer.receive()  # the InvalidRequest answers
+        assert conn.stats()["unknown_responses"] == 200
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 2, [r.getMessage() for r in warnings]
+
+
 async def test_undecodable_bytes_close_the_connection(caplog: pytest.LogCaptureFixture) -> None:
     async with served(None) as (conn, stream):
         peer = Raw(stream)

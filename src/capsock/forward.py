@@ -41,7 +41,7 @@ import anyio.abc
 
 from .errors import CapsockError, ErrorCode, ProtocolError, Unreachable
 from .keys import NodeId
-from .messages import receive_message, send_message
+from .messages import printable, receive_message, send_message
 from .stream import CapsockAttribute, Stream
 from .uri import Capability, To
 
@@ -251,11 +251,7 @@ async def _request(
 
 def _reason(answer: dict[Any, Any]) -> str:
     """The forwarder's stated reason, made safe to show: it is the remote's text."""
-    why = answer.get("error")
-    if not isinstance(why, str):
-        return "no reason given"
-    text = "".join(ch if ch.isprintable() else "?" for ch in why[:200])
-    return text + ("..." if len(why) > 200 else "")
+    return printable(answer.get("error"))
 
 
 async def open_via(node: Node, via: Capability, target: NodeId) -> Stream:

@@ -20,6 +20,7 @@ from .uri import Capability
 
 __all__ = [
     "MAX_MESSAGE",
+    "printable",
     "receive_capability",
     "receive_message",
     "send_capability",
@@ -28,6 +29,17 @@ __all__ = [
 
 MAX_MESSAGE = 64 * 1024
 """Default largest message accepted by :func:`receive_message`."""
+
+
+def printable(text: object, limit: int = 200) -> str:
+    """A remote peer's text made safe to show on a terminal or in a log line:
+    control characters (escape sequences, newlines) replaced, length bounded."""
+    if not isinstance(text, str):
+        return "no reason given"
+    shown = "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
+    return shown + ("..." if len(text) > limit else "")
+
+
 _LEN = struct.Struct(">I")
 
 

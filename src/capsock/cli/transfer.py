@@ -32,6 +32,7 @@ import anyio.abc
 import msgpack
 
 from ..errors import CapabilityRejected, CapsockError, Unreachable
+from ..messages import printable
 from ..stream import Stream
 from .common import (
     CliError,
@@ -230,7 +231,7 @@ async def serve_transfer(stream: Stream, item: Item, *, bar: bool) -> bool:
     await stream.send(encode(item.offer()))
     request, _ = await read_message(stream)
     if "decline" in request:
-        say(f"capsock: error: the receiver {peer} declined: {request['decline']}")
+        say(f"capsock: error: the receiver {peer} declined: {printable(request['decline'])}")
         return False
     offset = _field(request, "offset", int, "request")
     h = hashlib.sha256()
@@ -269,7 +270,7 @@ async def serve_transfer(stream: Stream, item: Item, *, bar: bool) -> bool:
         except (anyio.EndOfStream, *_STREAM_ERRORS):
             pass
     if result.get("ok") is not True:
-        say(f"capsock: error: the receiver {peer} reports: {result.get('error', 'failure')}")
+        say(f"capsock: error: the receiver {peer} reports: {printable(result.get('error'))}")
         return False
     info(f"sent {item.name} to {stream.peer} ({progress.summary()}); the receiver verified it")
     return True
@@ -320,7 +321,7 @@ def _check_name(name: object, what: str) -> str:
         not isinstance(name, str)
         or name in ("", ".", "..")
         or "/" in name
-        or "\0" in name
+        or not name.isprintable()  # control characters: terminal escapes in messages
         or len(name.encode("utf-8", "surrogateescape")) > 255
     ):
         raise CliError(f"the sender offered an unsafe {what} {name!r}; refusing it")

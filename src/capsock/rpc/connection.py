@@ -119,6 +119,7 @@ class Connection:
         self._cause: BaseException | None = None
         self.protocol_errors: list[RpcProtocolError] = []
         """The last (up to 16) protocol errors the peer caused, newest last."""
+        self._warned: set[str] = set()
         self._stats = {
             "calls": 0,
             "requests": 0,
@@ -463,9 +464,10 @@ class Connection:
                 log.debug("dropped the late answer to abandoned call %d", msg.msgid)
             else:
                 self._stats["unknown_responses"] += 1
-                log.warning(
-                    "dropped a response from %s for unknown msgid %d", _short(self.peer), msg.msgid
-                )
+                self._warn_once(
+                    "unknown_responses", "dropped a response from %s for unknown msgid %d",
+                    _short(self.peer), msg.msgid,
+                )  # fmt: skip
             return
         if msg.error is not None:
             pending.error = _remote_error(msg.error)
@@ -518,7 +520,7 @@ class Connection:
     async def _on_notification(self, msg: Notification) -> None:
         if not await self._slot():
             self._stats["busy"] += 1
-            log.warning("dropped a notification from %s: too busy", _short(self.peer))
+            self._warn_once("busy", "dropped a notification from %s: too busy", _short(self.peer))
             return
         tg = self._tg
         if tg is None or self._closed:
@@ -530,7 +532,7 @@ class Connection:
     async def _on_malformed(self, event: Malformed) -> None:
         err = event.error
         self._note(err)
-        log.warning("malformed message from %s: %s", _short(self.peer), err)
+        self._warn_once("malformed", "malformed message from %s: %s", _short(self.peer), err)
         if err.kind == 0 and err.msgid is not None:
             await self._respond(err.msgid, ["InvalidRequest", str(err)], None)
         elif err.kind == 1 and err.msgid is not None:
@@ -538,6 +540,14 @@ class Connection:
             if pending is not None:
                 pending.error = err
                 pending.event.set()
+
+    def _warn_once(self, kind: str, message: str, *args: object) -> None:
+        """Log what a peer can repeat at will once per connection as a warning,
+        then at debug level: ``stats()`` counts every one, and a peer must not
+        be able to flood the log."""
+        level = logging.DEBUG if kind in self._warned else logging.WARNING
+        self._warned.add(kind)
+        log.log(level, message + " (further ones: debug level; see stats())", *args)
 
     def _note(self, err: RpcProtocolError) -> None:
         self._stats["malformed"] += 1
