@@ -24,7 +24,7 @@ complete record in the callback, so what stays buffered is one partial record
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -57,7 +57,7 @@ def adopt(stream: anyio.abc.ByteStream) -> PushTransport | None:
         return None
     if transport.is_closing():
         return None
-    pushed = PushTransport(stream, transport)
+    pushed = PushTransport(transport)
     pushed._take_over(old)
     return pushed
 
@@ -83,24 +83,42 @@ class _Protocol(asyncio.Protocol):
         if exc is not None:
             error.__cause__ = exc
         owner._lost = error
-        owner._writable.set()
+        owner._resume()
         owner._on_end(error)
 
     def pause_writing(self) -> None:
-        self.owner._writable.clear()
+        self.owner._paused = True
 
     def resume_writing(self) -> None:
-        self.owner._writable.set()
+        self.owner._resume()
 
 
-class PushTransport(anyio.abc.ByteStream):
-    """The socket of one session, read by callbacks (see the module docstring)."""
+class PushTransport:
+    """The socket of one session, read by callbacks (see the module docstring).
 
-    def __init__(self, stream: anyio.abc.ByteStream, transport: asyncio.Transport) -> None:
-        self._stream = stream  # kept for its extra attributes only
+    Not an anyio stream: the session only writes to it (:meth:`send`) and
+    closes it; reading is :meth:`start_push`."""
+
+    __slots__ = (
+        "_closed",
+        "_drained",
+        "_ended",
+        "_lost",
+        "_on_data_cb",
+        "_on_end_cb",
+        "_paused",
+        "_pending",
+        "_started",
+        "_transport",
+    )
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        # Per idle session this object is most of what the fast path costs, so
+        # it keeps little: no reference to anyio's stream (whose protocol held
+        # a queue and two events) and no Event until a write has to wait.
         self._transport = transport
-        self._writable = asyncio.Event()
-        self._writable.set()
+        self._paused = False  # the socket's send buffer is full
+        self._drained: asyncio.Future[None] | None = None
         self._pending: list[bytes] = []  # received before start_push()
         self._ended: BaseException | None = None  # the end, before start_push()
         self._lost: BaseException | None = None
@@ -113,7 +131,7 @@ class PushTransport(anyio.abc.ByteStream):
         self._pending.extend(old.read_queue)
         old.read_queue.clear()
         if not old.write_event.is_set():
-            self._writable.clear()
+            self._paused = True
         if getattr(old, "exception", None) is not None:
             self._ended = anyio.BrokenResourceError(str(old.exception))
         elif getattr(old, "is_at_eof", False):
@@ -165,10 +183,7 @@ class PushTransport(anyio.abc.ByteStream):
         self._on_data_cb = self._on_end_cb = None
         callback(error)
 
-    # ---------------------------------------------------------- ByteStream
-
-    async def receive(self, max_bytes: int = 65536) -> bytes:
-        raise anyio.BusyResourceError("reading from (a push-mode transport)")
+    # ---------------------------------------------------------- writing
 
     async def send(self, item: bytes) -> None:
         """Write ``item``; wait only while the socket's send buffer is full."""
@@ -180,16 +195,15 @@ class PushTransport(anyio.abc.ByteStream):
             self._transport.write(item)
         except RuntimeError as exc:
             raise anyio.BrokenResourceError from exc
-        if not self._writable.is_set():
-            await self._writable.wait()
+        if self._paused:
+            waiter = self._drained
+            if waiter is None:
+                waiter = self._drained = asyncio.get_running_loop().create_future()
+            await asyncio.shield(waiter)  # shared by the writers that wait
             if self._closed:
                 raise anyio.ClosedResourceError
             if self._lost is not None:
                 raise anyio.BrokenResourceError from self._lost
-
-    async def send_eof(self) -> None:
-        if self._transport.can_write_eof() and not self._transport.is_closing():
-            self._transport.write_eof()
 
     async def aclose(self) -> None:
         """Abort the connection (what anyio's stream does): ``send`` returned only
@@ -197,9 +211,11 @@ class PushTransport(anyio.abc.ByteStream):
         self._closed = True
         self.stop_push()
         self._transport.abort()
-        self._writable.set()
+        self._resume()
         await anyio.lowlevel.checkpoint()
 
-    @property
-    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
-        return self._stream.extra_attributes
+    def _resume(self) -> None:
+        self._paused = False
+        waiter, self._drained = self._drained, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)

@@ -191,7 +191,7 @@ class Session:
         self.handshake_hash: bytes = result.handshake_hash
         self.route = route
         self.dialer = result.is_initiator
-        self._transport = transport
+        self._transport: anyio.abc.ByteStream | PushTransport = transport
         self._cipher = result.cipher
         self._reader = RecordReader()
         if leftover:
@@ -256,7 +256,9 @@ class Session:
                     self._mux.ping(os.urandom(8))  # the dialer speaks first, at once
                 tg.start_soon(self._guard, self._writer)
                 tg.start_soon(self._guard, self._keepalive)
-                pushed = adopt(self._transport) if self.config.push_reads else None
+                pushed = None
+                if self.config.push_reads and not isinstance(self._transport, PushTransport):
+                    pushed = adopt(self._transport)
                 self.ready.set()
                 if pushed is None:
                     await self._guard(self._read_loop)
@@ -326,6 +328,7 @@ class Session:
 
     async def _read_loop(self) -> None:
         transport = self._transport
+        assert not isinstance(transport, PushTransport)
         feed = self._reader.feed
         while True:
             self._consume_records()
