@@ -634,6 +634,9 @@ class Session:
         credit or once the writer made room (its own credit wakes it anyway)."""
         self._send_waiters.add(stream)
 
+    def done_waiting(self, stream: Stream) -> None:
+        self._send_waiters.discard(stream)
+
     def _wake_senders(self) -> None:
         waiters, self._send_waiters = self._send_waiters, set()
         for st in waiters:

@@ -285,7 +285,10 @@ class Stream(anyio.abc.ByteStream):
                     session._kick()  # what was queued goes out while we wait for credit
                 event = self._writable = anyio.Event()
                 session.wait_to_send(self)
-                await event.wait()
+                try:
+                    await event.wait()
+                finally:
+                    session.done_waiting(self)  # a closed stream is not kept referenced
         finally:
             self._sending = False
 
