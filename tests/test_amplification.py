@@ -184,3 +184,17 @@ async def test_minted_uris_carry_the_relay_capability_limited_to_their_node() ->
             await stream.send_eof()
             assert await stream.receive() == b"ok"
             tg.cancel_scope.cancel()
+
+
+async def test_goaways_with_alternating_codes_are_reported_at_most_twice(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="capsock")
+    async with target() as t:
+        raw = await RawDialer.connect(t.host, t.port, t.server.id)
+        async with raw:
+            await raw.send(raw.seal(*[GoAway(0, i % 2) for i in range(3000)]))
+            await raw.send(raw.seal(Ping(b"12345678")))
+            await raw.read_frames(5, until=lambda fs: any(type(f).__name__ == "Pong" for f in fs))
+        assert caplog.text.count("is going away") == 2  # NO_ERROR, then PROTOCOL_ERROR
+        await t.still_serves()

@@ -284,14 +284,17 @@ class Mux:
         st = self._streams.get(stream_id)
         if st is None or st.state is not _State.OPEN or st.local_eof:
             return 0
-        room = self.config.max_queued_data - self._queued_data
-        return max(0, min(st.send_credit, self._send_session_credit, room))
+        return max(0, min(st.send_credit, self._send_session_credit, self._send_room()))
 
     @property
     def send_buffer_full(self) -> bool:
         """Whether :meth:`send_data` takes nothing for lack of local room
         (``max_queued_data``), whatever the credit."""
-        return self._queued_data >= self.config.max_queued_data
+        return self._send_room() <= 0
+
+    def _send_room(self) -> int:
+        """DATA bytes the local send buffer still takes (``max_queued_data``)."""
+        return self.config.max_queued_data - self._queued_data
 
     def is_open(self, stream_id: int) -> bool:
         """Whether the engine still tracks ``stream_id``."""
@@ -379,8 +382,7 @@ class Mux:
             raise LocalUsageError(f"stream {stream_id} is not open")
         if st.local_eof:
             raise LocalUsageError(f"stream {stream_id} was half-closed (send_eof) already")
-        room = self.config.max_queued_data - self._queued_data
-        n = min(len(data), st.send_credit, self._send_session_credit, room)
+        n = min(len(data), st.send_credit, self._send_session_credit, self._send_room())
         if n <= 0:
             return 0
         st.send_credit -= n
@@ -660,7 +662,9 @@ class Mux:
         # Only the first GOAWAY, and one that lowers ``last``, can forget streams:
         # a flood of repeats must not cost a scan of every stream each.
         if self.goaway_received and last >= self._goaway_last:
-            if code != self._goaway_code:
+            # Reported once more only for the step from graceful to an error
+            # (section 7): alternating codes must not buy a log line per frame.
+            if self._goaway_code == ErrorCode.NO_ERROR and code != ErrorCode.NO_ERROR:
                 self._goaway_code = code
                 events.append(GoAwayReceived(last, code))
             return

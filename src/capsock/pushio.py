@@ -9,9 +9,10 @@ the anyio stream once the handshake is done and calls the session straight
 from ``data_received``, so a received record reaches the application's task
 in one turn; ``send`` writes without yielding unless the socket is full.
 
-Only used when the backend is asyncio and the stream is anyio's own TCP or
-Unix socket stream (anything else, trio included, keeps the task-based read
-loop).  It relies on two attributes of anyio's asyncio ``SocketStream``
+Only used when the backend is asyncio and the stream is anyio's own TCP
+socket stream (anything else keeps the task-based read loop: trio, Unix
+sockets, which anyio reads with ``sock_recv`` rather than a transport, and
+forwarded sessions).  It relies on two attributes of anyio's asyncio ``SocketStream``
 (``_transport`` and ``_protocol``); :func:`adopt` returns ``None`` if they are
 not what it expects, and ``tests/test_pushio.py`` fails loudly in that case so
 an anyio upgrade cannot silently turn the fast path off.
