@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextvars
+import errno
 import fcntl
 import hmac
 import ipaddress
@@ -23,16 +24,18 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
 
+from .admission import HalfOpenTable, ReplayCache, SourceBuckets, descriptor_budget, source_of
 from .errors import (
     CapabilityRejected,
     CapsockError,
     ErrorCode,
+    HandshakeError,
     InvalidCapability,
     LocalUsageError,
     PeerAuthenticationError,
@@ -82,17 +85,54 @@ class NodeConfig:
     direct_timeout: float = 3.0
     """Seconds per direct route when the capability also offers forwarding
     (``via``) routes: direct hints get a short head start, then forwarding."""
-    accept_forwarded: bool = True
-    """Accept sessions forwarded to this node by peers (transport streams).  Like
-    accepting TCP connections, this grants nothing by itself: the nested
-    session still needs a capability for every stream."""
+    accept_forwarded: Literal["trusted", "any", "never"] | bool = "trusted"
+    """From whom this node accepts sessions forwarded to it (transport streams):
+    ``"trusted"`` (the default) only from peers it has a reason to -- its
+    relays, sessions it dialed itself, and peers that opened a stream with one
+    of its capabilities (an introducer that holds one, say); ``"any"`` from
+    every peer; ``"never"``.  ``True`` means ``"any"``, ``False`` ``"never"``.
+    Forwarded sessions still need a capability for every stream."""
     max_forwards_per_peer: int = 256
     """Sessions one peer may have forwarded through this node at once."""
+    max_forwarded_sessions: int = 1024
+    """Sessions forwarded *to* this node that it runs at once (mid-handshake or
+    confirmed), counted apart from ``max_sessions``: a flood of forwarded
+    sessions cannot lock out direct dialers."""
+    max_forwarded_per_session: int = 64
+    """Of those, how many one carrying session (one peer) may hold at once; a
+    relay this node registered with may carry up to ``max_forwarded_sessions``
+    (it is how every client reaches a node behind NAT)."""
     relay_backoff: tuple[float, float] = (0.5, 30.0)
     """Reconnect delay to a relay: first and largest (doubling, with jitter)."""
     max_sessions: int = 4096
-    """Sessions (inbound and outbound) this node keeps at once; further inbound
-    connections are dropped after the handshake."""
+    """Direct sessions (inbound and outbound) this node keeps at once.  When an
+    inbound session would exceed it (or the descriptor budget), the oldest
+    inbound session that never opened a stream with a capability is shed; when
+    there is none, the newcomer is dropped."""
+    handshake_rate: tuple[float, float] = (200.0, 400.0)
+    """Handshakes per second and burst allowed from one source (an IPv4
+    address, an IPv6 /64, the carrying peer of a forwarded session); more are
+    dropped before any public-key work."""
+    replay_window: float = 600.0
+    """Seconds a handshake's ephemeral key is remembered: a replayed message 1
+    within that time is dropped before any public-key work."""
+    replay_cache_size: int = 16384
+    """Ephemeral keys remembered at most (the oldest go first)."""
+    fd_reserve: int = 64
+    """File descriptors (at least; or one eighth of the limit) kept free of
+    inbound connections, for outbound dials, relay upkeep, the store and the
+    application's own sockets.  The node raises its soft ``RLIMIT_NOFILE`` to
+    the hard limit at start and sizes its inbound connections to the rest."""
+
+    def __post_init__(self) -> None:
+        if self.accept_forwarded is True:
+            self.accept_forwarded = "any"
+        elif self.accept_forwarded is False:
+            self.accept_forwarded = "never"
+        elif self.accept_forwarded not in ("trusted", "any", "never"):
+            raise LocalUsageError(
+                f"accept_forwarded={self.accept_forwarded!r}: use 'trusted', 'any' or 'never'"
+            )
 
 
 def _bind_error(exc: OSError, address: str) -> OSError:
@@ -204,10 +244,27 @@ class Node:
         self._serve_scope = anyio.CancelScope()
         self._transport_listeners: list[anyio.abc.Listener[Any]] = []
         self._hints: tuple[Hint, ...] = ()
-        self._half_open_scopes: collections.OrderedDict[int, anyio.CancelScope] = (
-            collections.OrderedDict()
-        )
-        self._session_count = 0
+        # Admission (docs/security.md, "What a peer's bytes can cost"): direct
+        # and forwarded connections are counted apart, so neither can lock the
+        # other out.  The descriptor budget is set when the node starts.
+        cfg = self.config
+        self._half_open: HalfOpenTable[anyio.CancelScope] = HalfOpenTable(cfg.max_half_open)
+        self._nested_half_open: HalfOpenTable[anyio.CancelScope] = HalfOpenTable(cfg.max_half_open)
+        self._replays = ReplayCache(cfg.replay_cache_size, cfg.replay_window)
+        self._buckets = SourceBuckets(*cfg.handshake_rate)
+        self._fd_budget = cfg.max_sessions + cfg.max_half_open
+        self._inbound_direct = 0  # accepted transports alive (half-open or sessions)
+        self._strangers: collections.OrderedDict[Session, None] = collections.OrderedDict()
+        """Confirmed inbound direct sessions that never had a stream accepted:
+        the first to be shed when the node is full."""
+        self._nested_count = 0
+        self._nested_by_carrier: dict[Session, int] = {}
+        self._authorized_peers: collections.OrderedDict[NodeId, None] = collections.OrderedDict()
+        """Peers that opened a stream with one of our capabilities (bounded)."""
+        self._accept_error_logged = -1e9
+        self._drop_log = _LimitedLog(log, per_window=20, window=10.0)
+        """Lines about dropped connections: a stranger controls how many there are."""
+        self._session_count = 0  # direct sessions counted against max_sessions
         self._counted: set[Session] = set()  # sessions counted in _session_count
         self._host: anyio.abc.TaskGroup | None = None  # entered by __aenter__
         self._tasks_scope = anyio.CancelScope(shield=True)
@@ -219,6 +276,11 @@ class Node:
             "opens_received": 0,
             "opens_refused": 0,
             "streams_accepted": 0,
+            "handshakes_replayed": 0,
+            "handshakes_throttled": 0,
+            "connections_shed": 0,
+            "accept_errors": 0,
+            "forwarded_refused": 0,
         }
 
     # ---------------------------------------------------------- identity
@@ -240,8 +302,12 @@ class Node:
         """Counters and per-session stats, for tests and operators (no secrets)."""
         return {
             **self._counters,
-            "half_open": len(self._half_open_scopes),
+            "half_open": len(self._half_open),
+            "forwarded_half_open": len(self._nested_half_open),
             "session_count": self._session_count,
+            "forwarded_sessions": self._nested_count,
+            "inbound_connections_open": self._inbound_direct,
+            "descriptor_budget": self._fd_budget,
             "sessions": {str(p): s.stats() for p, s in self._sessions.items()},
             "listeners": len(self._listeners),
         }
@@ -254,6 +320,10 @@ class Node:
         self._host = host
         try:
             self._tg = await host.start(self._run_tasks)
+            self._fd_budget = descriptor_budget(self.config.fd_reserve)
+            # A quarter of the descriptors at most for connections still in
+            # their handshake: the rest stays for confirmed sessions.
+            self._half_open.capacity = max(4, min(self.config.max_half_open, self._fd_budget // 4))
             hints: list[Hint] = []
             for kind, host_, port in self._listen_specs:
                 hints.extend(await self._bind(kind, host_, port))
@@ -379,50 +449,127 @@ class Node:
         return hints
 
     async def _serve_transport(self, listener: anyio.abc.Listener[Any]) -> None:
+        # Our own accept loop instead of ``listener.serve()``: an accept error
+        # (EMFILE when the descriptors run out, ENOBUFS, ECONNABORTED, ...) must
+        # never end the node.  It sheds a connection and backs off instead.
+        subs: list[anyio.abc.Listener[Any]] = list(getattr(listener, "listeners", [listener]))
         with self._serve_scope:
+            async with anyio.create_task_group() as tg:
+                for sub in subs:
+                    tg.start_soon(self._accept_loop, sub)
+
+    async def _accept_loop(self, listener: anyio.abc.Listener[Any]) -> None:
+        failures = 0
+        while True:
             try:
-                await listener.serve(self._spawn_inbound)
-            except* anyio.ClosedResourceError:
-                pass  # aclose() closed the listening socket
+                transport = await listener.accept()  # type: ignore[attr-defined]
+            except anyio.ClosedResourceError:
+                return  # aclose() closed the listening socket
+            except OSError as exc:
+                self._counters["accept_errors"] += 1
+                failures += 1
+                now = anyio.current_time()
+                if now - self._accept_error_logged >= 10.0:
+                    self._accept_error_logged = now
+                    log.warning(
+                        "accepting a connection failed (%s); shedding the cheapest "
+                        "connection and backing off",
+                        errno.errorcode.get(exc.errno or 0, str(exc)),
+                    )
+                self._shed_one()
+                await anyio.sleep(min(1.0, 0.005 * 2 ** min(failures, 8)))
+                continue
+            failures = 0
+            self._spawn_inbound(transport)
 
-    # ---------------------------------------------------------- inbound
-
-    async def _spawn_inbound(self, transport: anyio.abc.ByteStream) -> None:
+    def _spawn_inbound(self, transport: anyio.abc.ByteStream) -> None:
         # Sessions live in the node's task group, not in the listener's, so that
         # closing the listening socket does not cut established sessions.
         if self._tg is None:
-            await transport.aclose()
+            self._tg_close(transport)
             return
+        if self._inbound_direct >= self._fd_budget and not self._shed_one():
+            self._counters["connections_shed"] += 1
+            log.info("dropped an inbound connection: the node is full")
+            self._tg_close(transport)
+            return
+        self._inbound_direct += 1
         self._tg.start_soon(self._handle_inbound, transport)
 
-    async def _handle_inbound(self, transport: anyio.abc.ByteStream) -> None:
-        self._counters["inbound_connections"] += 1
-        peer_addr = _describe_peer(transport)
-        await self._admit(transport, f"inbound {peer_addr}", peer_addr)
+    def _tg_close(self, transport: anyio.abc.ByteStream) -> None:
+        if self._tg is not None:
+            self._tg.start_soon(transport.aclose)
 
-    async def _admit(self, transport: anyio.abc.ByteStream, route: str, origin: str) -> None:
+    def _shed_one(self) -> bool:
+        """Free one inbound connection: the oldest half-open one of the busiest
+        source, else the oldest session that never opened a stream with a
+        capability.  Returns whether one was shed."""
+        scope = self._half_open.pop_victim()
+        if scope is not None:
+            scope.cancel()
+        elif self._strangers:
+            stranger, _ = self._strangers.popitem(last=False)
+            log.info("shed the idle session from %s to make room", stranger.peer.short())
+            stranger.abort()
+        else:
+            return False
+        self._counters["connections_shed"] += 1
+        return True
+
+    async def _handle_inbound(self, transport: anyio.abc.ByteStream) -> None:
+        try:
+            self._counters["inbound_connections"] += 1
+            try:
+                address = transport.extra(SocketAttribute.remote_address)
+            except Exception:  # best effort: unknown kinds share one source
+                address = None
+            peer_addr = _describe_peer(address)
+            await self._admit(transport, f"inbound {peer_addr}", peer_addr, source_of(address))
+        finally:
+            self._inbound_direct -= 1
+
+    async def _admit(
+        self,
+        transport: anyio.abc.ByteStream,
+        route: str,
+        origin: str,
+        source: str,
+        carrier: Session | None = None,
+    ) -> None:
         """Run an inbound session: handshake, then wait for the dialer's first record.
 
         Until that record authenticates, the connection is *half-open*: message 1
         is replayable, so a finished handshake proves nothing about the dialer.
         Half-open connections are bounded in time (``handshake_timeout``, for
-        both steps together) and in number (``max_half_open``; when full, the
-        oldest is evicted rather than the newcomer refused, so idle connections
-        cannot lock dialers out).  Only confirmed sessions join the pool and
-        count against ``max_sessions``.
+        both steps together) and in number (``max_half_open``, and a quarter of
+        the descriptor budget; when full, the oldest connection of the source
+        holding the most is shed rather than the newcomer refused, so neither
+        idle connections nor a flooding source lock dialers out).  A message 1
+        seen before (a replay) or beyond its source's handshake rate is dropped
+        before any public-key work.  Only confirmed sessions join the pool.
+        Sessions forwarded to us (``carrier`` is the session carrying them)
+        have their own half-open table and count apart from ``max_sessions``.
         """
         scope = anyio.CancelScope(deadline=anyio.current_time() + self.config.handshake_timeout)
         key = id(scope)
-        if len(self._half_open_scopes) >= self.config.max_half_open:
-            _, oldest = self._half_open_scopes.popitem(last=False)
-            oldest.cancel()
-            log.info("evicted the oldest half-open connection to admit %s", origin)
-        self._half_open_scopes[key] = scope
+        table = self._half_open if carrier is None else self._nested_half_open
+        shed = table.add(source, key, scope)
+        if shed is not None:
+            shed.cancel()
+            self._counters["connections_shed"] += 1
+            log.debug("shed a half-open connection to admit %s", origin)
         session: Session | None = None
+        ephemeral = b""
+
+        def screen(message: bytes) -> None:
+            nonlocal ephemeral
+            ephemeral = message[:32]
+            self._screen(ephemeral, source)
+
         try:
             with scope:
                 try:
-                    result, leftover = await accept_handshake(transport, self._key)
+                    result, leftover = await accept_handshake(transport, self._key, screen=screen)
                 except (
                     CapsockError,
                     anyio.EndOfStream,
@@ -430,25 +577,32 @@ class Node:
                     OSError,
                 ) as exc:
                     self._counters["handshakes_failed"] += 1
-                    log.info("dropped inbound connection from %s: %s", origin, str(exc))
+                    self._drop_log.info("dropped inbound connection from %s: %s", origin, str(exc))
                     return
+                self._replays.add(ephemeral, anyio.current_time())
                 session = self._new_session(transport, result, leftover, route)
                 # Join the pool the moment the dialer is confirmed, before the
                 # session processes anything that record asks for (a relay
                 # registration answered "ok" must find the session pooled).
-                session.on_confirmed = self._confirm_inbound
+                session.on_confirmed = (
+                    self._confirm_inbound if carrier is None else self._confirm_forwarded
+                )
                 self._tg_start(session.run)
                 await session.confirmed.wait()
         finally:
-            self._half_open_scopes.pop(key, None)
+            table.remove(source, key)
             if session is None or not session.confirmed.is_set():
                 if session is not None:
-                    log.info("dropped inbound session from %s: the dialer never spoke", origin)
+                    self._drop_log.info(
+                        "dropped inbound session from %s: the dialer never spoke", origin
+                    )
                     self._counters["handshakes_failed"] += 1
                     session.abort()
                 if scope.cancelled_caught and session is None:
                     self._counters["handshakes_failed"] += 1
-                    log.info("dropped inbound connection from %s: handshake timeout", origin)
+                    self._drop_log.info(
+                        "dropped inbound connection from %s: handshake timeout", origin
+                    )
                 with anyio.CancelScope(shield=True):
                     await transport.aclose()
         if session is None or not session.confirmed.is_set():
@@ -456,20 +610,46 @@ class Node:
         try:
             await session.finished.wait()
         finally:
+            self._strangers.pop(session, None)
             self._pool_remove(session)
+
+    def _screen(self, ephemeral: bytes, source: str) -> None:
+        """Cheap checks on a message 1 before the public-key work (raises to drop it)."""
+        now = anyio.current_time()
+        if self._replays.seen(ephemeral, now):
+            self._counters["handshakes_replayed"] += 1
+            raise HandshakeError("a replayed first handshake message")
+        if self._buckets.take(source, now) > 0.0:
+            self._counters["handshakes_throttled"] += 1
+            raise HandshakeError("too many handshakes from this source")
 
     def _confirm_inbound(self, session: Session) -> None:
         if session in self._counted:
             return
-        if self._session_count >= self.config.max_sessions:
+        if self._session_count >= self.config.max_sessions and not self._shed_stranger():
             log.warning("dropping session from %s: max_sessions reached", session.peer.short())
             session.abort()
             return
         self._pool_add(session)
+        self._strangers[session] = None
 
-    def _pool_add(self, session: Session) -> None:
-        self._session_count += 1
-        self._counted.add(session)
+    def _shed_stranger(self) -> bool:
+        if not self._strangers:
+            return False
+        stranger, _ = self._strangers.popitem(last=False)
+        log.info("shed the idle session from %s to make room", stranger.peer.short())
+        self._counters["connections_shed"] += 1
+        stranger.abort()
+        self._pool_remove(stranger)
+        return True
+
+    def _confirm_forwarded(self, session: Session) -> None:
+        self._pool_add(session, counted=False)
+
+    def _pool_add(self, session: Session, *, counted: bool = True) -> None:
+        if counted:
+            self._session_count += 1
+            self._counted.add(session)
         previous = self._sessions.get(session.peer)
         if previous is None or not previous.is_usable:
             self._sessions[session.peer] = session
@@ -567,20 +747,69 @@ class Node:
         stream = session.accept(sid, cap)
         if stream is not None:
             self._counters["streams_accepted"] += 1
+            self._strangers.pop(session, None)  # it holds a capability: not shed first
+            self._authorized_peers[session.peer] = None
+            self._authorized_peers.move_to_end(session.peer)
+            if len(self._authorized_peers) > _MAX_AUTHORIZED_PEERS:
+                self._authorized_peers.popitem(last=False)
             self._stream_tags[stream] = verdict.tags
             listener._deliver(stream)
         listener._check_used_up()
 
+    def _trusts_forwarding(self, session: Session) -> bool:
+        """Whether ``session``'s peer may forward sessions to us (transport streams)."""
+        policy = self.config.accept_forwarded
+        if policy == "any":
+            return True
+        if policy == "never":
+            return False
+        return (
+            session.dialer  # we chose to connect to it (a relay, an introducer we used)
+            or any(r.node == session.peer for r in self._relays)
+            or session.peer in self._authorized_peers  # it holds one of our capabilities
+        )
+
     async def _accept_transport(self, session: Session, sid: int) -> None:
-        """A peer forwards a session to us over a stream: run it as an inbound session."""
-        if not self.config.accept_forwarded or self._session_count >= self.config.max_sessions:
+        """A peer forwards a session to us over a stream: run it as an inbound session.
+
+        Only from peers we have a reason to accept it from, and bounded per
+        carrying session and node-wide, apart from the direct sessions.
+        """
+        if not self._trusts_forwarding(session):
+            self._counters["forwarded_refused"] += 1
+            session.reject(sid, ErrorCode.REFUSED)
+            return
+        carried = self._nested_by_carrier.get(session, 0)
+        per_carrier = (
+            self.config.max_forwarded_sessions
+            if any(r.node == session.peer for r in self._relays)
+            else self.config.max_forwarded_per_session
+        )
+        if carried >= per_carrier or self._nested_count >= self.config.max_forwarded_sessions:
+            self._counters["forwarded_refused"] += 1
             session.reject(sid, ErrorCode.BUSY)
             return
         stream = session.accept(sid, None)
         if stream is None:
             return
-        origin = f"a session forwarded by {session.peer.short()}"
-        await self._admit(stream, f"forwarded by {session.peer.short()}", origin)
+        self._nested_count += 1
+        self._nested_by_carrier[session] = carried + 1
+        try:
+            peer = session.peer.short()
+            await self._admit(
+                stream,
+                f"forwarded by {peer}",
+                f"a session forwarded by {peer}",
+                f"forwarded:{session.peer}",
+                carrier=session,
+            )
+        finally:
+            self._nested_count -= 1
+            left = self._nested_by_carrier[session] - 1
+            if left:
+                self._nested_by_carrier[session] = left
+            else:
+                del self._nested_by_carrier[session]
 
     async def _open_transport(self, target: NodeId) -> Stream:
         """A transport stream to ``target`` for a forwarded session (forwarder side).
@@ -912,6 +1141,7 @@ _DIALING: contextvars.ContextVar[frozenset[NodeId]] = contextvars.ContextVar(
 )
 """The nodes this task is dialing right now (a via route dials its forwarder first)."""
 _MAX_VIA_DEPTH = 4
+_MAX_AUTHORIZED_PEERS = 4096
 
 
 def _lock_state_dir(state_dir: Path) -> int:
@@ -941,14 +1171,39 @@ def _unlock(fd: int) -> None:
     os.close(fd)
 
 
-def _describe_peer(transport: anyio.abc.ByteStream) -> str:
-    try:
-        addr = transport.extra(SocketAttribute.remote_address)
-    except Exception:  # best effort, for logs only
+def _describe_peer(addr: object) -> str:
+    if addr is None:
         return "unknown"
     if isinstance(addr, tuple):
         return f"tcp:{addr[0]}:{addr[1]}"
     return f"unix:{addr or '?'}"
+
+
+class _LimitedLog:
+    """At most ``per_window`` lines per ``window`` seconds; the rest are counted
+    and the count is reported with the next line that gets through."""
+
+    def __init__(self, logger: logging.Logger, *, per_window: int, window: float) -> None:
+        self._log = logger
+        self._per_window = per_window
+        self._window = window
+        self._start = -1e9
+        self._lines = 0
+        self._suppressed = 0
+
+    def info(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._start >= self._window:
+            self._start, self._lines = now, 0
+        if self._lines >= self._per_window:
+            self._suppressed += 1
+            return
+        self._lines += 1
+        if self._suppressed:
+            msg += " (%d similar lines suppressed)"
+            args = (*args, self._suppressed)
+            self._suppressed = 0
+        self._log.info(msg, *args)
 
 
 class Listener(anyio.abc.Listener[Stream]):

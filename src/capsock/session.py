@@ -138,18 +138,27 @@ async def dial_handshake(
 
 
 async def accept_handshake(
-    transport: anyio.abc.ByteStream, local: KeyPair
+    transport: anyio.abc.ByteStream,
+    local: KeyPair,
+    *,
+    screen: Callable[[bytes], None] | None = None,
 ) -> tuple[HandshakeResult, bytes]:
     """Run the responder's side of the IK handshake; return the result and leftover bytes.
 
+    ``screen(message)`` sees message 1 before any public-key work and may raise
+    (a replay, a source over its rate) to drop the connection cheaply.
+
     Raises:
-        HandshakeError: malformed, oversized or unauthentic first message.
+        HandshakeError: malformed, oversized or unauthentic first message (or
+            whatever ``screen`` raised).
         PeerAuthenticationError: the claimed Ed25519 key does not match the static key.
         anyio.EndOfStream: the dialer hung up.
     """
     hs = ResponderHandshake(local)
     buf = bytearray()
     message = await _read_handshake_record(transport, buf, _MAX_FIRST_MESSAGE)
+    if screen is not None:
+        screen(message)
     hs.read_first(message)
     if buf:
         raise HandshakeError("dialer sent data before the handshake finished")
