@@ -171,12 +171,19 @@ class HalfOpenTable(Generic[V]):
             if not entries:
                 del self._by_source[source]
 
-    def pop_victim(self) -> V | None:
-        """Remove and return the oldest entry of the busiest source (None if empty)."""
+    def pop_victim(self, min_count: int = 1) -> V | None:
+        """Remove and return the oldest entry of the busiest source.
+
+        None if the table is empty, or if that source holds fewer than
+        ``min_count`` entries (with 2: shed only from a source holding several,
+        never a lone newcomer).
+        """
         if not self._by_source:
             return None
         source = max(self._by_source, key=lambda s: len(self._by_source[s]))
         entries = self._by_source[source]
+        if len(entries) < min_count:
+            return None
         _, value = entries.popitem(last=False)
         self._count -= 1
         if not entries:

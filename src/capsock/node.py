@@ -248,8 +248,8 @@ class Node:
         # and forwarded connections are counted apart, so neither can lock the
         # other out.  The descriptor budget is set when the node starts.
         cfg = self.config
-        self._half_open: HalfOpenTable[anyio.CancelScope] = HalfOpenTable(cfg.max_half_open)
-        self._nested_half_open: HalfOpenTable[anyio.CancelScope] = HalfOpenTable(cfg.max_half_open)
+        self._half_open: HalfOpenTable[_HalfOpen] = HalfOpenTable(cfg.max_half_open)
+        self._nested_half_open: HalfOpenTable[_HalfOpen] = HalfOpenTable(cfg.max_half_open)
         self._replays = ReplayCache(cfg.replay_cache_size, cfg.replay_window)
         self._buckets = SourceBuckets(*cfg.handshake_rate)
         self._fd_budget = cfg.max_sessions + cfg.max_half_open
@@ -459,28 +459,52 @@ class Node:
                     tg.start_soon(self._accept_loop, sub)
 
     async def _accept_loop(self, listener: anyio.abc.Listener[Any]) -> None:
+        # A spare descriptor, given up when accept() fails for lack of them:
+        # Linux takes the new descriptor before it looks for a connection, so
+        # without a free one accept() fails even with nobody waiting, and only
+        # a retry with one free tells "a dialer is waiting" from "idle".
+        spare: int | None = _open_spare()
         failures = 0
-        while True:
-            try:
-                transport = await listener.accept()  # type: ignore[attr-defined]
-            except anyio.ClosedResourceError:
-                return  # aclose() closed the listening socket
-            except OSError as exc:
-                self._counters["accept_errors"] += 1
-                failures += 1
-                now = anyio.current_time()
-                if now - self._accept_error_logged >= 10.0:
-                    self._accept_error_logged = now
-                    log.warning(
-                        "accepting a connection failed (%s); shedding the cheapest "
-                        "connection and backing off",
-                        errno.errorcode.get(exc.errno or 0, str(exc)),
-                    )
-                self._shed_one()
-                await anyio.sleep(min(1.0, 0.005 * 2 ** min(failures, 8)))
-                continue
-            failures = 0
-            self._spawn_inbound(transport)
+        try:
+            while True:
+                try:
+                    transport = await listener.accept()  # type: ignore[attr-defined]
+                except anyio.ClosedResourceError:
+                    return  # aclose() closed the listening socket
+                except (OSError, anyio.BrokenResourceError) as exc:
+                    # anyio's trio backend reports the OSError as its cause
+                    cause = exc if isinstance(exc, OSError) else exc.__cause__
+                    if not isinstance(cause, OSError):
+                        raise
+                    self._counters["accept_errors"] += 1
+                    self._log_accept_error(cause)
+                    if spare is not None and cause.errno in (errno.EMFILE, errno.ENFILE):
+                        os.close(spare)
+                        spare = None
+                        continue  # retry at once, with one descriptor free
+                    failures += 1
+                    self._shed_one()
+                    await anyio.sleep(min(1.0, 0.005 * 2 ** min(failures, 8)))
+                    continue
+                failures = 0
+                if spare is None:
+                    spare = _open_spare()
+                    if spare is None:  # still none free: make room for the next
+                        self._shed_one()
+                self._spawn_inbound(transport)
+        finally:
+            if spare is not None:
+                os.close(spare)
+
+    def _log_accept_error(self, exc: OSError) -> None:
+        now = anyio.current_time()
+        if now - self._accept_error_logged >= 10.0:
+            self._accept_error_logged = now
+            log.warning(
+                "accepting a connection failed (%s); shedding the cheapest connection "
+                "and backing off",
+                errno.errorcode.get(exc.errno or 0, str(exc)),
+            )
 
     def _spawn_inbound(self, transport: anyio.abc.ByteStream) -> None:
         # Sessions live in the node's task group, not in the listener's, so that
@@ -504,15 +528,15 @@ class Node:
         """Free one inbound connection: the oldest half-open one of the busiest
         source, else the oldest session that never opened a stream with a
         capability.  Returns whether one was shed."""
-        scope = self._half_open.pop_victim()
-        if scope is not None:
-            scope.cancel()
-        elif self._strangers:
-            stranger, _ = self._strangers.popitem(last=False)
-            log.info("shed the idle session from %s to make room", stranger.peer.short())
-            stranger.abort()
-        else:
+        # A source holding several half-open connections first, then the
+        # oldest stranger, and only then a lone half-open newcomer.
+        victim = self._half_open.pop_victim(min_count=2)
+        if victim is None and self._shed_stranger():
+            return True
+        victim = victim or self._half_open.pop_victim()
+        if victim is None:
             return False
+        victim.shed()
         self._counters["connections_shed"] += 1
         return True
 
@@ -551,13 +575,13 @@ class Node:
         have their own half-open table and count apart from ``max_sessions``.
         """
         scope = anyio.CancelScope(deadline=anyio.current_time() + self.config.handshake_timeout)
-        key = id(scope)
+        pending = _HalfOpen(scope)
+        key = id(pending)
         table = self._half_open if carrier is None else self._nested_half_open
-        shed = table.add(source, key, scope)
-        if shed is not None:
-            shed.cancel()
+        victim = table.add(source, key, pending)
+        if victim is not None:
+            victim.shed()
             self._counters["connections_shed"] += 1
-            log.debug("shed a half-open connection to admit %s", origin)
         session: Session | None = None
         ephemeral = b""
 
@@ -580,7 +604,7 @@ class Node:
                     self._drop_log.info("dropped inbound connection from %s: %s", origin, str(exc))
                     return
                 self._replays.add(ephemeral, anyio.current_time())
-                session = self._new_session(transport, result, leftover, route)
+                session = pending.session = self._new_session(transport, result, leftover, route)
                 # Join the pool the moment the dialer is confirmed, before the
                 # session processes anything that record asks for (a relay
                 # registration answered "ok" must find the session pooled).
@@ -591,7 +615,7 @@ class Node:
                 await session.confirmed.wait()
         finally:
             table.remove(source, key)
-            if session is None or not session.confirmed.is_set():
+            if session is None or not session.confirmed.is_set() or pending.was_shed:
                 if session is not None:
                     self._drop_log.info(
                         "dropped inbound session from %s: the dialer never spoke", origin
@@ -605,7 +629,10 @@ class Node:
                     )
                 with anyio.CancelScope(shield=True):
                     await transport.aclose()
-        if session is None or not session.confirmed.is_set():
+        if session is None or not session.confirmed.is_set() or pending.was_shed:
+            if session is not None:
+                self._strangers.pop(session, None)
+                self._pool_remove(session)
             return
         try:
             await session.finished.wait()
@@ -1171,12 +1198,37 @@ def _unlock(fd: int) -> None:
     os.close(fd)
 
 
+def _open_spare() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
 def _describe_peer(addr: object) -> str:
     if addr is None:
         return "unknown"
     if isinstance(addr, tuple):
         return f"tcp:{addr[0]}:{addr[1]}"
     return f"unix:{addr or '?'}"
+
+
+class _HalfOpen:
+    """An inbound connection in its handshake (until the dialer's first record)."""
+
+    __slots__ = ("scope", "session", "was_shed")
+
+    def __init__(self, scope: anyio.CancelScope) -> None:
+        self.scope = scope
+        self.session: Session | None = None
+        self.was_shed = False
+
+    def shed(self) -> None:
+        """Drop it, also when its first record has just arrived."""
+        self.was_shed = True
+        self.scope.cancel()
+        if self.session is not None:
+            self.session.abort()
 
 
 class _LimitedLog:

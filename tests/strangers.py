@@ -1,0 +1,68 @@
+"""Strangers for admission tests: connections that cost a node, from a source of their own.
+
+Every helper dials from ``ATTACKER`` (another loopback address than the good
+clients' 127.0.0.1), so per-source limits treat the attack and the good
+clients as the different sources they would be on a real network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import anyio
+import anyio.abc
+
+from capsock.frames import Ping, encode_frame
+from capsock.handshake import InitiatorHandshake
+from capsock.keys import KeyPair, NodeId
+
+ATTACKER = "127.0.0.2"
+
+
+async def _read_record(sock: anyio.abc.SocketStream) -> tuple[bytes, bytes]:
+    buf = bytearray()
+    while len(buf) < 2 or len(buf) < 2 + ((buf[0] << 8) | buf[1]):
+        buf += await sock.receive()
+    size = 2 + ((buf[0] << 8) | buf[1])
+    return bytes(buf[2:size]), bytes(buf[size:])
+
+
+async def stranger(host: str, port: int, node: NodeId) -> anyio.abc.SocketStream | None:
+    """A completed handshake with a fresh key and one PING: a confirmed session
+    that never presents a capability.  None if the node dropped it."""
+    hs = InitiatorHandshake(KeyPair.generate(), node)
+    try:
+        sock = await anyio.connect_tcp(host, port, local_host=ATTACKER)
+    except OSError:
+        return None
+    try:
+        await sock.send(hs.first_message())
+        message, _ = await _read_record(sock)
+        result = hs.read_second(message)
+        await sock.send(result.cipher.encrypt_record(encode_frame(Ping(b"12345678"))))
+    except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+        await sock.aclose()
+        return None
+    return sock
+
+
+async def send_first_message(host: str, port: int, message: bytes) -> bool:
+    """Send a (replayed) message 1; True if the node answered, False if it hung up."""
+    try:
+        sock = await anyio.connect_tcp(host, port, local_host=ATTACKER)
+    except OSError:
+        return False
+    async with sock:
+        try:
+            await sock.send(message)
+            await _read_record(sock)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+            return False
+        return True
+
+
+async def close_all(socks: list[anyio.abc.SocketStream | None]) -> None:
+    for sock in socks:
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                await sock.aclose()
