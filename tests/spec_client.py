@@ -12,7 +12,8 @@ What it does (section numbers refer to ``docs/protocol.md``):
 2. TCP-connect to the first ``tcp=`` hint (4.1; ``unix`` and ``via`` hints
    are not supported);
 3. run ``Noise_IK_25519_ChaChaPoly_BLAKE2b`` as the initiator with the
-   prologue ``capsock/1`` and no extensions, i.e. the plain-Noise path (3.1-3.5);
+   prologue ``capsock/1``; by default with no extensions, i.e. the plain-Noise
+   path, or with a cipher offer (3.1-3.5);
 4. speak first with ``OPEN(1, token)`` (3.5, 5, 6.2), wait for ACCEPT/REJECT;
 5. send the payload as DATA within the peer's credit (6.4), then EOF (6.5);
 6. read until the peer's EOF, returning credit as data is consumed (6.4),

@@ -270,11 +270,15 @@ async def open_via(node: Node, via: Capability, target: NodeId) -> Stream:
 
     Raises:
         CapabilityRejected: the forwarder refused the forwarding capability.
-        Unreachable: the forwarder has no route to ``target``.
+        Unreachable: the forwarder did not carry the session (no route to
+            ``target``, a limit, a refused request; its reason is included), or
+            hung up without answering.
         PeerAuthenticationError / ProtocolError: as for any connect.
     """
     stream, answer = await _request(node, via, {"op": "forward", "to": target.raw})
     if answer.get("ok") is not True:
         await stream.aclose()
-        raise Unreachable(f"the forwarder {via.node.short()} has no route: {_reason(answer)}")
+        raise Unreachable(
+            f"the forwarder {via.node.short()} did not forward the session: {_reason(answer)}"
+        )
     return stream
