@@ -47,6 +47,7 @@ from nacl import bindings as nb
 
 __all__ = [
     "CapabilityRefused",
+    "ForwardingOutcome",
     "HandshakeFailed",
     "ParsedCapability",
     "SpecClientError",
@@ -56,6 +57,7 @@ __all__ = [
     "echo_once",
     "encode_frame",
     "forwarding_message",
+    "forwarding_request",
     "msgpack_pack",
     "msgpack_unpack",
     "parse_capability",
@@ -715,6 +717,63 @@ class Session:
         # Both directions saw EOF: the stream is forgotten (6.3). End the session (7).
         self.send_frames((GOAWAY, 0, struct.pack(">IH", 0, 0)))
         return bytes(self.received)
+
+
+@dataclass(frozen=True)
+class ForwardingOutcome:
+    """What a forwarder answered to one request (10.3)."""
+
+    answer: object  # the decoded answer, or None if none arrived
+    reset_code: int | None  # the RESET after a failure answer (None: not reset)
+    eof: bool  # whether the forwarder ended the stream with EOF (it must not)
+    trailing: bytes  # bytes after the answer before the stream ended (must be none)
+
+
+def forwarding_request(uri: str, request: object, timeout: float = 10) -> ForwardingOutcome:
+    """Open a stream with the forwarding capability ``uri`` and send ``request``.
+
+    ``request`` is a value to send as one message (10.3), raw ``bytes`` to send
+    as they are, ``None`` to send nothing, or a callable that makes the value
+    from our node id. On ``{"ok": true}`` this returns at once (the stream
+    would carry the nested session next); otherwise it reads until the stream
+    ends. Raises ``CapabilityRefused`` if the OPEN is refused.
+    """
+    cap = parse_capability(uri)
+    deadline = time.monotonic() + timeout
+    with socket.create_connection(cap.tcp[0], timeout=timeout) as sock:
+        session = Session(sock, deadline)
+        session.handshake(cap.node_id)
+        session.send_frames((OPEN, STREAM_ID, cap.token))
+        while not session.accepted:
+            session.receive_message()
+        if callable(request):
+            request = request(session.node_id)
+        if isinstance(request, bytes):
+            session.send_frames((DATA, STREAM_ID, request))
+        elif request is not None:
+            session.send_frames((DATA, STREAM_ID, forwarding_message(request)))
+        data = bytearray()
+        answer: object = None
+        reset: int | None = None
+        eof = False
+        while reset is None and not eof:
+            for ftype, sid, payload in session.read_frames():
+                if ftype == PING:
+                    session.send_frames((PONG, 0, payload))
+                elif sid == STREAM_ID and ftype == DATA:
+                    data += payload
+                elif sid == STREAM_ID and ftype == EOF:
+                    eof = True
+                elif sid == STREAM_ID and ftype == RESET:
+                    reset = struct.unpack(">H", payload)[0]
+            if answer is None and len(data) >= 4:
+                (length,) = struct.unpack(">I", data[:4])
+                if len(data) >= 4 + length:
+                    answer = msgpack_unpack(bytes(data[4 : 4 + length]))
+                    del data[: 4 + length]
+                    if isinstance(answer, dict) and answer.get("ok") is True:
+                        break
+        return ForwardingOutcome(answer, reset, eof, bytes(data))
 
 
 def echo_once(uri: str, payload: bytes, timeout: float = 10) -> bytes:

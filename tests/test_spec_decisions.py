@@ -60,6 +60,7 @@ class Client:
         self.sock = socket.create_connection(cap.tcp[0], timeout=timeout)
         self.s = sc.Session(self.sock, time.monotonic() + timeout)
         self.s.handshake(cap.node_id, offer=offer)
+        self.pending: list[Frame] = []  # read, not yet looked at by until()
 
     def send(self, *frames: Frame) -> None:
         self.s.send_frames(*frames)
@@ -68,7 +69,10 @@ class Client:
         """Read frames (answering PINGs) until ``done`` holds for one; return them all."""
         seen: list[Frame] = []
         for _ in range(limit):
-            for frame in self.s.read_frames():
+            if not self.pending:
+                self.pending = self.s.read_frames()
+            while self.pending:
+                frame = self.pending.pop(0)
                 seen.append(frame)
                 if frame[0] == sc.PING:
                     self.send((sc.PONG, 0, frame[2]))
@@ -114,27 +118,11 @@ async def echo_node(
 # --- 10.3: the forwarder answers every request it does not carry -----------------------
 
 
-def forward_exchange(
-    uri: str, request: bytes | Callable[[bytes], bytes] | None
-) -> tuple[Any, int, bool]:
-    """Open the forwarding stream, send ``request`` raw (or made from our node id);
-    return (the answer, the RESET code, whether an EOF came)."""
-    c = Client(uri)
-    try:
-        assert c.open(1)[0] == sc.ACCEPT
-        if callable(request):
-            request = request(c.s.node_id)
-        if request is not None:
-            c.send((sc.DATA, 1, request))
-        frames = c.until(is_frame(sc.RESET, 1))
-    finally:
-        c.close()
-    data = b"".join(p for t, sid, p in frames if t == sc.DATA and sid == 1)
-    eof = any(t == sc.EOF and sid == 1 for t, sid, _ in frames)
-    (length,) = struct.unpack(">I", data[:4])
-    assert len(data) == 4 + length, "one answer, nothing else"
-    code = struct.unpack(">H", frames[-1][2])[0]
-    return sc.msgpack_unpack(data[4:]), code, eof
+def forward_exchange(uri: str, request: object) -> tuple[Any, int | None, bool]:
+    """One forwarding request; return (the answer, the RESET code, whether an EOF came)."""
+    outcome = sc.forwarding_request(uri, request)
+    assert outcome.trailing == b"", "one answer, nothing else"
+    return outcome.answer, outcome.reset_code, outcome.eof
 
 
 @asynccontextmanager
