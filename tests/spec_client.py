@@ -541,6 +541,11 @@ class Session:
         self.recv_session_left = INITIAL_SESSION_WINDOW
         self.unacked_stream = 0
         self.unacked_session = 0
+        # set by handshake()
+        self.node_id = b""  # our own Ed25519 public key
+        self.cipher_id = CHACHAPOLY_ID
+        self.handshake_hash = b""
+        self.message1 = self.message2 = b""
         # stream 1 state
         self.accepted = False
         self.peer_eof = False
@@ -582,10 +587,12 @@ class Session:
         offer: bytes = b"",
         seed: bytes | None = None,
         ephemeral: bytes | None = None,
+        extensions: bytes = b"",
     ) -> None:
         """Run IK as the dialer (3.3-3.5). ``offer``: cipher ids, most preferred
         first (empty: no offer, plain Noise); ``seed``: our Ed25519 seed (default a
-        fresh one); ``ephemeral``: a fixed X25519 ephemeral key (vectors only)."""
+        fresh one); ``ephemeral``: a fixed X25519 ephemeral key (vectors only);
+        ``extensions``: raw extension bytes to add after the offer (3.4)."""
         try:
             rs: bytes = nb.crypto_sign_ed25519_pk_to_curve25519(remote_node_id)
         except Exception as exc:  # 3.2: not a valid Ed25519 point
@@ -595,7 +602,7 @@ class Session:
         self.node_id = pk
         noise = IKInitiator(nb.crypto_sign_ed25519_sk_to_curve25519(sk), rs, ephemeral)
         # 3.3: payload = our Ed25519 node id, then the offer extension if any.
-        payload = pk + (bytes((1, len(offer))) + offer if offer else b"")
+        payload = pk + (bytes((1, len(offer))) + offer if offer else b"") + extensions
         self.message1 = noise.write_message_1(payload)
         self.write_record(self.message1)
         try:

@@ -54,12 +54,14 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 class Client:
     """A spec-client session, driven frame by frame."""
 
-    def __init__(self, uri: str, *, offer: bytes = b"", timeout: float = 20) -> None:
+    def __init__(
+        self, uri: str, *, offer: bytes = b"", extensions: bytes = b"", timeout: float = 20
+    ) -> None:
         cap = sc.parse_capability(uri)
         self.token = cap.token
         self.sock = socket.create_connection(cap.tcp[0], timeout=timeout)
         self.s = sc.Session(self.sock, time.monotonic() + timeout)
-        self.s.handshake(cap.node_id, offer=offer)
+        self.s.handshake(cap.node_id, offer=offer, extensions=extensions)
         self.pending: list[Frame] = []  # read, not yet looked at by until()
 
     def send(self, *frames: Frame) -> None:
@@ -578,6 +580,48 @@ def test_label_character_classes(text: str, ok: bool) -> None:
     else:
         with pytest.raises(capsock.InvalidCapability):
             capsock.uri.Label(text)
+
+
+# --- 11: what capsock/1 may add without a new prologue ------------------------------------
+
+
+async def test_unknown_handshake_extensions_are_skipped() -> None:
+    async with echo_node() as (_, listener):
+
+        def run() -> int:
+            unknown = b"\x07\x02\xaa\xbb\xfe\x00"  # type 7 (2 bytes), type 254 (empty)
+            c = Client(str(listener.uri), offer=b"\x01", extensions=unknown)
+            try:
+                c.ping()
+                return c.open(1)[0]
+            finally:
+                c.close()
+
+        assert await in_thread(run) == sc.ACCEPT
+
+
+async def test_a_token_with_an_unknown_caveat_kind_is_refused() -> None:
+    async with echo_node() as (_, listener):
+        newer = listener.uri.attenuate(capsock.uri.UnknownCaveat(6, b"future"))
+
+        def run() -> Frame:
+            c = Client(str(listener.uri))
+            try:
+                return c.open(1, newer.token.encode())
+            finally:
+                c.close()
+
+        frame = await in_thread(run)
+    assert frame[0] == sc.REJECT and struct.unpack(">H", frame[2])[0] == REFUSED
+
+
+async def test_unknown_keys_in_a_forwarding_request_are_ignored() -> None:
+    async with relay() as (_, uri):
+        request = {"op": "forward", "to": some_node_id(), "future": [1, "x"]}
+        answer, code, _ = await in_thread(lambda: forward_exchange(uri, request))
+    # Not "malformed": the request reached the routing step.
+    assert answer == {"ok": False, "error": UNREACHABLE_REASON}
+    assert code == REFUSED
 
 
 # --- the spec bundle stands alone ---------------------------------------------------------
