@@ -12,11 +12,18 @@ What it does (section numbers refer to ``docs/protocol.md``):
 2. TCP-connect to the first ``tcp=`` hint (4.1; ``unix`` and ``via`` hints
    are not supported);
 3. run ``Noise_IK_25519_ChaChaPoly_BLAKE2b`` as the initiator with the
-   prologue ``capsock/1`` and no extensions, i.e. the plain-Noise path (3.1-3.5);
+   prologue ``capsock/1``; by default with no extensions, i.e. the plain-Noise
+   path, or with a cipher offer (3.1-3.5);
 4. speak first with ``OPEN(1, token)`` (3.5, 5, 6.2), wait for ACCEPT/REJECT;
 5. send the payload as DATA within the peer's credit (6.4), then EOF (6.5);
 6. read until the peer's EOF, returning credit as data is consumed (6.4),
    then close the session with ``GOAWAY(0, NO_ERROR)`` (7).
+
+Beyond that one exchange it has the pieces the golden vectors
+(``docs/vectors/``) and the byte-level tests of the spec's decisions need, all
+written from the spec: a fixed ephemeral key, the AES-256-GCM cipher offer
+(3.4, 3.5), raw frame I/O (5), the token tag chain (4.3), a small msgpack
+codec (10.3: the formats the spec names) and forwarding requests (10.3).
 
 CLI: ``python tests/spec_client.py URI`` sends stdin and writes the answer to
 stdout.
@@ -40,12 +47,21 @@ from nacl import bindings as nb
 
 __all__ = [
     "CapabilityRefused",
+    "ForwardingOutcome",
     "HandshakeFailed",
     "ParsedCapability",
     "SpecClientError",
     "StreamAborted",
+    "caveat_tag",
+    "decode_frames",
     "echo_once",
+    "encode_frame",
+    "forwarding_message",
+    "forwarding_request",
+    "msgpack_pack",
+    "msgpack_unpack",
     "parse_capability",
+    "root_tag",
 ]
 
 # --- errors -------------------------------------------------------------------
@@ -187,6 +203,14 @@ def _nonce(n: int) -> bytes:
     return b"\x00" * 4 + n.to_bytes(8, "little")
 
 
+def _nonce_aesgcm(n: int) -> bytes:
+    """3.5: AESGCM nonce = 4 zero bytes | n as u64 big-endian."""
+    return b"\x00" * 4 + n.to_bytes(8, "big")
+
+
+CHACHAPOLY_ID, AESGCM_ID = 0x01, 0x02  # 3.4 cipher ids
+
+
 def _hmac(key: bytes, data: bytes) -> bytes:
     return hmac.new(key, data, hashlib.blake2b).digest()
 
@@ -207,29 +231,33 @@ def _dh(private: bytes, public: bytes) -> bytes:
 
 
 class CipherState:
-    """A Noise CipherState with ChaChaPoly (Noise spec 5.1, capsock 3.5)."""
+    """A Noise CipherState with ChaChaPoly or AESGCM (Noise spec 5.1, capsock 3.5)."""
 
-    def __init__(self, key: bytes | None = None) -> None:
+    def __init__(self, key: bytes | None = None, cipher_id: int = CHACHAPOLY_ID) -> None:
         self.key = key
         self.n = 0
+        if cipher_id == AESGCM_ID:
+            self._nonce = _nonce_aesgcm
+            self._seal = nb.crypto_aead_aes256gcm_encrypt
+            self._open = nb.crypto_aead_aes256gcm_decrypt
+        else:
+            self._nonce = _nonce
+            self._seal = nb.crypto_aead_chacha20poly1305_ietf_encrypt
+            self._open = nb.crypto_aead_chacha20poly1305_ietf_decrypt
 
     def encrypt(self, ad: bytes, plaintext: bytes) -> bytes:
         if self.key is None:
             return plaintext
         if self.n >= 2**64 - 1:  # 3.5: nonce 2^64-1 is reserved
             raise SpecClientError("nonce space exhausted")
-        ct: bytes = nb.crypto_aead_chacha20poly1305_ietf_encrypt(
-            plaintext, ad, _nonce(self.n), self.key
-        )
+        ct: bytes = self._seal(plaintext, ad, self._nonce(self.n), self.key)
         self.n += 1
         return ct
 
     def decrypt(self, ad: bytes, ciphertext: bytes) -> bytes:
         if self.key is None:
             return ciphertext
-        pt: bytes = nb.crypto_aead_chacha20poly1305_ietf_decrypt(
-            ciphertext, ad, _nonce(self.n), self.key
-        )
+        pt: bytes = self._open(ciphertext, ad, self._nonce(self.n), self.key)
         self.n += 1
         return pt
 
@@ -237,11 +265,13 @@ class CipherState:
 class IKInitiator:
     """The dialer's half of ``Noise_IK`` (3.1): ``-> e, es, s, ss`` / ``<- e, ee, se``."""
 
-    def __init__(self, static_private: bytes, remote_static: bytes) -> None:
+    def __init__(
+        self, static_private: bytes, remote_static: bytes, ephemeral: bytes | None = None
+    ) -> None:
         self.s_priv = static_private
         self.s_pub: bytes = nb.crypto_scalarmult_base(static_private)
         self.rs = remote_static
-        self.e_priv = os.urandom(32)
+        self.e_priv = os.urandom(32) if ephemeral is None else ephemeral
         self.e_pub: bytes = nb.crypto_scalarmult_base(self.e_priv)
         # InitializeSymmetric: the name fits in HASHLEN, so h = name padded with zeros.
         self.h = PROTOCOL_NAME.ljust(HASHLEN, b"\x00")
@@ -288,10 +318,208 @@ class IKInitiator:
         except Exception as exc:
             raise HandshakeFailed("message 2 did not decrypt: wrong node key") from exc
 
-    def split(self) -> tuple[CipherState, CipherState]:
+    def split(self, cipher_id: int = CHACHAPOLY_ID) -> tuple[CipherState, CipherState]:
         """3.5: first key dialer-to-responder, second responder-to-dialer."""
         k1, k2 = _hkdf(self.ck, b"")
-        return CipherState(k1[:32]), CipherState(k2[:32])
+        return CipherState(k1[:32], cipher_id), CipherState(k2[:32], cipher_id)
+
+
+def parse_extensions(payload: bytes) -> dict[int, bytes]:
+    """3.4: ``type u8 | length u8 | value`` until the end exactly; the known
+    type (1) at most once; unknown types are skipped."""
+    found: dict[int, bytes] = {}
+    pos = 0
+    while pos < len(payload):
+        if pos + 2 > len(payload) or pos + 2 + payload[pos + 1] > len(payload):
+            raise HandshakeFailed("malformed extensions")
+        kind, value = payload[pos], payload[pos + 2 : pos + 2 + payload[pos + 1]]
+        pos += 2 + len(value)
+        if kind == 1:
+            if kind in found:
+                raise HandshakeFailed("extension 1 appears twice")
+            found[kind] = value
+    return found
+
+
+def read_choice(payload: bytes, offer: bytes) -> int:
+    """3.4, the dialer's checks of message 2: the cipher id to use."""
+    choice = parse_extensions(payload).get(1)
+    if choice is None:
+        return CHACHAPOLY_ID  # no choice means ChaChaPoly
+    if not offer:
+        raise HandshakeFailed("cipher choice in message 2 although we made no offer")
+    if len(choice) != 1 or choice[0] not in offer:
+        raise HandshakeFailed("the responder chose a cipher we did not offer")
+    return choice[0]
+
+
+# --- 4.3 the tag chain ------------------------------------------------------------
+
+
+def _blake2b_256(key: bytes, person: bytes, data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=32, key=key, person=person).digest()
+
+
+def root_tag(root_key: bytes, root_id: bytes) -> bytes:
+    """4.3: ``tag_0``; ``hashlib`` pads the personalisation with zero bytes."""
+    return _blake2b_256(root_key, b"capsock/1 root", root_id)
+
+
+def caveat_tag(tag: bytes, caveat: bytes) -> bytes:
+    """4.3: the next tag over one encoded caveat (``kind | len | value``)."""
+    return _blake2b_256(tag, b"capsock/1 caveat", caveat)
+
+
+# --- 10.3 msgpack, only the formats the spec uses -----------------------------------
+
+
+def msgpack_pack(obj: object) -> bytes:
+    """The smallest msgpack encoding of nil, bool, int, str (UTF-8, ``str``
+    formats), bytes (``bin`` formats), list and map (10.3)."""
+    if obj is None:
+        return b"\xc0"
+    if obj is True or obj is False:
+        return b"\xc3" if obj else b"\xc2"
+    if isinstance(obj, int):
+        if 0 <= obj <= 0x7F:
+            return bytes((obj,))
+        if -32 <= obj < 0:
+            return struct.pack(">b", obj)
+        if obj > 0:
+            for tag, fmt, top in ((0xCC, ">B", 2**8), (0xCD, ">H", 2**16), (0xCE, ">I", 2**32)):
+                if obj < top:
+                    return bytes((tag,)) + struct.pack(fmt, obj)
+            return b"\xcf" + struct.pack(">Q", obj)
+        for tag, fmt, low in (
+            (0xD0, ">b", -(2**7)),
+            (0xD1, ">h", -(2**15)),
+            (0xD2, ">i", -(2**31)),
+        ):
+            if obj >= low:
+                return bytes((tag,)) + struct.pack(fmt, obj)
+        return b"\xd3" + struct.pack(">q", obj)
+    if isinstance(obj, str):
+        raw = obj.encode("utf-8")
+        n = len(raw)
+        if n < 32:
+            head = bytes((0xA0 | n,))
+        elif n < 2**8:
+            head = b"\xd9" + struct.pack(">B", n)
+        elif n < 2**16:
+            head = b"\xda" + struct.pack(">H", n)
+        else:
+            head = b"\xdb" + struct.pack(">I", n)
+        return head + raw
+    if isinstance(obj, bytes):
+        n = len(obj)
+        if n < 2**8:
+            return b"\xc4" + struct.pack(">B", n) + obj
+        if n < 2**16:
+            return b"\xc5" + struct.pack(">H", n) + obj
+        return b"\xc6" + struct.pack(">I", n) + obj
+    if isinstance(obj, list):
+        n = len(obj)
+        head = bytes((0x90 | n,)) if n < 16 else b"\xdc" + struct.pack(">H", n)
+        return head + b"".join(msgpack_pack(x) for x in obj)
+    if isinstance(obj, dict):
+        n = len(obj)
+        head = bytes((0x80 | n,)) if n < 16 else b"\xde" + struct.pack(">H", n)
+        return head + b"".join(msgpack_pack(k) + msgpack_pack(v) for k, v in obj.items())
+    raise TypeError(f"cannot pack {type(obj).__name__}")
+
+
+def msgpack_unpack(data: bytes) -> object:
+    """Decode exactly one msgpack value filling ``data`` (any valid length
+    format is accepted); map keys must be str. Raises ``ValueError``."""
+    value, end = _unpack(data, 0)
+    if end != len(data):
+        raise ValueError("trailing bytes after the msgpack value")
+    return value
+
+
+def _take(data: bytes, pos: int, n: int) -> tuple[bytes, int]:
+    if pos + n > len(data):
+        raise ValueError("truncated msgpack value")
+    return data[pos : pos + n], pos + n
+
+
+def _unpack(data: bytes, pos: int) -> tuple[object, int]:
+    raw, pos = _take(data, pos, 1)
+    b = raw[0]
+    if b <= 0x7F:
+        return b, pos
+    if b >= 0xE0:
+        return b - 0x100, pos
+    if 0xA0 <= b <= 0xBF or b in (0xD9, 0xDA, 0xDB, 0xC4, 0xC5, 0xC6):
+        if 0xA0 <= b <= 0xBF:
+            n = b & 0x1F
+        else:
+            width = {0xD9: 1, 0xDA: 2, 0xDB: 4, 0xC4: 1, 0xC5: 2, 0xC6: 4}[b]
+            size, pos = _take(data, pos, width)
+            n = int.from_bytes(size, "big")
+        body, pos = _take(data, pos, n)
+        return (bytes(body) if b in (0xC4, 0xC5, 0xC6) else body.decode("utf-8")), pos
+    if 0x80 <= b <= 0x8F or 0x90 <= b <= 0x9F or b in (0xDC, 0xDD, 0xDE, 0xDF):
+        if b <= 0x9F:
+            n = b & 0x0F
+        else:
+            size, pos = _take(data, pos, 2 if b in (0xDC, 0xDE) else 4)
+            n = int.from_bytes(size, "big")
+        if 0x90 <= b <= 0x9F or b in (0xDC, 0xDD):
+            items = []
+            for _ in range(n):
+                item, pos = _unpack(data, pos)
+                items.append(item)
+            return items, pos
+        out: dict[str, object] = {}
+        for _ in range(n):
+            key, pos = _unpack(data, pos)
+            if not isinstance(key, str):
+                raise ValueError("map key is not a str")
+            out[key], pos = _unpack(data, pos)
+        return out, pos
+    fixed = {0xC0: None, 0xC2: False, 0xC3: True}
+    if b in fixed:
+        return fixed[b], pos
+    ints = {0xCC: (1, False), 0xCD: (2, False), 0xCE: (4, False), 0xCF: (8, False),
+            0xD0: (1, True), 0xD1: (2, True), 0xD2: (4, True), 0xD3: (8, True)}  # fmt: skip
+    if b in ints:
+        width, signed = ints[b]
+        body, pos = _take(data, pos, width)
+        return int.from_bytes(body, "big", signed=signed), pos
+    raise ValueError(f"msgpack format 0x{b:02x} is not used by capsock/1")
+
+
+def forwarding_message(obj: object) -> bytes:
+    """10.3: ``length u32 | msgpack body``."""
+    body = msgpack_pack(obj)
+    return struct.pack(">I", len(body)) + body
+
+
+# --- 5. frames ----------------------------------------------------------------------
+
+
+def encode_frame(ftype: int, sid: int, payload: bytes = b"") -> bytes:
+    """5: ``type u8 | stream_id u32 | length u16 | payload``."""
+    return FRAME_HEADER.pack(ftype, sid, len(payload)) + payload
+
+
+def decode_frames(body: bytes) -> list[tuple[int, int, bytes]]:
+    """5: every frame of one decrypted message, decoded before any is acted on."""
+    frames: list[tuple[int, int, bytes]] = []
+    pos = 0
+    while pos < len(body):
+        if pos + FRAME_HEADER.size > len(body):
+            raise StreamAborted("protocol error: truncated frame header")
+        ftype, sid, length = FRAME_HEADER.unpack_from(body, pos)
+        pos += FRAME_HEADER.size
+        if pos + length > len(body):
+            raise StreamAborted("protocol error: frame runs past the message")
+        frames.append((ftype, sid, body[pos : pos + length]))
+        pos += length
+    if not frames:
+        raise StreamAborted("protocol error: empty transport message")
+    return frames
 
 
 # --- 2. transport records and a session ---------------------------------------------
@@ -313,6 +541,11 @@ class Session:
         self.recv_session_left = INITIAL_SESSION_WINDOW
         self.unacked_stream = 0
         self.unacked_session = 0
+        # set by handshake()
+        self.node_id = b""  # our own Ed25519 public key
+        self.cipher_id = CHACHAPOLY_ID
+        self.handshake_hash = b""
+        self.message1 = self.message2 = b""
         # stream 1 state
         self.accepted = False
         self.peer_eof = False
@@ -347,43 +580,52 @@ class Session:
 
     # -- handshake (3) --
 
-    def handshake(self, remote_node_id: bytes) -> None:
+    def handshake(
+        self,
+        remote_node_id: bytes,
+        *,
+        offer: bytes = b"",
+        seed: bytes | None = None,
+        ephemeral: bytes | None = None,
+        extensions: bytes = b"",
+    ) -> None:
+        """Run IK as the dialer (3.3-3.5). ``offer``: cipher ids, most preferred
+        first (empty: no offer, plain Noise); ``seed``: our Ed25519 seed (default a
+        fresh one); ``ephemeral``: a fixed X25519 ephemeral key (vectors only);
+        ``extensions``: raw extension bytes to add after the offer (3.4)."""
         try:
             rs: bytes = nb.crypto_sign_ed25519_pk_to_curve25519(remote_node_id)
         except Exception as exc:  # 3.2: not a valid Ed25519 point
             raise HandshakeFailed("node id is not a valid Ed25519 public key") from exc
-        # A fresh, throwaway identity for the dialer (3.2 conversions).
-        pk, sk = nb.crypto_sign_seed_keypair(os.urandom(32))
-        noise = IKInitiator(nb.crypto_sign_ed25519_sk_to_curve25519(sk), rs)
-        # 3.3: payload = our Ed25519 node id, no extensions (no cipher offer).
-        self.write_record(noise.write_message_1(pk))
+        # 3.2 conversions; by default a fresh, throwaway identity for the dialer.
+        pk, sk = nb.crypto_sign_seed_keypair(os.urandom(32) if seed is None else seed)
+        self.node_id = pk
+        noise = IKInitiator(nb.crypto_sign_ed25519_sk_to_curve25519(sk), rs, ephemeral)
+        # 3.3: payload = our Ed25519 node id, then the offer extension if any.
+        payload = pk + (bytes((1, len(offer))) + offer if offer else b"") + extensions
+        self.message1 = noise.write_message_1(payload)
+        self.write_record(self.message1)
         try:
-            message2 = self.read_record()
+            self.message2 = self.read_record()
         except (EOFError, ConnectionResetError) as exc:  # 3.4: another key: it hangs up
             raise HandshakeFailed(
                 "the node closed the connection during the handshake "
                 "(it does not hold the key named in the URI)"
             ) from exc
-        payload = noise.read_message_2(message2)
-        # 3.4: we made no offer, so a type-1 extension is an error; skip unknown ones.
-        pos = 0
-        while pos < len(payload):
-            if pos + 2 > len(payload) or pos + 2 + payload[pos + 1] > len(payload):
-                raise HandshakeFailed("malformed extensions in message 2")
-            if payload[pos] == 1:
-                raise HandshakeFailed("cipher choice in message 2 although we made no offer")
-            pos += 2 + payload[pos + 1]
-        self.tx, self.rx = noise.split()
+        self.cipher_id = read_choice(noise.read_message_2(self.message2), offer)
+        self.handshake_hash = noise.h
+        self.tx, self.rx = noise.split(self.cipher_id)
 
     # -- frames (5) --
 
     def send_frames(self, *frames: tuple[int, int, bytes]) -> None:
+        """One transport message carrying ``frames`` (type, stream id, payload)."""
         assert self.tx is not None
-        body = b"".join(FRAME_HEADER.pack(t, sid, len(p)) + p for t, sid, p in frames)
+        body = b"".join(encode_frame(t, sid, p) for t, sid, p in frames)
         self.write_record(self.tx.encrypt(b"", body))
 
-    def receive_message(self) -> None:
-        """Read one transport message and act on all its frames (5, 6.3)."""
+    def read_frames(self) -> list[tuple[int, int, bytes]]:
+        """Read one transport message and return its frames, acting on none (5)."""
         assert self.rx is not None
         try:
             record = self.read_record()
@@ -393,18 +635,11 @@ class Session:
             body = self.rx.decrypt(b"", record)
         except Exception as exc:
             raise StreamAborted("transport message failed authentication") from exc
-        frames: list[tuple[int, int, bytes]] = []
-        pos = 0
-        while pos < len(body):  # 5: decode everything before acting
-            ftype, sid, length = FRAME_HEADER.unpack_from(body, pos)
-            pos += FRAME_HEADER.size
-            if pos + length > len(body):
-                raise StreamAborted("protocol error: frame runs past the message")
-            frames.append((ftype, sid, body[pos : pos + length]))
-            pos += length
-        if not frames:
-            raise StreamAborted("protocol error: empty transport message")
-        for frame in frames:
+        return decode_frames(body)
+
+    def receive_message(self) -> None:
+        """Read one transport message and act on all its frames (5, 6.3)."""
+        for frame in self.read_frames():
             self._handle(*frame)
 
     def _handle(self, ftype: int, sid: int, payload: bytes) -> None:
@@ -489,6 +724,63 @@ class Session:
         # Both directions saw EOF: the stream is forgotten (6.3). End the session (7).
         self.send_frames((GOAWAY, 0, struct.pack(">IH", 0, 0)))
         return bytes(self.received)
+
+
+@dataclass(frozen=True)
+class ForwardingOutcome:
+    """What a forwarder answered to one request (10.3)."""
+
+    answer: object  # the decoded answer, or None if none arrived
+    reset_code: int | None  # the RESET after a failure answer (None: not reset)
+    eof: bool  # whether the forwarder ended the stream with EOF (it must not)
+    trailing: bytes  # bytes after the answer before the stream ended (must be none)
+
+
+def forwarding_request(uri: str, request: object, timeout: float = 10) -> ForwardingOutcome:
+    """Open a stream with the forwarding capability ``uri`` and send ``request``.
+
+    ``request`` is a value to send as one message (10.3), raw ``bytes`` to send
+    as they are, ``None`` to send nothing, or a callable that makes the value
+    from our node id. On ``{"ok": true}`` this returns at once (the stream
+    would carry the nested session next); otherwise it reads until the stream
+    ends. Raises ``CapabilityRefused`` if the OPEN is refused.
+    """
+    cap = parse_capability(uri)
+    deadline = time.monotonic() + timeout
+    with socket.create_connection(cap.tcp[0], timeout=timeout) as sock:
+        session = Session(sock, deadline)
+        session.handshake(cap.node_id)
+        session.send_frames((OPEN, STREAM_ID, cap.token))
+        while not session.accepted:
+            session.receive_message()
+        if callable(request):
+            request = request(session.node_id)
+        if isinstance(request, bytes):
+            session.send_frames((DATA, STREAM_ID, request))
+        elif request is not None:
+            session.send_frames((DATA, STREAM_ID, forwarding_message(request)))
+        data = bytearray()
+        answer: object = None
+        reset: int | None = None
+        eof = False
+        while reset is None and not eof:
+            for ftype, sid, payload in session.read_frames():
+                if ftype == PING:
+                    session.send_frames((PONG, 0, payload))
+                elif sid == STREAM_ID and ftype == DATA:
+                    data += payload
+                elif sid == STREAM_ID and ftype == EOF:
+                    eof = True
+                elif sid == STREAM_ID and ftype == RESET:
+                    reset = struct.unpack(">H", payload)[0]
+            if answer is None and len(data) >= 4:
+                (length,) = struct.unpack(">I", data[:4])
+                if len(data) >= 4 + length:
+                    answer = msgpack_unpack(bytes(data[4 : 4 + length]))
+                    del data[: 4 + length]
+                    if isinstance(answer, dict) and answer.get("ok") is True:
+                        break
+        return ForwardingOutcome(answer, reset, eof, bytes(data))
 
 
 def echo_once(uri: str, payload: bytes, timeout: float = 10) -> bytes:

@@ -176,7 +176,7 @@ async def test_a_forwarder_refusal_is_unreachable_with_the_reason() -> None:
             lost = target.uri.with_hints((unlimited,))
             with pytest.raises(capsock.Unreachable) as info:
                 await recipient.connect(lost)
-            assert "no session and no route" in str(info.value)
+            assert "cannot reach that node" in str(info.value)
         # A forwarder that hangs up without answering is Unreachable too.
         intro.config.max_forwards_per_peer = 0
         await _drop_sessions_to(recipient, endpoint.id)

@@ -25,8 +25,9 @@ relay, or the introducer who handed R the URI) to carry a session for it::
    unnoticed.
 
 Errors: a refused forwarding capability is :class:`~capsock.CapabilityRejected`;
-F without a route to E answers ``{"ok": false, "error": ...}``, which the
-dialer reports as :class:`~capsock.Unreachable` for that route.
+every request F does not carry is answered ``{"ok": false, "error": ...}``
+(without any address of E), which the dialer reports as
+:class:`~capsock.Unreachable` for that route.
 """
 
 from __future__ import annotations
@@ -48,12 +49,14 @@ from .uri import Capability, To
 if TYPE_CHECKING:
     from .node import Node
 
-__all__ = ["TRANSPORT_TOKEN", "Forwarder", "open_via", "register", "splice"]
+__all__ = ["TRANSPORT_TOKEN", "UNREACHABLE_REASON", "Forwarder", "open_via", "register", "splice"]
 
 log = logging.getLogger("capsock.forward")
 
 TRANSPORT_TOKEN = b"\x00"
 """The OPEN token of a transport stream (never a valid capability token)."""
+UNREACHABLE_REASON = "the forwarder cannot reach that node"
+"""The one answer for every routing failure: it names no address (protocol 10.3)."""
 _CHUNK = 256 * 1024
 
 
@@ -117,8 +120,12 @@ class Forwarder:
     async def handle(self, stream: Stream) -> None:
         """One forwarding request on ``stream`` (opened with our forwarding capability).
 
-        Every refusal is answered (``{"ok": false, "error": ...}``) before the
-        stream is closed, so the dialer can say why the route failed.
+        Every request that is not carried is answered ``{"ok": false, "error":
+        reason}`` (the answer is the authoritative outcome), then the stream is
+        reset: ``TIMEOUT`` when no request came in time, ``PROTOCOL_ERROR``
+        when it was not a readable message, ``BUSY`` at the per-requester
+        limit, ``REFUSED`` otherwise.  The reason never names an address of
+        the target (routing details are logged locally): protocol 10.3.
         """
         peer = stream.peer
         cap = stream.extra(CapsockAttribute.capability, None)
@@ -126,13 +133,14 @@ class Forwarder:
         try:
             with anyio.fail_after(self._node.config.handshake_timeout):
                 request = await receive_message(stream)
-        except (TimeoutError, CapsockError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
-            log.info("no forwarding request from %s: %s", peer.short(), str(exc))
+        except TimeoutError:
+            await self._refuse(stream, "no forwarding request in time", ErrorCode.TIMEOUT)
+            return
+        except (CapsockError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
             # A reset, not a clean end: whoever sent this (a program that took
             # the forwarding URI for an ordinary one, say) must see a failure.
-            timeout = isinstance(exc, TimeoutError)
-            stream.reset(ErrorCode.TIMEOUT if timeout else ErrorCode.PROTOCOL_ERROR)
-            await stream.aclose()
+            log.info("unreadable forwarding request from %s: %s", peer.short(), str(exc))
+            await self._refuse(stream, "unreadable forwarding request", ErrorCode.PROTOCOL_ERROR)
             return
         if isinstance(request, dict) and request.get("op") == "register":
             if targets:
@@ -157,7 +165,7 @@ class Forwarder:
             await self._refuse(stream, "a node cannot be forwarded to itself")
             return
         if self._per_peer.get(peer, 0) >= self._node.config.max_forwards_per_peer:
-            await self._refuse(stream, "too many forwarded sessions from this node")
+            await self._refuse(stream, "too many forwarded sessions from this node", ErrorCode.BUSY)
             return
         # Reserve the slot before the first await, so concurrent requests
         # cannot overshoot the per-peer limit.
@@ -167,7 +175,10 @@ class Forwarder:
             try:
                 onward = await self._node._open_transport(target)
             except (CapsockError, TimeoutError, OSError, anyio.BrokenResourceError) as exc:
-                await self._refuse(stream, str(exc) or type(exc).__name__)
+                # The details (every address tried) stay here: the requester
+                # learns only that the target is unreachable through us.
+                log.info("cannot forward %s -> %s: %s", peer.short(), target.short(), str(exc))
+                await self._refuse(stream, UNREACHABLE_REASON)
                 return
             try:
                 await send_message(stream, {"ok": True})
@@ -183,7 +194,7 @@ class Forwarder:
             if not self._per_peer[peer]:
                 del self._per_peer[peer]
 
-    async def _refuse(self, stream: Stream, why: str) -> None:
+    async def _refuse(self, stream: Stream, why: str, code: ErrorCode = ErrorCode.REFUSED) -> None:
         log.info("refused a forwarding request from %s: %s", stream.peer.short(), why)
         with contextlib.suppress(
             CapsockError, anyio.BrokenResourceError, anyio.ClosedResourceError
@@ -192,7 +203,7 @@ class Forwarder:
         # Then a reset: the answer is delivered first (data before a RESET is
         # still read), and whoever did not expect it sees a failure, not a
         # clean end.
-        stream.reset(ErrorCode.REFUSED)
+        stream.reset(code)
         await stream.aclose()
 
     async def _registered(self, stream: Stream) -> None:
@@ -259,11 +270,15 @@ async def open_via(node: Node, via: Capability, target: NodeId) -> Stream:
 
     Raises:
         CapabilityRejected: the forwarder refused the forwarding capability.
-        Unreachable: the forwarder has no route to ``target``.
+        Unreachable: the forwarder did not carry the session (no route to
+            ``target``, a limit, a refused request; its reason is included), or
+            hung up without answering.
         PeerAuthenticationError / ProtocolError: as for any connect.
     """
     stream, answer = await _request(node, via, {"op": "forward", "to": target.raw})
     if answer.get("ok") is not True:
         await stream.aclose()
-        raise Unreachable(f"the forwarder {via.node.short()} has no route: {_reason(answer)}")
+        raise Unreachable(
+            f"the forwarder {via.node.short()} did not forward the session: {_reason(answer)}"
+        )
     return stream
