@@ -147,3 +147,38 @@ async def test_accept_forwarded_never_and_true_and_nonsense() -> None:
     assert NodeConfig(accept_forwarded=False).accept_forwarded == "never"
     with pytest.raises(capsock.LocalUsageError):
         NodeConfig(accept_forwarded="sometimes")  # type: ignore[arg-type]
+
+
+async def test_an_introducer_that_never_opened_a_stream_vouches_with_its_capability(
+    anyio_backend: str,
+) -> None:
+    """The introducer learned the endpoint's URI out of band and never opened a
+    stream to it: its transport OPEN carries that capability's token after the
+    ``0x00`` (a voucher), and the endpoint accepts it.  Revoked, it does not."""
+    async with (
+        capsock.Node(listen=["tcp:127.0.0.1:0"]) as endpoint,
+        capsock.Node(listen=["tcp:127.0.0.1:0"]) as intro,
+        capsock.Node() as recipient,
+        anyio.create_task_group() as tg,
+    ):
+        service = await endpoint.listen()
+        tg.start_soon(service.serve, echo)
+        introduced = await intro.introduce(service.uri, to=recipient.id, ttl=60)
+        # The recipient cannot reach the endpoint directly: only the via route.
+        via_only = introduced.with_hints(
+            tuple(h for h in introduced.hints if isinstance(h, capsock.uri.ViaHint))
+        )
+        with anyio.fail_after(10):
+            await echo_once(recipient, via_only)
+        assert endpoint.stats()["forwarded_refused"] == 0
+        # A fresh session from the introducer, after the endpoint revoked the
+        # capability: the voucher no longer counts, the transport is refused.
+        for session in list(intro._sessions.values()):
+            await session.aclose()
+        for session in list(recipient._sessions.values()):
+            await session.aclose()
+        await endpoint.revoke(service.uri)
+        with pytest.raises(capsock.Unreachable):
+            await recipient.connect(via_only)
+        assert endpoint.stats()["forwarded_refused"] >= 1
+        tg.cancel_scope.cancel()

@@ -261,6 +261,8 @@ class Node:
         self._nested_by_carrier: dict[Session, int] = {}
         self._authorized_peers: collections.OrderedDict[NodeId, None] = collections.OrderedDict()
         """Peers that opened a stream with one of our capabilities (bounded)."""
+        self._vouchers: collections.OrderedDict[NodeId, bytes] = collections.OrderedDict()
+        """Per introduced endpoint, our capability token for it (bounded)."""
         self._accept_error_logged = -1e9
         self._drop_log = _LimitedLog(log, per_window=20, window=10.0)
         """Lines about dropped connections: a stranger controls how many there are."""
@@ -715,8 +717,8 @@ class Node:
         self, session: Session, sid: int, token_bytes: bytes
     ) -> Coroutine[Any, Any, None] | None:
         """Answer an OPEN at once; return a coroutine when it must wait (full backlog)."""
-        if token_bytes == TRANSPORT_TOKEN:
-            return self._accept_transport(session, sid)
+        if token_bytes[:1] == TRANSPORT_TOKEN:
+            return self._accept_transport(session, sid, token_bytes[1:])
         self._counters["opens_received"] += 1
         token: Token | None
         reason: str | None = None
@@ -783,26 +785,41 @@ class Node:
             listener._deliver(stream)
         listener._check_used_up()
 
-    def _trusts_forwarding(self, session: Session) -> bool:
-        """Whether ``session``'s peer may forward sessions to us (transport streams)."""
+    def _trusts_forwarding(self, session: Session, voucher: bytes) -> bool:
+        """Whether ``session``'s peer may forward sessions to us (transport streams).
+
+        ``voucher`` is what followed the ``0x00`` of the OPEN token: empty, or
+        a capability token of ours that the forwarder holds (an introducer
+        that never opened a stream to us proves it this way; no use is
+        counted).
+        """
         policy = self.config.accept_forwarded
         if policy == "any":
             return True
         if policy == "never":
             return False
-        return (
+        if (
             session.dialer  # we chose to connect to it (a relay, an introducer we used)
             or any(r.node == session.peer for r in self._relays)
-            or session.peer in self._authorized_peers  # it holds one of our capabilities
-        )
+            or session.peer in self._authorized_peers  # it opened a stream with our capability
+        ):
+            return True
+        if not voucher:
+            return False
+        try:
+            token = Token.decode(voucher)
+        except InvalidCapability:
+            return False
+        verdict = authorize(self._store, token, peer=session.peer, now=self._clock(), consume=False)
+        return verdict.allowed
 
-    async def _accept_transport(self, session: Session, sid: int) -> None:
+    async def _accept_transport(self, session: Session, sid: int, voucher: bytes) -> None:
         """A peer forwards a session to us over a stream: run it as an inbound session.
 
         Only from peers we have a reason to accept it from, and bounded per
         carrying session and node-wide, apart from the direct sessions.
         """
-        if not self._trusts_forwarding(session):
+        if not self._trusts_forwarding(session, voucher):
             self._counters["forwarded_refused"] += 1
             session.reject(sid, ErrorCode.REFUSED)
             return
@@ -851,7 +868,8 @@ class Node:
             if not hints:
                 raise Unreachable(f"this node has no session and no route to {target.short()}")
             session = await self._session_for(target, hints)
-        return await session.open_stream(TRANSPORT_TOKEN)
+        voucher = self._vouchers.get(target)
+        return await session.open_stream(TRANSPORT_TOKEN + (voucher or b""))
 
     # ---------------------------------------------------------- forwarding
 
@@ -892,6 +910,13 @@ class Node:
             self._introductions = await self.forwarding()
         now = self._clock()
         self._remember_route(c)
+        # Our own capability for the endpoint vouches for the transport streams
+        # we open to it (the endpoint accepts them only from peers it has a
+        # reason to: holding one of its capabilities is one).
+        self._vouchers[c.node] = c.token.encode()
+        self._vouchers.move_to_end(c.node)
+        if len(self._vouchers) > _MAX_AUTHORIZED_PEERS:
+            self._vouchers.popitem(last=False)
         via = self._introductions.uri.attenuate(ttl=ttl, peer=to, to=c.node, now=now)
         narrowed = c.attenuate(ttl=ttl, peer=to, now=now)
         direct = tuple(h for h in c.hints if not isinstance(h, ViaHint))
