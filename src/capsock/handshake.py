@@ -34,8 +34,9 @@ cipher*; cipher ids are ``0x01`` ChaChaPoly and ``0x02`` AESGCM (AES-256-GCM):
   preferred first.  A capsock dialer offers ``[0x02, 0x01]`` (value
   ``01 02 02 01`` with its header) when AES-256-GCM is available on its
   machine and allowed by its ``ciphers`` argument; otherwise it sends no
-  offer, and its payload is exactly the 32-byte node id.  An empty offer is
-  malformed.  Ids the responder does not know are skipped.
+  offer, and its payload is the 32-byte node id (and the dialled id, if it
+  sends one).  An empty offer is malformed.  Ids the responder does not know
+  are skipped.
 * In message 2, type 1 is the **choice**: exactly one cipher id (``01 01 id``).
   A responder that got an offer chooses the first offered id it supports and
   allows; if none, or if there was no offer, it sends an empty payload.  The
@@ -61,9 +62,9 @@ A dialer that sends no dialled id (a plain Noise dialer, an older capsock)
 gets the old behaviour.  In message 2 the type is unknown (ignored).
 
 Both payloads are encrypted and mixed into the handshake hash, so an on-path
-attacker who alters, strips or truncates the offer or the choice makes message
-decryption fail: the cipher cannot be downgraded.  Only the transport phase
-changes: with AESGCM chosen, both sides key AES-256-GCM with the two
+attacker who alters, strips or truncates the offer, the choice or the dialled
+id makes message decryption fail: the cipher cannot be downgraded.  Only the
+transport phase changes: with AESGCM chosen, both sides key AES-256-GCM with the two
 ``Split()`` keys (nonce: 32 zero bits and the 64-bit counter big-endian, per
 the Noise spec; ``REKEY`` per spec §4.2), otherwise ChaChaPoly as in plain Noise.
 
@@ -470,8 +471,7 @@ class ResponderHandshake:
             return  # a plain Noise dialer (or an older capsock): nothing to check
         if len(dialled) != _NODE_ID_LEN:
             raise HandshakeError(
-                f"first handshake message: a dialled id is {_NODE_ID_LEN} bytes, "
-                f"got {len(dialled)}"
+                f"first handshake message: a dialled id is {_NODE_ID_LEN} bytes, got {len(dialled)}"
             )
         own = self._local.node_id.raw
         if dialled != own:
