@@ -171,6 +171,38 @@ async def test_genuine_export_is_reached_over_the_session_not_its_hints() -> Non
         tg.cancel_scope.cancel()
 
 
+async def test_after_the_peers_goaway_its_hints_are_still_not_dialled() -> None:
+    """The attack the hints rule stops: the peer sends GOAWAY (the callee's
+    session to it is no longer usable for new streams, but the RPC stream
+    goes on), then passes its genuine export with a hint at our listener.
+    Calling it fails with Unreachable; it does not dial that address."""
+    from capsock.errors import ErrorCode
+
+    caller = Caller()
+    async with (
+        counting_listener() as counter,
+        capsock.Node(listen=["tcp:127.0.0.1:0"]) as server,
+        capsock.Node() as client,
+        anyio.create_task_group() as tg,
+    ):
+        listener = await server.listen()
+        tg.start_soon(lambda: rpc.serve(listener, caller, node=server))
+        export = await client.mint(peer=server.id, label="rpc")
+        tg.start_soon(lambda: rpc.serve(export, Greeter(), node=client))
+        raw = Raw(await client.connect(listener.uri))
+        session = client._sessions[server.id]
+        session._mux.goaway(ErrorCode.NO_ERROR)  # by hand: what a hostile peer may send
+        session._kick()
+        cap = export.uri.with_hints((TcpHint("127.0.0.1", counter.port),))
+        await raw.send([0, 1, "ring", [msgpack.ExtType(SERVICE_EXT, str(cap).encode())]])
+        answer = await raw.receive()
+        assert answer[:2] == [1, 1] and answer[3] is None
+        assert answer[2][0] == "Unreachable", answer
+        assert caller.rang == 1
+        assert counter.accepted == 0
+        tg.cancel_scope.cancel()
+
+
 async def test_forged_service_capability_in_a_result_fails_that_call() -> None:
     """The same rule for answers: the caller's call raises MalformedMessage,
     one text whatever port the forged capability names; nothing is dialled."""
