@@ -241,8 +241,3 @@ class ErrorFilter:
         view.release()
         self._pending = bytearray(rest)
         return result
-
-    def flush(self) -> bytes:
-        """What is still held (an incomplete message), for an end of stream."""
-        rest, self._pending = bytes(self._pending), bytearray()
-        return rest
