@@ -198,9 +198,9 @@ async def test_downgraded_dialer_is_rejected(variant: str) -> None:
 
 
 def _strip_offer(unit: bytes) -> bytes:
-    # e (32) | s (48) | payload: node id (32), offer 01 02 02 01 | tag (16)
+    # e (32) | s (48) | payload: node id (32), offer 01 02 02 01, dialled id (34) | tag (16)
     message = unit[2:]
-    assert len(message) == 132
+    assert len(message) == 166
     return record(message[:112] + message[116:])
 
 

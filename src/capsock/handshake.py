@@ -26,16 +26,17 @@ Extensions (a capsock extension of DESIGN.md §4).  After the node id in
 message 1, and as the whole payload of message 2, the payload is a sequence of
 ``type: u8 | length: u8 | value: length bytes``.  A sequence that ends inside
 a header or a value is malformed (:class:`~capsock.errors.HandshakeError`).
-Unknown types are ignored; a known type may appear at most once.  One type is
-defined, ``1``, the *transport cipher*; cipher ids are ``0x01`` ChaChaPoly and
-``0x02`` AESGCM (AES-256-GCM):
+Unknown types are ignored; a known type may appear at most once.  Two types
+are defined: ``2``, the *dialled id* (below), and ``1``, the *transport
+cipher*; cipher ids are ``0x01`` ChaChaPoly and ``0x02`` AESGCM (AES-256-GCM):
 
 * In message 1, type 1 is the **offer**: one or more cipher ids, most
   preferred first.  A capsock dialer offers ``[0x02, 0x01]`` (value
   ``01 02 02 01`` with its header) when AES-256-GCM is available on its
   machine and allowed by its ``ciphers`` argument; otherwise it sends no
-  offer, and its payload is exactly the 32-byte node id.  An empty offer is
-  malformed.  Ids the responder does not know are skipped.
+  offer, and its payload is the 32-byte node id (and the dialled id, if it
+  sends one).  An empty offer is malformed.  Ids the responder does not know
+  are skipped.
 * In message 2, type 1 is the **choice**: exactly one cipher id (``01 01 id``).
   A responder that got an offer chooses the first offered id it supports and
   allows; if none, or if there was no offer, it sends an empty payload.  The
@@ -47,10 +48,23 @@ defined, ``1``, the *transport cipher*; cipher ids are ``0x01`` ChaChaPoly and
   libraries is unchanged and byte for byte standard.  ChaChaPoly is therefore
   mandatory and cannot be disabled.
 
+The **dialled id** (type 2, message 1 only): the 32-byte node id the dialer
+dials, exactly as its URI spells it (value ``02 20 <id>``).  A capsock
+node's dialer always sends it, after the offer (``dialled_id=True``, which
+:func:`capsock.session.dial_handshake` passes).  The responder refuses (a
+:class:`~capsock.errors.HandshakeError`, no answer) a dialled id that is not
+exactly its own node id, and a value that is not 32 bytes.  What it
+prevents: the Noise static key names an Ed25519 key only up to the sign of
+x (the conversion keeps y), so without it a URI whose node id has the sign
+bit flipped -- the id's *twin* -- reached the node as well, under a name
+that is not the node's (``revoke()`` refused it, ``stream.peer`` showed it).
+A dialer that sends no dialled id (a plain Noise dialer, an older capsock)
+gets the old behaviour.  In message 2 the type is unknown (ignored).
+
 Both payloads are encrypted and mixed into the handshake hash, so an on-path
-attacker who alters, strips or truncates the offer or the choice makes message
-decryption fail: the cipher cannot be downgraded.  Only the transport phase
-changes: with AESGCM chosen, both sides key AES-256-GCM with the two
+attacker who alters, strips or truncates the offer, the choice or the dialled
+id makes message decryption fail: the cipher cannot be downgraded.  Only the
+transport phase changes: with AESGCM chosen, both sides key AES-256-GCM with the two
 ``Split()`` keys (nonce: 32 zero bits and the 64-bit counter big-endian, per
 the Noise spec; ``REKEY`` per spec §4.2), otherwise ChaChaPoly as in plain Noise.
 
@@ -62,15 +76,18 @@ the dialer once the handshake is done.
 
 Message sizes (Noise messages, without the 2-byte record prefix): message 1 is
 :data:`FIRST_MESSAGE_LEN` (128) bytes, plus :data:`CIPHER_OFFER_LEN` (4) with an
-offer: 132; message 2 is :data:`SECOND_MESSAGE_LEN` (48) bytes, plus
+offer, plus :data:`DIALLED_ID_LEN` (34) with the dialled id (a capsock node
+sends 162 or 166 bytes); message 2 is :data:`SECOND_MESSAGE_LEN` (48) bytes, plus
 :data:`CIPHER_CHOICE_LEN` (3) with a choice: 51.
 
-Known limitation: an X25519 public key names an Ed25519 key only up to the
-sign of its x coordinate (the top bit of the encoded key), because the
-conversion keeps only the y coordinate.  A dialer can therefore present its own
-node id with that bit flipped and still pass the check in step 2.  Only the
-holder of the key can do so, so no *other* node can be impersonated; closing
-the gap would need an Ed25519 proof (e.g. a signature over the handshake hash).
+The other direction, the dialer's own id: its X25519 key fixes its Ed25519 key
+only up to the same sign bit, so a dialer can present its own node id's twin
+and still pass the check in step 2.  No proof can close this: whoever holds
+the private key of an id also holds its twin's (the negated scalar), so a
+signature would not tell the two apart either.  Only the holder can do it,
+so no *other* node can be impersonated; and capsock treats the twin as the
+same peer where it grants something to a peer id: a ``peer`` caveat naming
+either spelling admits the holder of that key (:mod:`capsock.store`).
 Dialing either spelling of one's own key is refused.
 
 Records vs messages: ``first_message`` and ``second_message`` return whole
@@ -106,6 +123,8 @@ __all__ = [
     "CIPHER_CHOICE_LEN",
     "CIPHER_IDS",
     "CIPHER_OFFER_LEN",
+    "DIALLED_ID_LEN",
+    "EXT_DIALLED_ID",
     "EXT_TRANSPORT_CIPHER",
     "FIRST_MESSAGE_LEN",
     "SECOND_MESSAGE_LEN",
@@ -119,6 +138,10 @@ _NODE_ID_LEN: Final = 32
 
 EXT_TRANSPORT_CIPHER: Final = 0x01
 """Extension type: transport cipher (offer in message 1, choice in message 2)."""
+EXT_DIALLED_ID: Final = 0x02
+"""Extension type: the node id the dialer dials, exactly as spelled (message 1)."""
+_FIRST_EXTENSIONS: Final = frozenset((EXT_TRANSPORT_CIPHER, EXT_DIALLED_ID))
+_SECOND_EXTENSIONS: Final = frozenset((EXT_TRANSPORT_CIPHER,))
 CIPHER_IDS: Final[dict[str, int]] = {CHACHAPOLY: 0x01, AESGCM: 0x02}
 """Wire ids of the transport ciphers."""
 _CIPHER_BY_ID: Final = {v: k for k, v in CIPHER_IDS.items()}
@@ -130,6 +153,8 @@ The shortest valid message 1; a dialer without an offer sends exactly this.
 Longer messages are valid (extensions after the node id), shorter ones never."""
 CIPHER_OFFER_LEN: Final = 2 + len(CIPHER_IDS)
 """Bytes (4) the transport-cipher offer adds to message 1: ``01 02 02 01``."""
+DIALLED_ID_LEN: Final = 2 + _NODE_ID_LEN
+"""Bytes (34) the dialled id adds to message 1: ``02 20`` and the 32-byte id."""
 SECOND_MESSAGE_LEN: Final = DHLEN + TAG_LEN
 """Length (48) of IK message 2 with an empty payload (no choice: ChaChaPoly)."""
 CIPHER_CHOICE_LEN: Final = 3
@@ -175,8 +200,8 @@ def _allowed_ciphers(ciphers: Iterable[str] | None) -> tuple[str, ...]:
     return tuple(name for name in available if name in names)
 
 
-def _parse_extensions(data: bytes, where: str) -> dict[int, bytes]:
-    """The known extensions in ``data`` (``type | length | value``, repeated).
+def _parse_extensions(data: bytes, where: str, known: frozenset[int]) -> dict[int, bytes]:
+    """The ``known`` extensions in ``data`` (``type | length | value``, repeated).
 
     Raises:
         HandshakeError: the encoding is truncated, or a known type repeats.
@@ -192,7 +217,7 @@ def _parse_extensions(data: bytes, where: str) -> dict[int, bytes]:
             raise HandshakeError(
                 f"{where}: extension {kind} announces {length} bytes, {end - start} remain"
             )
-        if kind == EXT_TRANSPORT_CIPHER:
+        if kind in known:
             if kind in found:
                 raise HandshakeError(f"{where}: extension {kind} appears twice")
             found[kind] = data[start:offset]
@@ -233,13 +258,27 @@ class InitiatorHandshake:
             available here).  ``"ChaChaPoly"`` must be among them; AESGCM is
             offered only if listed and available.  The order is ignored
             (capsock's preference order is used).
+        dialled_id: send the dialled-id extension (``remote`` exactly), so
+            that a responder refuses the handshake unless ``remote`` is its
+            own id -- not its twin.  capsock's sessions always send it
+            (:func:`capsock.session.dial_handshake`); the default leaves
+            message 1 as plain as before (its golden sizes and vectors).
 
     Raises:
         LocalUsageError: ``remote`` is this node itself, or ``ciphers`` is invalid.
         PeerAuthenticationError: ``remote`` is not a valid Ed25519 public key.
     """
 
-    __slots__ = ("_local", "_noise", "_offer", "_read", "_remote", "_result", "_sent")
+    __slots__ = (
+        "_dialled_id",
+        "_local",
+        "_noise",
+        "_offer",
+        "_read",
+        "_remote",
+        "_result",
+        "_sent",
+    )
 
     def __init__(
         self,
@@ -248,6 +287,7 @@ class InitiatorHandshake:
         *,
         ephemeral: bytes | None = None,
         ciphers: Iterable[str] | None = None,
+        dialled_id: bool = False,
     ) -> None:
         allowed = _allowed_ciphers(ciphers)
         remote_x25519 = remote.x25519()  # PeerAuthenticationError if invalid
@@ -258,6 +298,7 @@ class InitiatorHandshake:
             )
         self._local = local
         self._remote = remote
+        self._dialled_id = dialled_id
         # Offer only when there is a choice to make (ChaChaPoly is the default).
         self._offer: tuple[str, ...] = allowed if allowed != (CHACHAPOLY,) else ()
         self._noise = HandshakeState(
@@ -284,7 +325,7 @@ class InitiatorHandshake:
 
     def first_message(self) -> bytes:
         """The first record: length prefix + IK message 1 (payload: our node id,
-        then the transport-cipher offer if there is one).
+        then the transport-cipher offer if there is one, then the dialled id).
 
         Raises:
             LocalUsageError: called twice.
@@ -296,6 +337,8 @@ class InitiatorHandshake:
         if self._offer:
             ids = bytes(CIPHER_IDS[name] for name in self._offer)
             payload += bytes((EXT_TRANSPORT_CIPHER, len(ids))) + ids
+        if self._dialled_id:
+            payload += bytes((EXT_DIALLED_ID, _NODE_ID_LEN)) + self._remote.raw
         return _record(self._noise.write_message(payload))
 
     def read_second(self, message: bytes) -> HandshakeResult:
@@ -332,7 +375,7 @@ class InitiatorHandshake:
 
     def _chosen_cipher(self, payload: bytes) -> str:
         where = "second handshake message"
-        choice = _parse_extensions(payload, where).get(EXT_TRANSPORT_CIPHER)
+        choice = _parse_extensions(payload, where, _SECOND_EXTENSIONS).get(EXT_TRANSPORT_CIPHER)
         if choice is None:
             return CHACHAPOLY  # plain Noise responder, or nothing better to offer
         if not self._offer:
@@ -379,8 +422,9 @@ class ResponderHandshake:
         Raises:
             HandshakeError: the message is malformed, not addressed to this node's
                 key, carries an invalid or low-order key, has a payload shorter
-                than a node id or malformed extensions, or comes from this very
-                node (reflection).
+                than a node id or malformed extensions, comes from this very
+                node (reflection), or dials another id than this node's (its
+                twin: the sign bit flipped).
             PeerAuthenticationError: the node id in the payload is not the key
                 the dialer authenticated with.
             LocalUsageError: called twice (also after a failure).
@@ -413,13 +457,38 @@ class ResponderHandshake:
                 f"the dialer claims to be {claimed.short()}... but authenticated with a "
                 "different key; refusing the session"
             )
-        self._choice = self._choose(payload[_NODE_ID_LEN:])
+        extensions = _parse_extensions(
+            payload[_NODE_ID_LEN:], "first handshake message", _FIRST_EXTENSIONS
+        )
+        self._check_dialled(extensions.get(EXT_DIALLED_ID))
+        self._choice = self._choose(extensions.get(EXT_TRANSPORT_CIPHER))
         self._peer = claimed
         return claimed
 
-    def _choose(self, extensions: bytes) -> str | None:
+    def _check_dialled(self, dialled: bytes | None) -> None:
+        """Refuse a dialer that dials another spelling of this node's key."""
+        if dialled is None:
+            return  # a plain Noise dialer (or an older capsock): nothing to check
+        if len(dialled) != _NODE_ID_LEN:
+            raise HandshakeError(
+                f"first handshake message: a dialled id is {_NODE_ID_LEN} bytes, got {len(dialled)}"
+            )
+        own = self._local.node_id.raw
+        if dialled != own:
+            twin = dialled == self._local.node_id.twin().raw
+            raise HandshakeError(
+                "the dialer dialled "
+                + (
+                    "this node's id with the sign bit flipped (its twin, which converts to "
+                    "the same X25519 key); the URI it used was altered"
+                    if twin
+                    else "another node id that converts to this node's X25519 key"
+                )
+                + f": only {self._local.node_id.short()}... reaches this node; refusing"
+            )
+
+    def _choose(self, offer: bytes | None) -> str | None:
         where = "first handshake message"
-        offer = _parse_extensions(extensions, where).get(EXT_TRANSPORT_CIPHER)
         if offer is None:
             return None
         if not offer:

@@ -4,6 +4,14 @@ A :class:`NodeId` is the 32-byte Ed25519 public key of a node.  Its text form is
 RFC 4648 base32, lower case, without padding (52 characters).  The X25519 keys
 used by the Noise handshake are the standard libsodium conversion of the
 Ed25519 keys (``crypto_sign_ed25519_pk_to_curve25519`` and friends).
+
+One key, one id.  An Ed25519 key is encoded as its point's y coordinate and
+the sign of x (the top bit of the last byte).  Only canonical encodings are
+node ids: ``y < 2**255 - 19``, and no sign for ``x = 0``; parsing refuses
+the rest.  The X25519 conversion keeps only y, so an id and its *twin* (the
+same bytes with the sign bit flipped, :meth:`NodeId.twin`) convert to the
+same X25519 key.  The twin is not the node's id: a dialer names the id it
+dials in the handshake and the node refuses its twin (docs/protocol.md 3.2).
 """
 
 from __future__ import annotations
@@ -26,6 +34,23 @@ NODE_ID_LEN = 32
 NODE_ID_TEXT_LEN = 52
 _KEY_FILE_HEADER = "capsock-node-key-v1\n"
 _B32_ALPHABET = frozenset("abcdefghijklmnopqrstuvwxyz234567")
+_P = 2**255 - 19
+_SIGN = 0x80  # in the last byte: the sign of x
+
+
+def _noncanonical(raw: bytes) -> str | None:
+    """Why ``raw`` is not the canonical encoding of a point (y, sign of x), or ``None``.
+
+    The same point has at most one canonical encoding; the others either
+    carry an unreduced y (``y >= p``: 19 values of y have a second spelling)
+    or a sign for ``x = 0`` (the points with ``y = 1`` and ``y = p - 1``).
+    """
+    y = int.from_bytes(raw, "little") & ((1 << 255) - 1)
+    if y >= _P:
+        return "its y coordinate is not reduced modulo 2**255 - 19"
+    if raw[31] & _SIGN and y in (1, _P - 1):
+        return "it gives a sign to x = 0"
+    return None
 
 
 @functools.lru_cache(maxsize=1024)
@@ -63,14 +88,42 @@ class NodeId:
         node = cls(raw)
         if str(node) != text:  # the last character carries 4 unused bits
             raise InvalidCapability("node id is not in canonical form (non-zero trailing bits)")
-        return node
+        return node.checked()
+
+    def checked(self) -> NodeId:
+        """This id, if its bytes are a canonical point encoding (see the module docstring).
+
+        For ids that arrive as bytes (caveats in a token); :meth:`parse` checks text.
+
+        Raises:
+            InvalidCapability: not a canonical encoding; no node has this id.
+        """
+        reason = _noncanonical(self.raw)
+        if reason is not None:
+            raise InvalidCapability(
+                f"node id is not a canonical Ed25519 key encoding ({reason}); "
+                "no node has this id: the URI is damaged or forged"
+            )
+        return self
+
+    def twin(self) -> NodeId:
+        """The same bytes with the sign bit of x flipped: another Ed25519 key that
+        converts to the same X25519 key.  Only the holder of this id's private
+        key can use it; it is never this node's id (see the module docstring)."""
+        return NodeId(self.raw[:31] + bytes([self.raw[31] ^ _SIGN]))
 
     def x25519(self) -> bytes:
         """The X25519 public key for Noise (libsodium's Ed25519 -> X25519 conversion).
 
         Raises:
-            PeerAuthenticationError: the bytes are not a valid Ed25519 point.
+            PeerAuthenticationError: the bytes are not a valid Ed25519 point, or
+                not its canonical encoding.
         """
+        if _noncanonical(self.raw) is not None:
+            raise PeerAuthenticationError(
+                f"node id {self.short()} is not a canonical Ed25519 key encoding; no node "
+                "has it: the URI (or the peer's handshake) is damaged or forged"
+            )
         try:
             return bytes(nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(self.raw))
         except (nacl.exceptions.CryptoError, ValueError, RuntimeError) as exc:

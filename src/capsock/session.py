@@ -123,7 +123,7 @@ async def dial_handshake(
         HandshakeError: the answer was malformed.
         LocalUsageError: ``remote`` is this node's own id.
     """
-    hs = InitiatorHandshake(local, remote)
+    hs = InitiatorHandshake(local, remote, dialled_id=True)  # the exact id: never its twin
     await transport.send(hs.first_message())
     buf = bytearray()
     try:

@@ -282,7 +282,9 @@ def authorize(
                 if now >= at:
                     return Verdict("expired")
             case Peer(node):
-                if node != peer:
+                # Either spelling of the key (an id or its twin, keys.NodeId.twin):
+                # only the key's holder can present either, so both are one peer.
+                if node != peer and node.twin() != peer:
                     return Verdict("bound to another peer")
             case Uses(count):
                 counters.append((after, count))

@@ -334,10 +334,12 @@ def _decode_caveat(kind: int, value: bytes) -> Caveat:
         if count == 0:
             raise InvalidCapability("uses caveat count is zero")
         return Uses(count)
-    if known is CaveatKind.PEER:
-        return Peer(NodeId(value))
-    if known is CaveatKind.TO:
-        return To(NodeId(value))
+    if known in (CaveatKind.PEER, CaveatKind.TO):
+        try:
+            node = NodeId(value).checked()
+        except InvalidCapability as exc:
+            raise InvalidCapability(f"{name} caveat: {exc}") from None
+        return Peer(node) if known is CaveatKind.PEER else To(node)
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError:

@@ -58,6 +58,7 @@ from ..keys import NodeId
 from ..node import Listener, Node
 from ..stream import CapsockAttribute, Stream
 from ..uri import Capability
+from ._capnp_errors import ErrorFilter
 
 __all__ = ["Client", "connect", "connect_stream", "serve", "serve_stream"]
 
@@ -87,6 +88,11 @@ def _loop() -> asyncio.AbstractEventLoop:
         ) from None
 
 
+def _peer_name(stream: anyio.abc.ByteStream) -> str:
+    peer: NodeId | None = stream.extra(CapsockAttribute.peer_id, None)
+    return peer.short() if peer is not None else "a non-capsock peer"
+
+
 def _no_kj_loop(exc: RuntimeError) -> NoReturn:
     """Re-raise pycapnp's 'KJ event-loop is not running' as a LocalUsageError."""
     if "KJ event-loop" not in str(exc):
@@ -110,6 +116,7 @@ class _StreamTransport(asyncio.Transport):
         super().__init__()
         self._stream = stream
         self._protocol = protocol
+        self._filter = ErrorFilter(_peer_name(stream))
         self._out: deque[bytes] = deque()
         self._queued = 0
         self._write_paused = False
@@ -128,7 +135,10 @@ class _StreamTransport(asyncio.Transport):
     def write(self, data: Any) -> None:
         if self._closing or self._eof:
             return
-        self._out.append(bytes(data))
+        data = self._filter.feed(bytes(data))  # exceptions: type and message only
+        if not data:
+            return
+        self._out.append(data)
         self._queued += len(data)
         self._kick_writer()
         if self._queued > _HIGH_WATER and not self._write_paused:
@@ -296,6 +306,7 @@ class _Bridge:
     def __init__(self, stream: anyio.abc.ByteStream, sock: socket.socket) -> None:
         self.stream = stream
         self.sock = sock
+        self.filter = ErrorFilter(_peer_name(stream))
         self.broken: BaseException | None = None
         self.done = anyio.Event()
         self._pumps = 2
@@ -335,7 +346,9 @@ class _Bridge:
                 if not data:
                     await self.stream.send_eof()
                     return
-                await self.stream.send(data)
+                data = self.filter.feed(data)  # exceptions: type and message only
+                if data:
+                    await self.stream.send(data)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, CapsockError, OSError) as exc:
             self._break(exc)
         finally:

@@ -15,7 +15,7 @@ import anyio
 import anyio.abc
 import msgpack
 
-from ..errors import CapsockError, LocalUsageError
+from ..errors import CapsockError, InvalidCapability, LocalUsageError
 from ..keys import NodeId
 from ..node import Node
 from ..stream import CapsockAttribute, Stream
@@ -41,6 +41,12 @@ __all__ = ["Connection"]
 log = logging.getLogger("capsock.rpc")
 
 _READ = 65536
+_FOREIGN_SERVICE = (
+    "a service capability must name the node that sent it (or be one this node "
+    "exported to it); refused"
+)
+"""The one text for every refused service capability: it tells nothing about
+what the capability held (node, hints), and nothing was dialled."""
 
 
 class _Pending:
@@ -381,9 +387,25 @@ class Connection:
 
     def _resolve(self, cap: Capability) -> Any:
         """A received service capability: our own object if we exported it to
-        this very peer (it is passing it back), else a remote object."""
+        this very peer (it is passing it back), else a remote object.
+
+        A genuine export names the node that sent it, so anything else is
+        refused before anything is dialled, with one error whatever the
+        capability holds.  The remote object is reached over the session with
+        the peer, never at the addresses the peer wrote into the capability
+        (:meth:`_open_child`; docs/rpc.md, "Which service capabilities are
+        accepted").
+
+        Raises:
+            InvalidCapability: the capability names another node (the
+                decoder turns this into a malformed message).
+        """
         own = self._exports.resolve(cap)
-        return own if own is not None else RemoteObject(cap, self)
+        if own is not None:
+            return own
+        if self.peer is None or cap.node != self.peer:
+            raise InvalidCapability(_FOREIGN_SERVICE)
+        return RemoteObject(cap, self)
 
     async def _open_child(self, remote: RemoteObject) -> Connection:
         """A connection to ``remote``, run in this connection's task group.
@@ -400,7 +422,11 @@ class Connection:
             )
         if self.node is None:
             raise LocalUsageError("calling a remote object needs a Connection with node=...")
-        stream = await self.node.connect(remote.capability)
+        # Without the hints the peer wrote: only the session this node already
+        # has with the exporter is used, so a peer cannot make this node dial
+        # addresses of its choosing (when that session is gone, this fails
+        # with Unreachable and nothing is dialled).
+        stream = await self.node.connect(remote.capability.with_hints(()))
         child = Connection(stream, None, node=self.node, config=self.config)
         try:
             await tg.start(child.run)

@@ -37,7 +37,12 @@ class RemoteObject:
 
     @property
     def capability(self) -> Capability:
-        """The capability it was sent as: bound to this node (a secret; ``repr`` redacts it)."""
+        """The capability it was sent as: bound to this node (a secret; ``repr`` redacts it).
+
+        It names the node that sent it (anything else was refused on
+        arrival).  Its route hints are as the peer wrote them; :meth:`call`
+        does not use them: it goes over the session with that node.
+        """
         return self._cap
 
     def __repr__(self) -> str:

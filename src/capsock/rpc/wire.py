@@ -189,7 +189,9 @@ class Decoder:
             must be strings or bytes.
         service_hook: called with the :class:`Capability` of every
             :data:`SERVICE_EXT` value; its return value takes the value's place.
-            Without it, service capabilities decode to plain capabilities.
+            If it raises :class:`~capsock.InvalidCapability`, the message is
+            malformed (its text is the reason).  Without a hook, service
+            capabilities decode to plain capabilities.
         read_size: the largest chunk that will be fed at once (sizes the
             unpacker's buffer).
     """
@@ -236,7 +238,12 @@ class Decoder:
             self._bad_ext = self._bad_ext or reason
             return _BadExt(reason)
         if code == SERVICE_EXT and self._service_hook is not None:
-            return self._service_hook(cap)
+            try:
+                return self._service_hook(cap)
+            except InvalidCapability as exc:  # the hook refuses it: the message is malformed
+                reason = f"extension type {code}: {exc}"
+                self._bad_ext = self._bad_ext or reason
+                return _BadExt(reason)
         return cap
 
     def feed(self, data: bytes) -> list[Event]:
