@@ -231,6 +231,8 @@ class Node:
         )
         self.relay_status: dict[str, str] = {}
         """Per relay (redacted URI): "registered", "connecting" or the last error."""
+        self._relay_changed = anyio.Event()  # set (and replaced) on every change
+        self._relay_refusals: dict[str, CapabilityRejected] = {}
         self._advertise = [_parse_listen(s) for s in advertise] if advertise is not None else None
         self.config = config or NodeConfig()
         self._clock = clock
@@ -390,6 +392,7 @@ class Node:
         if self._closed:
             return
         self._closed = True
+        self._relay_changed.set()  # wake wait_registered()
         try:
             await self._shutdown(grace)
         finally:
@@ -1010,20 +1013,21 @@ class Node:
         delay = first
         key = relay.redacted()
         while not self._closed:
-            self.relay_status[key] = "connecting"
+            self._set_relay_status(key, "connecting")
             try:
                 stream = await forward_register(self, relay)
             except (CapsockError, OSError, TimeoutError, anyio.BrokenResourceError) as exc:
                 if isinstance(exc, CapabilityRejected) and exc.code == ErrorCode.REFUSED:
                     # The capability is dead (revoked, expired, forged): retrying
                     # cannot help.  BUSY and SHUTTING_DOWN are worth a retry.
-                    self.relay_status[key] = f"refused: {exc}"
+                    self._relay_refusals[key] = exc
+                    self._set_relay_status(key, f"refused: {exc}")
                     log.warning("relay %s: %s; not retrying", relay.node.short(), str(exc))
                     return
-                self.relay_status[key] = f"failed: {exc}"
+                self._set_relay_status(key, f"failed: {exc}")
                 log.warning("relay %s: %s; retrying in %.1f s", relay.node.short(), str(exc), delay)
             else:
-                self.relay_status[key] = "registered"
+                self._set_relay_status(key, "registered")
                 delay = first
                 log.info("registered with relay %s", relay.node.short())
                 try:
@@ -1031,12 +1035,41 @@ class Node:
                         while True:
                             await stream.receive()
                 except (anyio.EndOfStream, anyio.BrokenResourceError, CapsockError):
-                    self.relay_status[key] = "lost"
+                    self._set_relay_status(key, "lost")
                     if self._closed:  # our own shutdown closed the session
                         return
                     log.warning("lost the relay %s; reconnecting", relay.node.short())
             await anyio.sleep(delay * (0.5 + secrets.randbelow(1000) / 1000))
             delay = min(delay * 2, largest)
+
+    def _set_relay_status(self, key: str, status: str) -> None:
+        self.relay_status[key] = status
+        self._relay_changed.set()
+        self._relay_changed = anyio.Event()
+
+    async def wait_registered(self) -> None:
+        """Wait until this node is registered with every relay it was given.
+
+        Returns at once for a node without relays, and at once again while
+        every registration holds.  A relay that is down is retried for ever:
+        put a deadline around the wait (``anyio.fail_after``) to stop waiting.
+
+        Raises:
+            CapabilityRejected: a relay refused its capability for good
+                (revoked, expired, forged); the node does not retry it.
+            LocalUsageError: the node is not running.
+        """
+        self._require_running()
+        while True:
+            if self._closed:
+                raise LocalUsageError("the node was closed while waiting for its relays")
+            for key in self.relay_status:
+                if key in self._relay_refusals:
+                    raise self._relay_refusals[key]
+            keys = {r.redacted() for r in self._relays}
+            if all(self.relay_status.get(k) == "registered" for k in keys):
+                return
+            await self._relay_changed.wait()
 
     async def _expire(self, listener: Listener, at: int) -> None:
         while not listener._retired:
