@@ -1001,9 +1001,7 @@ def _parse(text: object, depth: int) -> Capability:
         parts = query.split("&")
         if len(parts) > MAX_HINTS:
             raise InvalidCapability(f"too many hints ({len(parts)} > {MAX_HINTS})")
-        hints.extend(
-            _parse_hint(part, index, depth, node) for index, part in enumerate(parts, 1)
-        )
+        hints.extend(_parse_hint(part, index, depth, node) for index, part in enumerate(parts, 1))
     return Capability(node, token, tuple(hints))
 
 
