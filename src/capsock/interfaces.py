@@ -74,7 +74,10 @@ _IFA_F_DADFAILED = 0x08
 _IFA_F_DEPRECATED = 0x20
 _IFA_F_TENTATIVE = 0x40
 _IFA_UNFIT = _IFA_F_TEMPORARY | _IFA_F_DADFAILED | _IFA_F_DEPRECATED | _IFA_F_TENTATIVE
-_IF_INET6 = Path("/proc/net/if_inet6")
+# /proc/net is the network namespace of the process's main thread; a thread
+# that joined another namespace (setns) sees its own under /proc/thread-self.
+_THREAD_NET = Path("/proc/thread-self/net")
+_IF_INET6 = (_THREAD_NET if _THREAD_NET.exists() else Path("/proc/net")) / "if_inet6"
 
 
 @dataclass(frozen=True, slots=True)
