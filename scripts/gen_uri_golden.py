@@ -1,5 +1,5 @@
 """Generate tests/data/uris.json independently of capsock.uri (hashlib + struct)."""
-import base64, hashlib, json, struct, sys, urllib.parse
+import base64, hashlib, ipaddress, json, struct, sys, urllib.parse
 import nacl.signing
 
 def node_text(seed):
@@ -15,6 +15,7 @@ def enc_cav(c):
     elif k == "uses": kind, val = 2, struct.pack(">I", v)
     elif k == "peer": kind, val = 3, NODES_BY_TEXT[v]
     elif k == "label": kind, val = 4, v.encode()
+    elif k == "to": kind, val = 5, NODES_BY_TEXT[v]
     elif k == "unknown": kind, val = v[0], bytes.fromhex(v[1])
     return bytes([kind, len(val)]) + val
 
@@ -26,15 +27,38 @@ SEEDS = {
 }
 NODES = {n: node_text(s) for n, s in SEEDS.items()}
 NODES_BY_TEXT = {t: pk for t, pk in NODES.values()}
+NODES_PK_TEXT = {pk: t for t, pk in NODES.values()}
 ROOT_KEYS = {n: bytes([0xA0 + i] * 32) for i, n in enumerate(SEEDS)}
 ROOT_IDS = {n: bytes.fromhex("00112233445566778899aabbccddee%02x" % i) for i, n in enumerate(SEEDS)}
 
-def hint_text(h):
+MADE = {}  # uri -> record, for the compact via form
+
+def compact(inner, outer_pk):
+    """The v= value of a via hint (docs/protocol.md 4.1), or None where the long form applies."""
+    cavs = inner["caveats"]
+    if not cavs or cavs[-1] != {"to": NODES_PK_TEXT[outer_pk]}: return None
+    if any("via" in h for h in inner["hints"]): return None
+    out = NODES_BY_TEXT[inner["node"]] + bytes.fromhex(inner["root_id"]) + bytes.fromhex(inner["tag"])
+    for c in cavs[:-1]: out += b"\x00" + enc_cav(c)
+    for h in inner["hints"]:
+        (k, v), = h.items()
+        if k == "unix":
+            out += bytes([4, len(v.encode())]) + v.encode()
+            continue
+        host, port = v
+        try: ip = ipaddress.ip_address(host)
+        except ValueError: out += bytes([3, len(host)]) + host.encode() + struct.pack(">H", port)
+        else: out += bytes([1 if ip.version == 4 else 2]) + ip.packed + struct.pack(">H", port)
+    return b64(out)
+
+def hint_text(h, outer_pk):
     (k, v), = h.items()
     if k == "tcp":
         host, port = v
         return f"tcp=[{host}]:{port}" if ":" in host else f"tcp={host}:{port}"
     if k == "unix": return "unix=" + urllib.parse.quote(v, safe="/")
+    c = compact(MADE[v], outer_pk)
+    if c is not None: return "v=" + c
     return "via=" + urllib.parse.quote(v, safe="")
 
 def make(name, n, caveats=(), hints=()):
@@ -45,11 +69,12 @@ def make(name, n, caveats=(), hints=()):
         chain.append(b2b(chain[-1], b"capsock/1 caveat", enc_cav(c)))
     token = bytes([1]) + rid + bytes([len(caveats)]) + b"".join(enc_cav(c) for c in caveats) + chain[-1]
     uri = f"capsock://{node}/{b64(token)}"
-    if hints: uri += "?" + "&".join(hint_text(h) for h in hints)
-    return {"name": name, "uri": uri, "node": node, "node_seed": SEEDS[n].hex(),
+    if hints: uri += "?" + "&".join(hint_text(h, NODES[n][1]) for h in hints)
+    MADE[uri] = rec = {"name": name, "uri": uri, "node": node, "node_seed": SEEDS[n].hex(),
             "root_key": rk.hex(), "root_id": rid.hex(), "caveats": list(caveats),
             "hints": list(hints), "chain": [t.hex() for t in chain], "tag": chain[-1].hex(),
             "token": token.hex()}
+    return rec
 
 B = NODES["B"][0]
 valid = []
@@ -80,6 +105,37 @@ valid += [d, c, r, a]
 many = make("sixteen-hints", "B", hints=[{"tcp": ["127.0.0.1", p]} for p in range(1000, 1016)])
 valid.append(many)
 
+# Compact via hints (v=): the forwarder capability ends with to=<outer node>.
+A_TEXT = NODES["A"][0]
+relay_lo = make("x", "R", hints=[{"tcp": ["127.0.0.1", 45123]}])
+relay_to_a = make("x", "R", caveats=[{"to": A_TEXT}], hints=[{"tcp": ["127.0.0.1", 45123]}])
+relayed = make("relayed-compact", "A", hints=[{"via": relay_to_a["uri"]}])
+valid.append(relayed)
+relay_rich = make("x", "R", caveats=[{"exp": 1767225600}, {"label": "relay"}, {"to": A_TEXT}],
+    hints=[{"tcp": ["198.51.100.7", 443]}, {"tcp": ["2001:db8::7", 443]},
+           {"tcp": ["relay.example.com", 4433]}, {"unix": "/run/relay \u00e9.sock"}])
+valid.append(make("compact-all-items", "A", caveats=[{"uses": 1}],
+    hints=[{"tcp": ["192.0.2.1", 7000]}, {"via": relay_rich["uri"]}]))
+relay_bare_to_a = make("x", "R", caveats=[{"to": A_TEXT}])
+relay_to_b = make("x", "R", caveats=[{"to": B}], hints=[{"tcp": ["127.0.0.1", 45123]}])
+valid.append(make("compact-and-long", "A",
+    hints=[{"via": relay_bare_to_a["uri"]}, {"via": relay_to_b["uri"]}]))
+# The same capabilities in the long form (what URIs written before v= existed say):
+# they parse, to the same capability, whose text is the compact one.
+def long_form(rec):
+    return rec["uri"].split("?")[0] + "?" + "&".join(
+        "via=" + urllib.parse.quote(h["via"], safe="") if "via" in h
+        else hint_text(h, None) for h in rec["hints"])
+legacy = [{"uri": long_form(v), "canonical": v["uri"]} for v in valid if "v=" in v["uri"]]
+# A long-form via whose nested URI is in the long form too, one level down.
+hop_to_r = make("x", "C", caveats=[{"to": NODES["R"][0]}], hints=[{"tcp": ["192.0.2.9", 9]}])
+relay_via_hop = make("x", "R", caveats=[{"label": "hop"}], hints=[{"via": hop_to_r["uri"]}])
+nested = make("x", "A", hints=[{"via": relay_via_hop["uri"]}])
+assert "v=" in relay_via_hop["uri"] and "via=" in nested["uri"]
+legacy.append({"uri": nested["uri"].replace(
+    urllib.parse.quote(relay_via_hop["uri"], safe=""),
+    urllib.parse.quote(long_form(relay_via_hop), safe="")), "canonical": nested["uri"]})
+
 base = valid[0]
 NODE, TOK = base["node"], b64(bytes.fromhex(base["token"]))
 U = f"capsock://{NODE}/{TOK}"
@@ -95,6 +151,18 @@ noncanon = TOK[:-1] + alpha[alpha.index(TOK[-1]) | 1]
 assert noncanon != TOK
 
 deep = make("x", "B", hints=[{"via": a["uri"]}])["uri"]
+
+# Compact via values for node A (the node of U): relay R's root token, to=A elided.
+R_TEXT, R_PK = NODES["R"]
+r_root_tag = b2b(ROOT_KEYS["R"], b"capsock/1 root", ROOT_IDS["R"])
+r_tag_to_a = b2b(r_root_tag, b"capsock/1 caveat", enc_cav({"to": NODE}))
+def cv(items): return b64(R_PK + ROOT_IDS["R"] + r_tag_to_a + items)
+CV = cv(b"")  # 80 bytes: 107 characters
+CV_LONG = f"capsock://{R_TEXT}/" + b64(bytes([1]) + ROOT_IDS["R"] + b"\x01" + enc_cav({"to": NODE}) + r_tag_to_a)
+cv83 = cv(b"\x04\x01/")
+assert len(cv83) % 4 == 3
+cvnoncanon = cv83[:-1] + alpha[alpha.index(cv83[-1]) | 1]
+assert cvnoncanon != cv83
 invalid = [
     ("", "not a capsock URI"),
     ("http://example.com/", "not a capsock URI"),
@@ -205,6 +273,28 @@ invalid = [
     (U + "?" + "&".join(f"tcp=127.0.0.1:{p}" for p in range(1, 18)), "too many hints (17 > 16)"),
     (U + "?tcp=127.0.0.1:1&unix=/x&tcp=127.0.0.1:1", "duplicate hint"),
     (U + "?unix=/" + "a" * 4096, "longer than 4096"),
+    (U + "?v=", "empty value for hint 'v'"),
+    (U + "?v=" + CV + "=", "v hint: value must be base64url without '=' padding"),
+    (U + "?v=" + CV[:-1] + "%41", "v hint: value is not base64url"),
+    (U + "?v=" + CV + "AA", "v hint: value has an impossible base64url length"),
+    (U + "?v=" + b64((R_PK + ROOT_IDS["R"] + r_tag_to_a)[:79]), "v hint: truncated (79 bytes, at least 80)"),
+    (U + "?v=" + cv(b"\x09"), "v hint: item 1: unknown item type 9"),
+    (U + "?v=" + cv(b"\x01\x7f\x00\x00\x01\x00"), "v hint: truncated in item 1"),
+    (U + "?v=" + cv(b"\x00\x01\x08\x00"), "v hint: truncated in item 1"),
+    (U + "?v=" + cv(b"\x03\x05ab"), "v hint: truncated in item 1"),
+    (U + "?v=" + cv(b"\x01\x7f\x00\x00\x01\x00\x01\x00\x02\x04\x00\x00\x00\x01"),
+     "v hint: item 2: a caveat after a hint"),
+    (U + "?v=" + cv(b"\x00\x02\x04\x00\x00\x00\x00"), "v hint: item 1: uses caveat count is zero"),
+    (U + "?v=" + cv(b"\x00\x02\x04\x00\x00\x00\x01" * 32), "v hint: too many caveats (33 > 32)"),
+    (U + "?v=" + cv(b"\x01\x7f\x00\x00\x01\x00\x00"), "v hint: tcp hint port must be in 1..65535"),
+    (U + "?v=" + cv(b"\x02" + bytes(10) + b"\xff\xff\x01\x02\x03\x04\x00\x50"), "IPv4-mapped"),
+    (U + "?v=" + cv(b"\x03\x07" + b"1.2.3.4" + b"\x00\x50"), "v hint: not in canonical form"),
+    (U + "?v=" + cv(b"\x03\x09" + b"Relay.net" + b"\x00\x50"), "v hint: not in canonical form"),
+    (U + "?v=" + cv(b"\x03\x05" + b"r\xc3\xa9.x" + b"\x00\x50"), "v hint: item 1: not valid text"),
+    (U + "?v=" + cv(b"\x04\x02\xff\xfe"), "v hint: item 1: not valid text"),
+    (U + "?v=" + cv(b"\x04\x03a.b"), "v hint: unix hint path must be absolute"),
+    (U + "?v=" + cvnoncanon, "v hint: value is not canonical base64url"),
+    (U + "?v=" + CV + "&via=" + urllib.parse.quote(CV_LONG, safe=""), "duplicate hint"),
 ]
 invalid_json = [{"uri": u, "error": e} for u, e in invalid]
 invalid_tokens = [
@@ -235,13 +325,17 @@ doc = {
         "Caveat values: exp u64 BE, uses u32 BE, peer raw 32-byte key (given as node id text), label UTF-8, "
         "unknown = [kind, value hex].",
         "Hints: tcp [host, port] (IPv6 in brackets in the URI), unix path (quote(path, safe='/')), "
-        "via = the inner URI (quote(uri, safe='')).",
+        "via = the inner URI; written as v=<compact> where its capability ends with to=<outer node> "
+        "and has tcp/unix hints only (docs/protocol.md 4.1), else via=quote(uri, safe='').",
+        "legacy: long-form URIs written before the compact form; they must parse to the capability "
+        "whose text is 'canonical'.",
         "invalid: URIs that must raise InvalidCapability whose message contains 'error'; most reuse the "
         "token of 'root-plain'. invalid_tokens: binary tokens for Token.decode.",
     ],
     "valid": valid,
     "invalid": invalid_json,
     "invalid_tokens": invalid_tokens,
+    "legacy": legacy,
 }
 json.dump(doc, sys.stdout, indent=1, ensure_ascii=True)
 sys.stdout.write("\n")

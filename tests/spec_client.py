@@ -161,8 +161,8 @@ def parse_capability(uri: str) -> ParsedCapability:
     """Parse ``capsock://<node-id>/<token>[?hints]`` (4.1).
 
     Only as strict as this client needs: the grammar, canonical base32/base64url,
-    the token's outer framing (4.2) and ``tcp=HOST:PORT`` hints. ``unix`` and
-    ``via`` hints are accepted and ignored.
+    the token's outer framing (4.2) and ``tcp=HOST:PORT`` hints. ``unix``,
+    ``via`` and ``v`` (compact via) hints are accepted and ignored.
     """
     if len(uri) > 4096 or not uri.isascii() or not uri.isprintable() or " " in uri:
         raise ValueError("a capability URI is at most 4096 printable ASCII characters")
@@ -185,7 +185,7 @@ def parse_capability(uri: str) -> ParsedCapability:
     if m["query"] is not None:
         for hint in m["query"].split("&"):
             key, sep, value = hint.partition("=")
-            if not sep or not value or key not in ("tcp", "unix", "via"):
+            if not sep or not value or key not in ("tcp", "unix", "via", "v"):
                 raise ValueError(f"bad hint {key!r}")
             if key == "tcp":
                 host, _, port = value.rpartition(":")

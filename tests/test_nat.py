@@ -62,7 +62,7 @@ def test_a_and_b_behind_two_nats_move_16_mib_each_way_through_the_relay(
     # A also advertises its private address: B must try it, fail, and fall back.
     server = _start(lab, "a", "serve", relay_uri, f"tcp:{lab.addr('a')}:7001")
     uri = _line(server)["uri"]
-    assert "tcp=192.0.2.10:7001" in uri and "via=" in uri
+    assert "tcp=192.0.2.10:7001" in uri and "&v=" in uri  # the relay, compact (protocol 4.1)
     result = lab.run("b", [sys.executable, "-m", "tests.nat_peer", "fetch", uri, "16"], timeout=120)
     answer = json.loads(result.stdout.strip().splitlines()[-1])
     assert answer["ok"] is True

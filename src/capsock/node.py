@@ -439,14 +439,24 @@ class Node:
                 raise _bind_error(exc, f"tcp:{shown}:{port}") from exc
             bound = listener.extra(SocketAttribute.local_port)
             if _is_wildcard(host):
+                # The machine's usable addresses with the real port (rules in
+                # capsock.interfaces); an advertise list replaces them anyway.
                 hints = []
                 if self._advertise is None:
-                    log.warning(
-                        "listening on wildcard %s:%d; pass advertise=[...] so URIs carry a "
-                        "reachable address",
-                        host,
-                        bound,
-                    )
+                    from . import interfaces
+
+                    subs = getattr(listener, "listeners", [listener])
+                    socks = [sub.extra(SocketAttribute.raw_socket) for sub in subs]
+                    hosts = interfaces.advertised_hosts(socks)
+                    hints = [TcpHint(h, bound) for h in hosts]
+                    if all(ipaddress.ip_address(h).is_loopback for h in hosts):
+                        log.warning(
+                            "listening on wildcard %s:%d, but this machine has no address "
+                            "other than loopback: URIs reach it from this machine only; name "
+                            "the address others dial with advertise (--advertise tcp:HOST:PORT)",
+                            host,
+                            bound,
+                        )
             else:
                 hints = [TcpHint(host, bound)]
         self._transport_listeners.append(listener)

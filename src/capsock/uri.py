@@ -10,7 +10,7 @@ A capability names one stream endpoint and carries the authority to open it::
 The *node id* (52 characters of lower-case base32, see :mod:`capsock.keys`) says
 who must answer: the Noise handshake proves it.  The *token* says what the
 holder may do: base64url without padding of the binary encoding below.  The
-*hints* say where to look (``tcp``, ``unix``, ``via``); they carry no authority.
+*hints* say where to look (``tcp``, ``unix``, ``via``/``v``); they carry no authority.
 
 **Token encoding** (version 1, all integers big-endian)::
 
@@ -41,8 +41,8 @@ against the opening context is the endpoint's job, not this module's.
   segment, whitespace or non-ASCII character; at most 4096 characters;
 - the token is canonical base64url (``A-Z a-z 0-9 - _``, no padding, zero
   padding bits) of a token that decodes with every length exactly right;
-- at most 16 hints, keys ``tcp``, ``unix`` and ``via`` only, no empty value, no
-  exact duplicate;
+- at most 16 hints, keys ``tcp``, ``unix``, ``via`` and ``v`` only, no empty
+  value, no exact duplicate;
 - ``tcp=HOST:PORT``: a dotted-quad IPv4 address, an IPv6 address in brackets in
   :mod:`ipaddress`'s compressed form (no zone id; IPv4-mapped addresses are
   refused: use the IPv4 form), or a lower-case LDH DNS name (<= 253 characters,
@@ -51,7 +51,16 @@ against the opening context is the endpoint's job, not this module's.
 - ``unix=`` an absolute path of at most 107 UTF-8 bytes without NUL, encoded
   as ``urllib.parse.quote(path, safe="/")``;
 - ``via=`` a capability URI encoded as ``urllib.parse.quote(uri, safe="")``;
-  at most 3 ``via`` levels (the innermost capability has no ``via``).
+  at most 3 ``via`` levels (the innermost capability has no ``via``);
+- ``v=`` the *compact* form of a ``via`` hint: canonical base64url of a binary
+  encoding (layout at :func:`_compact_via`).  It applies when the forwarder
+  capability ends with a ``to`` caveat naming this URI's own node (a node's
+  relay hints and introductions do) and has only ``tcp``/``unix`` hints; the
+  ``to`` caveat's node id is then left out of the text and restored from the
+  URI's node id when parsing (the tag stays over the whole chain).
+  Formatting writes ``v=`` wherever it applies and ``via=`` elsewhere; parsing
+  accepts both, so URIs written before the compact form still parse (to the
+  same capability, which formats compactly).
 
 *Decision:* hint values must use exactly the canonical percent-encoding above
 (upper-case hex escapes, nothing escaped that need not be, everything escaped
@@ -132,7 +141,7 @@ _MAX_U64 = 2**64 - 1
 _MAX_U32 = 2**32 - 1
 _PERSON_ROOT = b"capsock/1 root"
 _PERSON_CAVEAT = b"capsock/1 caveat"
-_HINT_KEYS = ("tcp", "unix", "via")
+_HINT_KEYS = ("tcp", "unix", "via", "v")
 _REDACTED = "<redacted>"
 # Minimal token: version, root_id, count, tag.
 _MIN_TOKEN_LEN = 1 + ROOT_ID_LEN + 1 + TAG_LEN
@@ -645,6 +654,11 @@ class ViaHint:
             raise InvalidCapability(f"via hints nested deeper than {MAX_VIA_DEPTH} levels")
 
     def __str__(self) -> str:
+        """The long form ``via=<percent-encoded URI>``.
+
+        Inside a :class:`Capability` the hint is written in the compact form
+        ``v=...`` instead whenever that applies (see the module docstring).
+        """
         return "via=" + urllib.parse.quote(str(self.capability), safe="")
 
 
@@ -667,6 +681,148 @@ def _redacted_hint(hint: Hint) -> str:
 
 def _b64encode(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64decode(what: str, text: str) -> bytes:
+    """Canonical base64url without padding, or InvalidCapability naming ``what``."""
+    if "=" in text:
+        raise InvalidCapability(f"{what} must be base64url without '=' padding")
+    if not _B64URL.fullmatch(text):
+        raise InvalidCapability(f"{what} is not base64url (allowed: A-Z a-z 0-9 - _)")
+    if len(text) % 4 == 1:
+        raise InvalidCapability(f"{what} has an impossible base64url length")
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raise InvalidCapability(f"{what} is not valid base64url") from None
+    if _b64encode(raw) != text:
+        raise InvalidCapability(f"{what} is not canonical base64url (non-zero padding bits)")
+    return raw
+
+
+# ------------------------------------------------------------------ compact via hint
+#
+# (see also docs/protocol.md section 4.1)
+# ``v=<base64url>``: a ``via`` hint whose forwarder capability ends with a ``to``
+# caveat naming the outer URI's own node (what a node's relay hints and
+# introductions carry), written without the nested URI text.  Layout::
+#
+#     forwarder node id (32) | root_id (16) | tag (32) | item*
+#     item = 0x00 kind len value     a caveat before the final, elided ``to``
+#          | 0x01 ipv4 (4) port (2)  tcp hint, IPv4
+#          | 0x02 ipv6 (16) port (2) tcp hint, IPv6
+#          | 0x03 len name port (2)  tcp hint, DNS name (canonical text)
+#          | 0x04 len path           unix hint (UTF-8)
+#
+# Caveat items come first, then the hints in their order.  The forwarder's token
+# is ``(root_id, caveats + [To(outer node)], tag)``: the tag is over the whole
+# chain, elided caveat included, so the elision changes the text only.
+
+_ITEM_CAVEAT = 0
+_ITEM_TCP4 = 1
+_ITEM_TCP6 = 2
+_ITEM_TCP_NAME = 3
+_ITEM_UNIX = 4
+_COMPACT_HEAD = 32 + ROOT_ID_LEN + TAG_LEN
+
+
+def _compact_via(hint: ViaHint, outer: NodeId) -> bytes | None:
+    """The binary compact form of ``hint`` inside a URI for node ``outer``, or None.
+
+    It applies when the forwarder capability's last caveat is ``to=outer``
+    and its own hints are ``tcp`` and ``unix`` only; otherwise the hint is
+    written in the long form (``via=``).
+    """
+    cap = hint.capability
+    caveats = cap.token.caveats
+    if not caveats or caveats[-1] != To(outer):
+        return None
+    if any(isinstance(h, ViaHint) for h in cap.hints):
+        return None
+    out = [cap.node.raw, cap.token.root_id, cap.token.tag]
+    out.extend(bytes((_ITEM_CAVEAT,)) + encode_caveat(c) for c in caveats[:-1])
+    for h in cap.hints:
+        if isinstance(h, TcpHint):
+            port = h.port.to_bytes(2, "big")
+            try:
+                addr = ipaddress.ip_address(h.host)
+            except ValueError:
+                name = h.host.encode("ascii")
+                out.append(bytes((_ITEM_TCP_NAME, len(name))) + name + port)
+            else:
+                kind = _ITEM_TCP4 if addr.version == 4 else _ITEM_TCP6
+                out.append(bytes((kind,)) + addr.packed + port)
+        elif isinstance(h, UnixHint):
+            path = h.path.encode("utf-8")
+            out.append(bytes((_ITEM_UNIX, len(path))) + path)
+    return b"".join(out)
+
+
+def _hint_text(hint: Hint, outer: NodeId) -> str:
+    if isinstance(hint, ViaHint):
+        compact = _compact_via(hint, outer)
+        if compact is not None:
+            return "v=" + _b64encode(compact)
+    return str(hint)
+
+
+def _take(raw: bytes, pos: int, size: int, index: int) -> bytes:
+    if pos + size > len(raw):
+        raise InvalidCapability(f"truncated in item {index}")
+    return raw[pos : pos + size]
+
+
+def _decode_compact_via(raw: bytes, outer: NodeId) -> ViaHint:
+    if len(raw) < _COMPACT_HEAD:
+        raise InvalidCapability(f"truncated ({len(raw)} bytes, at least {_COMPACT_HEAD})")
+    node = NodeId(raw[:32])
+    root_id, tag = raw[32 : 32 + ROOT_ID_LEN], raw[32 + ROOT_ID_LEN : _COMPACT_HEAD]
+    caveats: list[Caveat] = []
+    hints: list[Hint] = []
+    pos, index = _COMPACT_HEAD, 0
+    while pos < len(raw):
+        index += 1
+        item = raw[pos]
+        pos += 1
+        if item == _ITEM_CAVEAT:
+            if hints:
+                raise InvalidCapability(f"item {index}: a caveat after a hint")
+            kind, length = _take(raw, pos, 2, index)
+            value = _take(raw, pos + 2, length, index)
+            pos += 2 + length
+            try:
+                caveats.append(_decode_caveat(kind, value))
+            except InvalidCapability as exc:
+                raise InvalidCapability(f"item {index}: {exc}") from None
+            continue
+        if item in (_ITEM_TCP4, _ITEM_TCP6):
+            size = 4 if item == _ITEM_TCP4 else 16
+            packed = _take(raw, pos, size + 2, index)
+            pos += size + 2
+            host = str(ipaddress.ip_address(packed[:size]))
+        elif item in (_ITEM_TCP_NAME, _ITEM_UNIX):
+            (length,) = _take(raw, pos, 1, index)
+            extra = 2 if item == _ITEM_TCP_NAME else 0
+            packed = _take(raw, pos + 1, length + extra, index)
+            pos += 1 + length + extra
+            try:
+                text = packed[:length].decode("ascii" if extra else "utf-8")
+            except UnicodeDecodeError:
+                raise InvalidCapability(f"item {index}: not valid text") from None
+            if item == _ITEM_UNIX:
+                hints.append(UnixHint(text))
+                continue
+            host = text
+        else:
+            raise InvalidCapability(f"item {index}: unknown item type {item}")
+        hints.append(TcpHint(host, int.from_bytes(packed[-2:], "big")))
+    caveats.append(To(outer))
+    if len(caveats) > MAX_CAVEATS:
+        raise InvalidCapability(f"too many caveats ({len(caveats)} > {MAX_CAVEATS})")
+    hint = ViaHint(Capability(node, Token(root_id, tuple(caveats), tag), tuple(hints)))
+    if _compact_via(hint, outer) != raw:
+        raise InvalidCapability("not in canonical form")
+    return hint
 
 
 # ---------------------------------------------------------------------- capability
@@ -788,7 +944,7 @@ class Capability:
     def __str__(self) -> str:
         text = f"{SCHEME}{self.node}/{_b64encode(self.token.encode())}"
         if self.hints:
-            text += "?" + "&".join(str(h) for h in self.hints)
+            text += "?" + "&".join(_hint_text(h, self.node) for h in self.hints)
         return text
 
     def __repr__(self) -> str:
@@ -847,24 +1003,12 @@ def _parse(text: object, depth: int) -> Capability:
         parts = query.split("&")
         if len(parts) > MAX_HINTS:
             raise InvalidCapability(f"too many hints ({len(parts)} > {MAX_HINTS})")
-        hints.extend(_parse_hint(part, index, depth) for index, part in enumerate(parts, 1))
+        hints.extend(_parse_hint(part, index, depth, node) for index, part in enumerate(parts, 1))
     return Capability(node, token, tuple(hints))
 
 
 def _parse_token_text(text: str) -> Token:
-    if "=" in text:
-        raise InvalidCapability("token must be base64url without '=' padding")
-    if not _B64URL.fullmatch(text):
-        raise InvalidCapability("token is not base64url (allowed: A-Z a-z 0-9 - _)")
-    if len(text) % 4 == 1:
-        raise InvalidCapability("token has an impossible base64url length")
-    try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
-        raise InvalidCapability("token is not valid base64url") from None
-    if _b64encode(raw) != text:
-        raise InvalidCapability("token is not canonical base64url (non-zero padding bits)")
-    return Token.decode(raw)  # its messages already say "token" or "caveat"
+    return Token.decode(_b64decode("token", text))  # its messages say "token" or "caveat"
 
 
 def _show_key(key: str) -> str:
@@ -882,16 +1026,23 @@ def _percent_decode(key: str, value: str) -> str:
         raise InvalidCapability(f"{key} hint is not UTF-8 after percent-decoding") from None
 
 
-def _parse_hint(part: str, index: int, depth: int) -> Hint:
+def _parse_hint(part: str, index: int, depth: int, outer: NodeId) -> Hint:
     key, eq, value = part.partition("=")
     if not eq:
         raise InvalidCapability(f"hint {index} has no '=' (expected key=value)")
     if not key:
         raise InvalidCapability(f"hint {index} has an empty key")
     if key not in _HINT_KEYS:
-        raise InvalidCapability(f"unknown hint key {_show_key(key)} (known: tcp, unix, via)")
+        raise InvalidCapability(f"unknown hint key {_show_key(key)} (known: tcp, unix, via, v)")
     if not value:
         raise InvalidCapability(f"empty value for hint '{key}'")
+    if key == "v":
+        if depth >= MAX_VIA_DEPTH:
+            raise InvalidCapability(f"via hints nested deeper than {MAX_VIA_DEPTH} levels")
+        try:
+            return _decode_compact_via(_b64decode("value", value), outer)
+        except InvalidCapability as exc:
+            raise InvalidCapability(f"v hint: {exc}") from None
     decoded = _percent_decode(key, value)
     hint: Hint
     if key == "tcp":
@@ -905,9 +1056,13 @@ def _parse_hint(part: str, index: int, depth: int) -> Hint:
             hint = ViaHint(_parse(decoded, depth + 1))
         except InvalidCapability as exc:
             raise InvalidCapability(f"via hint: {exc}") from None
-    if str(hint) != part:
-        if isinstance(hint, ViaHint):  # the canonical text holds a token: not shown
+        # The nested URI was checked by its own parse; here only its encoding.
+        # The long form stays readable where the compact one applies (URIs
+        # written before the compact form existed), so this is no str(hint).
+        if urllib.parse.quote(decoded, safe="") != value:  # the value holds a token: not shown
             raise InvalidCapability("via hint is not in canonical form (percent-encode the URI)")
+        return hint
+    if str(hint) != part:
         raise InvalidCapability(f"{key} hint is not in canonical form (expected '{hint}')")
     return hint
 
