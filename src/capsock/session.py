@@ -205,6 +205,8 @@ class Session:
         self._send_busy = False  # a task is inside _flush_once (writer or inline)
         self._send_waiters: set[Stream] = set()  # blocked on session credit or buffer room
         self._inline_writes = 0
+        self._goaway_logged = False
+        self._control_logged = False
         self._peer_spoke = anyio.Event()
         self.on_confirmed: Callable[[Session], None] | None = None
         """Called synchronously when the dialer's first record authenticated."""
@@ -446,11 +448,17 @@ class Session:
                         st._on_reset(code)
                         self._forget_if_done(sid)
                 case GoAwayReceived(_, code):
-                    log.info("peer %s is going away (%s)", self.peer.short(), code.name)
+                    # One line per session: the mux reports a GOAWAY at most
+                    # twice (the first, and graceful -> error), never per frame.
+                    if not self._goaway_logged:
+                        self._goaway_logged = True
+                        log.info("peer %s is going away (%s)", self.peer.short(), code.name)
                 case PongReceived():
                     pass
                 case ControlReceived():
-                    log.debug("ignoring CONTROL message from %s", self.peer.short())
+                    if not self._control_logged:  # a flood of them: one line
+                        self._control_logged = True
+                        log.debug("ignoring CONTROL messages from %s", self.peer.short())
 
     def _forget_if_done(self, sid: int) -> None:
         st = self._streams.get(sid)
@@ -669,20 +677,25 @@ class Session:
         self._forget_if_done(sid)
 
     def reset_stream(self, sid: int, code: ErrorCode) -> None:
-        """Reset a stream from this side (used by revocation)."""
+        """Reset a stream from this side (reset(), revocation, refusals).
+
+        What the stream held unread is discarded and its session credit goes
+        back to the peer (the mux knows how much; see Mux.reset_stream)."""
         if self._closed_reason is not None:
             return
         self._mux.reset_stream(sid, code)
         self._streams.pop(sid, None)
         self._kick()
 
-    def close_stream(self, sid: int, unread: int, *, send_eof: bool, reset: bool) -> None:
+    def close_stream(self, sid: int, *, send_eof: bool, reset: bool) -> None:
+        """The application closed the stream: what it held unread is discarded
+        (its session credit returned, also when the peer had forgotten the
+        stream already), then EOF and, if asked, RESET."""
         if self._closed_reason is not None:
             self._streams.pop(sid, None)
             return
         mux = self._mux
-        if unread:
-            mux.acknowledge_received_data(sid, unread)
+        mux.discard_received(sid)
         if mux.is_open(sid):
             if send_eof:
                 with contextlib.suppress(LocalUsageError):
