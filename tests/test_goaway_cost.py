@@ -33,6 +33,7 @@ from capsock.frames import (
     encode_frame,
 )
 from capsock.mux import GoAwayReceived, Mux, MuxConfig, ResetReceived
+from capsock.stream import Stream
 
 from .chaos import RawDialer
 from .test_attacks import target
@@ -205,3 +206,63 @@ async def test_a_record_of_lowering_goaways_logs_one_line(caplog: pytest.LogCapt
                     await anyio.sleep(0.02)
         assert caplog.text.count("is going away") == 1
         await t.still_serves()
+
+
+# ---------------------------------------------------------------- siblings at the session
+
+
+@pytest.mark.anyio
+async def test_session_credit_in_tiny_grants_wakes_one_sender_per_record(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Streams blocked on the session's credit: each record of WINDOW(0, 1)
+    used to wake every one of them (all but one found nothing to send)."""
+    wakes = 0
+    original = Stream._on_credit
+
+    def counting(self: Stream) -> None:
+        nonlocal wakes
+        wakes += 1
+        original(self)
+
+    monkeypatch.setattr(Stream, "_on_credit", counting)
+    n, chunk = 40, 64 * 1024  # 40 x 64 KiB: more than the raw peer's 1 MiB session window
+    async with target() as t:
+        raw = await RawDialer.connect(t.host, t.port, t.server.id)
+        async with raw, anyio.create_task_group() as tg:
+            token = t.plain.uri.token.encode()
+            await raw.send(raw.seal(*[Open(sid, token) for sid in range(1, 2 * n, 2)]))
+            streams = []
+            with anyio.fail_after(10):
+                for _ in range(n):
+                    streams.append(await t.plain.accept())
+            finished = 0
+
+            async def send(stream: Stream) -> None:
+                nonlocal finished
+                await stream.send(bytes(chunk))
+                finished += 1
+
+            for stream in streams:
+                tg.start_soon(send, stream)
+            session = t.server._sessions[raw.key.node_id]
+            with anyio.fail_after(10):
+                while session.stats()["send_session_credit"] or len(session._send_waiters) < 20:
+                    await anyio.sleep(0.01)
+            waiting = len(session._send_waiters)
+            wakes = 0
+            records = 30
+            for _ in range(records):
+                await raw.send(raw.seal(*[Window(0, 1)] * 100))
+                await anyio.sleep(0.02)  # the woken senders run and wait again
+            assert wakes <= 3 * records  # was: every waiting stream, each record
+            assert finished < n
+            # A real grant still reaches every sender: the baton goes round.
+            await raw.send(raw.seal(Window(0, n * chunk)))
+            with anyio.fail_after(10):
+                while finished < n:
+                    await raw.read_frames(0.05)
+            assert waiting >= 20
+            assert not session._send_waiters and getattr(session, "_send_baton", None) is None
+            for stream in streams:
+                await stream.aclose()

@@ -310,6 +310,17 @@ class Mux:
             return 0
         return max(0, min(st.send_credit, self._send_session_credit, self._send_room()))
 
+    def stream_send_credit(self, stream_id: int) -> int:
+        """The credit the peer left ``stream_id`` itself (0 if not open for sending)."""
+        st = self._streams.get(stream_id)
+        if st is None or st.state is not _State.OPEN or st.local_eof:
+            return 0
+        return st.send_credit
+
+    def session_send_room(self) -> int:
+        """What the session credit and the local send buffer still allow, over all streams."""
+        return min(self._send_session_credit, self._send_room())
+
     @property
     def send_buffer_full(self) -> bool:
         """Whether :meth:`send_data` takes nothing for lack of local room

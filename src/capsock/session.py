@@ -204,6 +204,7 @@ class Session:
         self._wake: anyio.Event | None = None
         self._send_busy = False  # a task is inside _flush_once (writer or inline)
         self._send_waiters: set[Stream] = set()  # blocked on session credit or buffer room
+        self._send_baton: Stream | None = None  # the waiter woken last, until it runs
         self._inline_writes = 0
         self._goaway_logged = False
         self._control_logged = False
@@ -405,8 +406,8 @@ class Session:
                 continue
             match ev:
                 case CreditGranted(0):
-                    # Only the streams waiting for it: a flood of WINDOW(0) frames
-                    # must not cost a pass over every stream each.
+                    # One waiting stream at most (see _wake_senders): a flood of
+                    # WINDOW(0) frames must not cost a pass over the streams each.
                     self._wake_senders()
                 case CreditGranted(sid):
                     st = streams.get(sid)
@@ -638,16 +639,32 @@ class Session:
     # ---------------------------------------------------------- used by Stream
 
     def wait_to_send(self, stream: Stream) -> None:
-        """``stream`` found no credit or no buffer room: wake it on session
-        credit or once the writer made room (its own credit wakes it anyway)."""
-        self._send_waiters.add(stream)
+        """``stream`` found no credit or no buffer room.  Out of its own credit,
+        it waits for its own WINDOW (which wakes it directly); otherwise it was
+        the session's credit or the send buffer, and it waits its turn here."""
+        if self._mux.stream_send_credit(stream.stream_id) > 0:
+            self._send_waiters.add(stream)
 
     def done_waiting(self, stream: Stream) -> None:
+        """``stream``'s sender resumed (or gave up): if it held the baton, pass it on."""
         self._send_waiters.discard(stream)
+        if self._send_baton is stream:
+            self._send_baton = None
+            self._wake_senders()
 
     def _wake_senders(self) -> None:
-        waiters, self._send_waiters = self._send_waiters, set()
-        for st in waiters:
+        """Session credit or send-buffer room appeared: wake one waiting stream.
+
+        One at a time, as a baton: the woken sender, once it runs, wakes the
+        next (in :meth:`done_waiting`) while room is left, then takes what it
+        can.  So a grant wakes as many senders as can use it, plus one, and a
+        peer sending WINDOW(0, 1) records wakes one sender per record, not
+        every waiting stream (a waiter always has credit of its own, so each
+        one woken either sends or ends the chain).
+        """
+        waiters = self._send_waiters
+        if self._send_baton is None and waiters and self._mux.session_send_room() > 0:
+            st = self._send_baton = waiters.pop()
             st._on_credit()
 
     def send_data(self, sid: int, data: memoryview, *, kick: bool = True) -> int:
