@@ -265,7 +265,11 @@ class Mux:
     """One side of a session's stream multiplexer (sans-IO)."""
 
     def __init__(self, *, dialer: bool, config: MuxConfig | None = None) -> None:
-        self.config = config or MuxConfig()
+        self.config = config = config or MuxConfig()
+        # Read on every acknowledgement (the receive path): one lookup each.
+        self._stream_window = config.stream_window
+        self._stream_half = config.stream_window // 2
+        self._session_half = config.session_window // 2
         self.dialer = dialer
         self._streams: dict[int, _Stream] = {}
         self._next_local = 1 if dialer else 2
@@ -500,30 +504,43 @@ class Mux:
         if amount <= 0:
             return
         st = self._streams.get(stream_id)
-        if st is not None:
-            window = self.config.stream_window
-            held = window - st.recv_window - st.recv_unacked
-            if amount > held:
-                amount = held
-                if amount <= 0:
-                    return
-            st.recv_unacked += amount
-            # After the peer's EOF no stream credit is returned any more.
-            if st.recv_unacked >= window // 2 and not st.remote_eof:
-                self._grant(stream_id, st.recv_unacked)
-                st.recv_window += st.recv_unacked
-                st.recv_unacked = 0
-        else:
-            orphans = self._orphans
-            held = orphans.get(stream_id, 0) if orphans is not None else 0
-            if held <= 0:
+        if st is None:
+            self._acknowledge_forgotten(stream_id, amount)
+            return
+        window = self._stream_window
+        recv_window = st.recv_window
+        unacked = st.recv_unacked + amount
+        if unacked + recv_window > window:  # more than the application holds
+            amount = window - recv_window - st.recv_unacked
+            if amount <= 0:
                 return
-            assert orphans is not None
-            if amount >= held:
-                amount = held
-                del orphans[stream_id]
-            else:
-                orphans[stream_id] = held - amount
+            unacked = window - recv_window
+        # After the peer's EOF no stream credit is returned any more.
+        if unacked >= self._stream_half and not st.remote_eof:
+            self._grant(stream_id, unacked)
+            st.recv_window = recv_window + unacked
+            st.recv_unacked = 0
+        else:
+            st.recv_unacked = unacked
+        session = self._recv_session_unacked + amount
+        if session >= self._session_half:
+            self._grant(0, session)
+            self._recv_session_window += session
+            self._recv_session_unacked = 0
+        else:
+            self._recv_session_unacked = session
+
+    def _acknowledge_forgotten(self, stream_id: int, amount: int) -> None:
+        orphans = self._orphans
+        held = orphans.get(stream_id, 0) if orphans is not None else 0
+        if held <= 0:
+            return
+        assert orphans is not None
+        if amount >= held:
+            amount = held
+            del orphans[stream_id]
+        else:
+            orphans[stream_id] = held - amount
         self._return_session_credit(amount)
 
     def _return_session_credit(self, amount: int) -> None:
