@@ -46,7 +46,7 @@ Everything the remote side can do wrong raises :class:`~capsock.errors.ProtocolE
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from .errors import ErrorCode, LocalUsageError, ProtocolError, ResourceLimitExceeded
@@ -121,6 +121,10 @@ class MuxConfig:
     the peer granted.  The peer's credit is the peer's to choose (up to 2 GiB
     per stream): without this bound, a peer that grants it and stops reading
     would make this side buffer everything its application sends."""
+    half_stream_window: int = field(init=False, repr=False, compare=False)
+    """``stream_window // 2``, the batch of stream credit returned (derived)."""
+    half_session_window: int = field(init=False, repr=False, compare=False)
+    """``session_window // 2``, the batch of session credit returned (derived)."""
 
     def __post_init__(self) -> None:
         if not INITIAL_STREAM_WINDOW <= self.stream_window <= MAX_WINDOW:
@@ -133,6 +137,8 @@ class MuxConfig:
             raise LocalUsageError("max_frame_data out of range")
         if self.max_queued_data < 1:
             raise LocalUsageError("max_queued_data must be positive")
+        self.half_stream_window = self.stream_window // 2
+        self.half_session_window = self.session_window // 2
 
 
 # ---------------------------------------------------------------- events
@@ -265,11 +271,7 @@ class Mux:
     """One side of a session's stream multiplexer (sans-IO)."""
 
     def __init__(self, *, dialer: bool, config: MuxConfig | None = None) -> None:
-        self.config = config = config or MuxConfig()
-        # Read on every acknowledgement (the receive path): one lookup each.
-        self._stream_window = config.stream_window
-        self._stream_half = config.stream_window // 2
-        self._session_half = config.session_window // 2
+        self.config = config or MuxConfig()
         self.dialer = dialer
         self._streams: dict[int, _Stream] = {}
         self._next_local = 1 if dialer else 2
@@ -507,7 +509,8 @@ class Mux:
         if st is None:
             self._acknowledge_forgotten(stream_id, amount)
             return
-        window = self._stream_window
+        config = self.config
+        window = config.stream_window
         recv_window = st.recv_window
         unacked = st.recv_unacked + amount
         if unacked + recv_window > window:  # more than the application holds
@@ -516,14 +519,14 @@ class Mux:
                 return
             unacked = window - recv_window
         # After the peer's EOF no stream credit is returned any more.
-        if unacked >= self._stream_half and not st.remote_eof:
+        if unacked >= config.half_stream_window and not st.remote_eof:
             self._grant(stream_id, unacked)
             st.recv_window = recv_window + unacked
             st.recv_unacked = 0
         else:
             st.recv_unacked = unacked
         session = self._recv_session_unacked + amount
-        if session >= self._session_half:
+        if session >= config.half_session_window:
             self._grant(0, session)
             self._recv_session_window += session
             self._recv_session_unacked = 0
