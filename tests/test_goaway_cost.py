@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 import pytest
 
+import capsock
 from capsock.errors import ErrorCode
 from capsock.frames import (
     Accept,
@@ -33,7 +34,9 @@ from capsock.frames import (
     encode_frame,
 )
 from capsock.mux import GoAwayReceived, Mux, MuxConfig, ResetReceived
+from capsock.node import NodeConfig
 from capsock.stream import Stream
+from capsock.uri import TcpHint
 
 from .chaos import RawDialer
 from .test_attacks import target
@@ -266,3 +269,60 @@ async def test_session_credit_in_tiny_grants_wakes_one_sender_per_record(
             assert not session._send_waiters and getattr(session, "_send_baton", None) is None
             for stream in streams:
                 await stream.aclose()
+
+
+@pytest.mark.anyio
+async def test_opens_reset_at_once_leave_no_task_waiting_for_a_full_backlog(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """OPEN + RESET pairs with a valid capability while the listener's backlog
+    is full: the mux frees each pending slot at the RESET, so every pair used
+    to leave a task polling the backlog for ``backlog_wait`` (2 s)."""
+    live = peak = 0
+    original = capsock.Node._open_when_room
+
+    async def counting(self: capsock.Node, *args: Any) -> None:
+        nonlocal live, peak
+        live += 1
+        peak = max(peak, live)
+        try:
+            await original(self, *args)
+        finally:
+            live -= 1
+
+    monkeypatch.setattr(capsock.Node, "_open_when_room", counting)
+    config = NodeConfig(listener_backlog=4, handshake_timeout=2.0)
+    async with capsock.Node(listen=["tcp:127.0.0.1:0"], config=config) as server:
+        listener = await server.listen()
+        hint = server.hints[0]
+        assert isinstance(hint, TcpHint)
+        raw = await RawDialer.connect(hint.host, hint.port, server.id)
+        async with raw:
+            token = listener.uri.token.encode()
+            await raw.send(raw.seal(*[Open(sid, token) for sid in (1, 3, 5, 7)]))  # the backlog
+            await raw.read_frames(
+                5, until=lambda fs: sum(type(f).__name__ == "Accept" for f in fs) == 4
+            )
+            pairs = [
+                f for sid in range(9, 9 + 2 * 2000, 2) for f in (Open(sid, token), Reset(sid, 0))
+            ]
+            for i in range(0, len(pairs), 1600):  # 800 pairs, about 53 KB, per record
+                await raw.send(raw.seal(*pairs[i : i + 1600]))
+            await raw.send(raw.seal(Ping(b"12345678")))
+            await raw.read_frames(5, until=lambda fs: any(type(f).__name__ == "Pong" for f in fs))
+            await anyio.sleep(0.2)
+            assert live <= 4  # was 2,000, each polling for 2 s
+        assert peak >= 1  # the path under test was taken
+
+
+@pytest.mark.anyio
+async def test_a_flood_of_control_frames_logs_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="capsock")
+    async with target() as t:
+        raw = await RawDialer.connect(t.host, t.port, t.server.id)
+        async with raw:
+            await raw.send(raw.seal(*[Control(b"\x80")] * PER_RECORD))
+            await raw.send(raw.seal(Ping(b"12345678")))
+            await raw.read_frames(5, until=lambda fs: any(type(f).__name__ == "Pong" for f in fs))
+        assert caplog.text.count("ignoring CONTROL") == 1
+        await t.still_serves()

@@ -207,6 +207,8 @@ class Session:
         self._send_baton: Stream | None = None  # the waiter woken last, until it runs
         self._inline_writes = 0
         self._goaway_logged = False
+        # OPENs answered by a task of their own (_answer_later), by stream id.
+        self._answering: dict[int, anyio.CancelScope] | None = None
         self._control_logged = False
         self._peer_spoke = anyio.Event()
         self.on_confirmed: Callable[[Session], None] | None = None
@@ -419,7 +421,7 @@ class Session:
                     else:
                         later = self._on_open(self, sid, token)
                         if later is not None:
-                            self._tg.start_soon(_await, later)
+                            self._answer_later(sid, later)
                 case StreamAccepted(sid):
                     waiter = self._opening.pop(sid, None)
                     if waiter is None:
@@ -440,6 +442,14 @@ class Session:
                         st._on_eof()
                         self._forget_if_done(sid)
                 case ResetReceived(sid, code):
+                    if self._answering is not None and sid not in streams:
+                        # The peer gave up on an OPEN not answered yet: its
+                        # answer's task ends now, not when it would have
+                        # answered (a full backlog waits up to 2 s).  An
+                        # accepted stream's task (a forwarded session) stays.
+                        scope = self._answering.pop(sid, None)
+                        if scope is not None:
+                            scope.cancel()
                     waiter = self._opening.pop(sid, None)
                     if waiter is not None:
                         waiter.outcome = _rejection(self.peer, code)
@@ -460,6 +470,28 @@ class Session:
                     if not self._control_logged:  # a flood of them: one line
                         self._control_logged = True
                         log.debug("ignoring CONTROL messages from %s", self.peer.short())
+
+    def _answer_later(self, sid: int, answer: Coroutine[Any, Any, None]) -> None:
+        """Run the answer to an OPEN in a task, cancelled if the peer resets
+        the stream first.  The mux bounds pending OPENs, but a peer that
+        resets each one in the same record frees its slot at once: without
+        this, OPEN+RESET pairs would leave a task per frame waiting."""
+        assert self._tg is not None
+        scope = anyio.CancelScope()
+        if self._answering is None:
+            self._answering = {}
+        self._answering[sid] = scope
+        self._tg.start_soon(self._run_answer, sid, scope, answer)
+
+    async def _run_answer(
+        self, sid: int, scope: anyio.CancelScope, answer: Coroutine[Any, Any, None]
+    ) -> None:
+        try:
+            with scope:
+                await answer
+        finally:
+            if self._answering is not None and self._answering.get(sid) is scope:
+                del self._answering[sid]
 
     def _forget_if_done(self, sid: int) -> None:
         st = self._streams.get(sid)
@@ -722,10 +754,6 @@ class Session:
         if not mux.is_open(sid):
             self._streams.pop(sid, None)
         self._kick()
-
-
-async def _await(coro: Coroutine[Any, Any, None]) -> None:
-    await coro
 
 
 def _rejection(peer: NodeId, code: ErrorCode) -> CapsockError:
