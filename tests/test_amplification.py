@@ -186,7 +186,7 @@ async def test_minted_uris_carry_the_relay_capability_limited_to_their_node() ->
             tg.cancel_scope.cancel()
 
 
-async def test_goaways_with_alternating_codes_are_reported_at_most_twice(
+async def test_goaways_with_alternating_codes_are_logged_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="capsock")
@@ -196,5 +196,5 @@ async def test_goaways_with_alternating_codes_are_reported_at_most_twice(
             await raw.send(raw.seal(*[GoAway(0, i % 2) for i in range(3000)]))
             await raw.send(raw.seal(Ping(b"12345678")))
             await raw.read_frames(5, until=lambda fs: any(type(f).__name__ == "Pong" for f in fs))
-        assert caplog.text.count("is going away") == 2  # NO_ERROR, then PROTOCOL_ERROR
+        assert caplog.text.count("is going away") == 1  # one line per session
         await t.still_serves()

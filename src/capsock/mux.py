@@ -16,6 +16,18 @@ peer sent OPEN, the application has not decided) or *open*.  It is forgotten
 when both directions have seen EOF, or on REJECT or RESET; late frames for a
 forgotten id are ignored (DATA still returns its session credit).
 
+Every byte counted against the session's receive window is returned exactly
+once: when the application acknowledges it, when the stream is reset from
+this side (what it had not acknowledged is discarded), or at once for DATA on
+a forgotten stream.  The engine knows how many bytes of each stream the
+application holds (delivered, not acknowledged), also for a stream the peer
+forgot while the application still reads it, so acknowledging more than that
+returns nothing extra: the peer never gets credit beyond the window.
+
+Work per received frame is O(1), amortised: no frame causes a pass over the
+streams or the queues.  A GOAWAY that lowers ``last_stream_id`` forgets only
+the streams above it, popped from a list of this side's ids in order.
+
 Flow control follows h2: a sender may only send DATA within the credit the
 receiver granted, per stream and per session.  Both sides start from the
 protocol constants :data:`INITIAL_STREAM_WINDOW` and
@@ -34,7 +46,7 @@ Everything the remote side can do wrong raises :class:`~capsock.errors.ProtocolE
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from .errors import ErrorCode, LocalUsageError, ProtocolError, ResourceLimitExceeded
@@ -109,6 +121,10 @@ class MuxConfig:
     the peer granted.  The peer's credit is the peer's to choose (up to 2 GiB
     per stream): without this bound, a peer that grants it and stops reading
     would make this side buffer everything its application sends."""
+    half_stream_window: int = field(init=False, repr=False, compare=False)
+    """``stream_window // 2``, the batch of stream credit returned (derived)."""
+    half_session_window: int = field(init=False, repr=False, compare=False)
+    """``session_window // 2``, the batch of session credit returned (derived)."""
 
     def __post_init__(self) -> None:
         if not INITIAL_STREAM_WINDOW <= self.stream_window <= MAX_WINDOW:
@@ -121,6 +137,8 @@ class MuxConfig:
             raise LocalUsageError("max_frame_data out of range")
         if self.max_queued_data < 1:
             raise LocalUsageError("max_queued_data must be positive")
+        self.half_stream_window = self.stream_window // 2
+        self.half_session_window = self.session_window // 2
 
 
 # ---------------------------------------------------------------- events
@@ -226,6 +244,10 @@ class _State(Enum):
 
 
 class _Stream:
+    """One stream's state.  ``recv_window + recv_unacked`` plus the bytes the
+    application holds (delivered, not acknowledged) is always the configured
+    stream window, so what it holds needs no counter of its own."""
+
     __slots__ = ("local_eof", "recv_unacked", "recv_window", "remote_eof", "send_credit", "state")
 
     def __init__(self, state: _State, recv_window: int) -> None:
@@ -269,6 +291,14 @@ class Mux:
         self._queued_data = 0
         self._goaway_last = 0
         self._goaway_code = ErrorCode.NO_ERROR
+        # The ids this side opened, ascending (it opens them in order); ids of
+        # forgotten streams stay until a GOAWAY pops them or open_stream
+        # compacts the list.  None until the first open: most sessions a
+        # node accepts never open a stream themselves.
+        self._local_ids: list[int] | None = None
+        # Forgotten streams whose delivered bytes the application still holds
+        # (the peer reset them, or both sides sent EOF): id -> bytes held.
+        self._orphans: dict[int, int] | None = None
         self.goaway_sent = False
         self.goaway_received = False
         self.bytes_sent = 0
@@ -285,6 +315,17 @@ class Mux:
         if st is None or st.state is not _State.OPEN or st.local_eof:
             return 0
         return max(0, min(st.send_credit, self._send_session_credit, self._send_room()))
+
+    def stream_send_credit(self, stream_id: int) -> int:
+        """The credit the peer left ``stream_id`` itself (0 if not open for sending)."""
+        st = self._streams.get(stream_id)
+        if st is None or st.state is not _State.OPEN or st.local_eof:
+            return 0
+        return st.send_credit
+
+    def session_send_room(self) -> int:
+        """What the session credit and the local send buffer still allow, over all streams."""
+        return min(self._send_session_credit, self._send_room())
 
     @property
     def send_buffer_full(self) -> bool:
@@ -339,7 +380,16 @@ class Mux:
         if sid > _MAX_STREAM_ID:
             raise LocalUsageError("stream ids exhausted on this session; use a new session")
         self._next_local += 2
-        self._streams[sid] = _Stream(_State.OPENING, self.config.stream_window)
+        streams = self._streams
+        ids = self._local_ids
+        if ids is None:
+            ids = self._local_ids = []
+        elif len(ids) >= 2 * len(streams) + 64:
+            # Drop the ids of forgotten streams: this pass removes at least as
+            # many ids as it keeps, so it costs O(1) per id ever appended.
+            ids = self._local_ids = [s for s in ids if s in streams]
+        ids.append(sid)
+        streams[sid] = _Stream(_State.OPENING, self.config.stream_window)
         self._queue(encode_frame(Open(sid, token)))
         self._queue_initial_window(sid)
         return sid
@@ -352,7 +402,6 @@ class Mux:
         """
         st = self._pending(stream_id)
         st.state = _State.OPEN
-        st.recv_window = self.config.stream_window
         self._pending_opens -= 1
         self._queue(encode_frame(Accept(stream_id)))
         self._queue_initial_window(stream_id)
@@ -406,37 +455,103 @@ class Mux:
         st.local_eof = True
         self._queue(encode_frame(Eof(stream_id)))
         if st.remote_eof:
-            del self._streams[stream_id]
+            self._forget(stream_id, st)
 
     def reset_stream(self, stream_id: int, code: ErrorCode = ErrorCode.CANCELLED) -> None:
-        """Abort a stream in both directions; a forgotten stream is ignored."""
+        """Abort a stream in both directions; a forgotten stream is ignored.
+
+        The bytes of the stream the application had not acknowledged are
+        discarded: their session credit is returned (exactly once), also for
+        a stream the peer had already forgotten.
+        """
         st = self._streams.pop(stream_id, None)
         if st is None:
+            self.discard_received(stream_id)
             return
+        held = self.config.stream_window - st.recv_window - st.recv_unacked
+        if held:
+            self._return_session_credit(held)
         if st.state is _State.PENDING:
             self._pending_opens -= 1
         self._queue(encode_frame(Reset(stream_id, code)))
+
+    def discard_received(self, stream_id: int) -> None:
+        """The application dropped what it held of ``stream_id`` unread:
+        acknowledge all of it (nothing if it held nothing)."""
+        st = self._streams.get(stream_id)
+        if st is not None:
+            held = self.config.stream_window - st.recv_window - st.recv_unacked
+        elif self._orphans is not None:
+            held = self._orphans.get(stream_id, 0)
+        else:
+            return
+        if held:
+            self.acknowledge_received_data(stream_id, held)
+
+    def held(self, stream_id: int) -> int:
+        """Bytes of ``stream_id`` delivered and not yet acknowledged."""
+        st = self._streams.get(stream_id)
+        if st is not None:
+            return self.config.stream_window - st.recv_window - st.recv_unacked
+        return self._orphans.get(stream_id, 0) if self._orphans is not None else 0
 
     def acknowledge_received_data(self, stream_id: int, amount: int) -> None:
         """The application consumed ``amount`` bytes of ``stream_id``: give credit back.
 
         Credit is batched: a WINDOW frame is queued once half a window is due.
-        Bytes of forgotten streams still return their session credit.
+        Bytes of forgotten streams still return their session credit.  At most
+        the bytes the application holds on the stream count (see :meth:`held`):
+        acknowledging more, or twice, returns nothing more.
         """
         if amount <= 0:
             return
+        st = self._streams.get(stream_id)
+        if st is None:
+            self._acknowledge_forgotten(stream_id, amount)
+            return
+        config = self.config
+        window = config.stream_window
+        recv_window = st.recv_window
+        unacked = st.recv_unacked + amount
+        if unacked + recv_window > window:  # more than the application holds
+            amount = window - recv_window - st.recv_unacked
+            if amount <= 0:
+                return
+            unacked = window - recv_window
+        # After the peer's EOF no stream credit is returned any more.
+        if unacked >= config.half_stream_window and not st.remote_eof:
+            self._grant(stream_id, unacked)
+            st.recv_window = recv_window + unacked
+            st.recv_unacked = 0
+        else:
+            st.recv_unacked = unacked
+        session = self._recv_session_unacked + amount
+        if session >= config.half_session_window:
+            self._grant(0, session)
+            self._recv_session_window += session
+            self._recv_session_unacked = 0
+        else:
+            self._recv_session_unacked = session
+
+    def _acknowledge_forgotten(self, stream_id: int, amount: int) -> None:
+        orphans = self._orphans
+        held = orphans.get(stream_id, 0) if orphans is not None else 0
+        if held <= 0:
+            return
+        assert orphans is not None
+        if amount >= held:
+            amount = held
+            del orphans[stream_id]
+        else:
+            orphans[stream_id] = held - amount
+        self._return_session_credit(amount)
+
+    def _return_session_credit(self, amount: int) -> None:
         self._recv_session_unacked += amount
         if self._recv_session_unacked >= self.config.session_window // 2:
             self._grant(0, self._recv_session_unacked)
             self._recv_session_window += self._recv_session_unacked
             self._recv_session_unacked = 0
-        st = self._streams.get(stream_id)
-        if st is not None and not st.remote_eof:
-            st.recv_unacked += amount
-            if st.recv_unacked >= self.config.stream_window // 2:
-                self._grant(stream_id, st.recv_unacked)
-                st.recv_window += st.recv_unacked
-                st.recv_unacked = 0
 
     def ping(self, opaque: bytes) -> None:
         """Queue a PING with 8 opaque bytes; the peer answers with a PONG."""
@@ -467,6 +582,8 @@ class Mux:
         self._queued_control = 0
         self._queued_data = 0
         self._streams.clear()
+        self._local_ids = None
+        self._orphans = None
         self._pending_opens = 0
         self.goaway_sent = False
         self.goaway(code)
@@ -568,7 +685,7 @@ class Mux:
         if st is None:
             if self._was_opened(sid):
                 # A stream we forgot (reset, closed): return the session credit now.
-                self.acknowledge_received_data(sid, n)
+                self._return_session_credit(n)
                 return
             raise ProtocolError(f"DATA on stream {sid}, which was never opened")
         if st.state is not _State.OPEN:
@@ -622,11 +739,11 @@ class Mux:
                     st.remote_eof = True
                     events.append(EofReceived(sid))
                     if st.local_eof:
-                        del self._streams[sid]
+                        self._forget(sid, st)
             case Reset(sid, code):
                 st = self._known(sid)
                 if st is not None:
-                    del self._streams[sid]
+                    self._forget(sid, st)
                     if st.state is _State.PENDING:
                         self._pending_opens -= 1
                     events.append(ResetReceived(sid, ErrorCode.from_wire(code)))
@@ -654,30 +771,49 @@ class Mux:
         ):
             self._queue(encode_frame(Reject(sid, ErrorCode.BUSY)))
             return
-        self._streams[sid] = _Stream(_State.PENDING, INITIAL_STREAM_WINDOW)
+        self._streams[sid] = _Stream(_State.PENDING, self.config.stream_window)
         self._pending_opens += 1
         events.append(OpenRequested(sid, token))
 
     def _on_goaway(self, last: int, code: ErrorCode, events: list[Event]) -> None:
-        # Only the first GOAWAY, and one that lowers ``last``, can forget streams:
-        # a flood of repeats must not cost a scan of every stream each.
-        if self.goaway_received and last >= self._goaway_last:
-            # Reported once more only for the step from graceful to an error
-            # (section 7): alternating codes must not buy a log line per frame.
-            if self._goaway_code == ErrorCode.NO_ERROR and code != ErrorCode.NO_ERROR:
-                self._goaway_code = code
-                events.append(GoAwayReceived(last, code))
-            return
-        self.goaway_received = True
-        self._goaway_last = last
-        self._goaway_code = code
-        local_parity = 1 if self.dialer else 0
-        for sid in [s for s in self._streams if s % 2 == local_parity and s > last]:
-            del self._streams[sid]
-            events.append(ResetReceived(sid, ErrorCode.SHUTTING_DOWN))
-        events.append(GoAwayReceived(last, code))
+        # Only the first GOAWAY, and one that lowers ``last``, can forget streams,
+        # and each forgets only this side's streams above ``last``: their ids
+        # are popped from the top of the ordered id list, so a record full of
+        # GOAWAYs each lowering ``last`` by one costs O(1) per frame plus O(1)
+        # per stream forgotten, never a pass over every stream per frame.
+        first = not self.goaway_received
+        if first or last < self._goaway_last:
+            self.goaway_received = True
+            self._goaway_last = last
+            ids = self._local_ids
+            streams = self._streams
+            while ids and ids[-1] > last:
+                sid = ids.pop()
+                st = streams.get(sid)
+                if st is not None:
+                    self._forget(sid, st)
+                    events.append(ResetReceived(sid, ErrorCode.SHUTTING_DOWN))
+        # Reported at most twice per session: the first GOAWAY, and the step
+        # from graceful to an error (section 7).  Lowering repeats and
+        # alternating codes must not buy an event (a log line) per frame.
+        if first:
+            self._goaway_code = code
+            events.append(GoAwayReceived(last, code))
+        elif self._goaway_code == ErrorCode.NO_ERROR and code != ErrorCode.NO_ERROR:
+            self._goaway_code = code
+            events.append(GoAwayReceived(self._goaway_last, code))
 
     # ------------------------------------------------------------ helpers
+
+    def _forget(self, sid: int, st: _Stream) -> None:
+        """Forget a live stream whose delivered bytes the application may still
+        read: keep count of them, so acknowledging them returns their credit."""
+        del self._streams[sid]
+        held = self.config.stream_window - st.recv_window - st.recv_unacked
+        if held > 0:
+            if self._orphans is None:
+                self._orphans = {}
+            self._orphans[sid] = held
 
     def _was_opened(self, sid: int) -> bool:
         if (sid % 2 == 1) == self.dialer:

@@ -213,7 +213,12 @@ class Session:
         self._wake: anyio.Event | None = None
         self._send_busy = False  # a task is inside _flush_once (writer or inline)
         self._send_waiters: set[Stream] = set()  # blocked on session credit or buffer room
+        self._send_baton: Stream | None = None  # the waiter woken last, until it runs
         self._inline_writes = 0
+        self._goaway_logged = False
+        # OPENs answered by a task of their own (_answer_later), by stream id.
+        self._answering: dict[int, anyio.CancelScope] | None = None
+        self._control_logged = False
         self._peer_spoke = anyio.Event()
         self.on_confirmed: Callable[[Session], None] | None = None
         """Called synchronously when the dialer's first record authenticated."""
@@ -412,8 +417,8 @@ class Session:
                 continue
             match ev:
                 case CreditGranted(0):
-                    # Only the streams waiting for it: a flood of WINDOW(0) frames
-                    # must not cost a pass over every stream each.
+                    # One waiting stream at most (see _wake_senders): a flood of
+                    # WINDOW(0) frames must not cost a pass over the streams each.
                     self._wake_senders()
                 case CreditGranted(sid):
                     st = streams.get(sid)
@@ -425,7 +430,7 @@ class Session:
                     else:
                         later = self._on_open(self, sid, token)
                         if later is not None:
-                            self._tg.start_soon(_await, later)
+                            self._answer_later(sid, later)
                 case StreamAccepted(sid):
                     waiter = self._opening.pop(sid, None)
                     if waiter is None:
@@ -446,6 +451,14 @@ class Session:
                         st._on_eof()
                         self._forget_if_done(sid)
                 case ResetReceived(sid, code):
+                    if self._answering is not None and sid not in streams:
+                        # The peer gave up on an OPEN not answered yet: its
+                        # answer's task ends now, not when it would have
+                        # answered (a full backlog waits up to 2 s).  An
+                        # accepted stream's task (a forwarded session) stays.
+                        scope = self._answering.pop(sid, None)
+                        if scope is not None:
+                            scope.cancel()
                     waiter = self._opening.pop(sid, None)
                     if waiter is not None:
                         waiter.outcome = _rejection(self.peer, code)
@@ -455,11 +468,39 @@ class Session:
                         st._on_reset(code)
                         self._forget_if_done(sid)
                 case GoAwayReceived(_, code):
-                    log.info("peer %s is going away (%s)", self.peer.short(), code.name)
+                    # One line per session: the mux reports a GOAWAY at most
+                    # twice (the first, and graceful -> error), never per frame.
+                    if not self._goaway_logged:
+                        self._goaway_logged = True
+                        log.info("peer %s is going away (%s)", self.peer.short(), code.name)
                 case PongReceived():
                     pass
                 case ControlReceived():
-                    log.debug("ignoring CONTROL message from %s", self.peer.short())
+                    if not self._control_logged:  # a flood of them: one line
+                        self._control_logged = True
+                        log.debug("ignoring CONTROL messages from %s", self.peer.short())
+
+    def _answer_later(self, sid: int, answer: Coroutine[Any, Any, None]) -> None:
+        """Run the answer to an OPEN in a task, cancelled if the peer resets
+        the stream first.  The mux bounds pending OPENs, but a peer that
+        resets each one in the same record frees its slot at once: without
+        this, OPEN+RESET pairs would leave a task per frame waiting."""
+        assert self._tg is not None
+        scope = anyio.CancelScope()
+        if self._answering is None:
+            self._answering = {}
+        self._answering[sid] = scope
+        self._tg.start_soon(self._run_answer, sid, scope, answer)
+
+    async def _run_answer(
+        self, sid: int, scope: anyio.CancelScope, answer: Coroutine[Any, Any, None]
+    ) -> None:
+        try:
+            with scope:
+                await answer
+        finally:
+            if self._answering is not None and self._answering.get(sid) is scope:
+                del self._answering[sid]
 
     def _forget_if_done(self, sid: int) -> None:
         st = self._streams.get(sid)
@@ -639,16 +680,32 @@ class Session:
     # ---------------------------------------------------------- used by Stream
 
     def wait_to_send(self, stream: Stream) -> None:
-        """``stream`` found no credit or no buffer room: wake it on session
-        credit or once the writer made room (its own credit wakes it anyway)."""
-        self._send_waiters.add(stream)
+        """``stream`` found no credit or no buffer room.  Out of its own credit,
+        it waits for its own WINDOW (which wakes it directly); otherwise it was
+        the session's credit or the send buffer, and it waits its turn here."""
+        if self._mux.stream_send_credit(stream.stream_id) > 0:
+            self._send_waiters.add(stream)
 
     def done_waiting(self, stream: Stream) -> None:
+        """``stream``'s sender resumed (or gave up): if it held the baton, pass it on."""
         self._send_waiters.discard(stream)
+        if self._send_baton is stream:
+            self._send_baton = None
+            self._wake_senders()
 
     def _wake_senders(self) -> None:
-        waiters, self._send_waiters = self._send_waiters, set()
-        for st in waiters:
+        """Session credit or send-buffer room appeared: wake one waiting stream.
+
+        One at a time, as a baton: the woken sender, once it runs, wakes the
+        next (in :meth:`done_waiting`) while room is left, then takes what it
+        can.  So a grant wakes as many senders as can use it, plus one, and a
+        peer sending WINDOW(0, 1) records wakes one sender per record, not
+        every waiting stream (a waiter always has credit of its own, so each
+        one woken either sends or ends the chain).
+        """
+        waiters = self._send_waiters
+        if self._send_baton is None and waiters and self._mux.session_send_room() > 0:
+            st = self._send_baton = waiters.pop()
             st._on_credit()
 
     def send_data(self, sid: int, data: memoryview, *, kick: bool = True) -> int:
@@ -678,20 +735,25 @@ class Session:
         self._forget_if_done(sid)
 
     def reset_stream(self, sid: int, code: ErrorCode) -> None:
-        """Reset a stream from this side (used by revocation)."""
+        """Reset a stream from this side (reset(), revocation, refusals).
+
+        What the stream held unread is discarded and its session credit goes
+        back to the peer (the mux knows how much; see Mux.reset_stream)."""
         if self._closed_reason is not None:
             return
         self._mux.reset_stream(sid, code)
         self._streams.pop(sid, None)
         self._kick()
 
-    def close_stream(self, sid: int, unread: int, *, send_eof: bool, reset: bool) -> None:
+    def close_stream(self, sid: int, *, send_eof: bool, reset: bool) -> None:
+        """The application closed the stream: what it held unread is discarded
+        (its session credit returned, also when the peer had forgotten the
+        stream already), then EOF and, if asked, RESET."""
         if self._closed_reason is not None:
             self._streams.pop(sid, None)
             return
         mux = self._mux
-        if unread:
-            mux.acknowledge_received_data(sid, unread)
+        mux.discard_received(sid)
         if mux.is_open(sid):
             if send_eof:
                 with contextlib.suppress(LocalUsageError):
@@ -701,10 +763,6 @@ class Session:
         if not mux.is_open(sid):
             self._streams.pop(sid, None)
         self._kick()
-
-
-async def _await(coro: Coroutine[Any, Any, None]) -> None:
-    await coro
 
 
 def _rejection(peer: NodeId, code: ErrorCode) -> CapsockError:

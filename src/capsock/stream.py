@@ -185,6 +185,9 @@ class Stream(anyio.abc.ByteStream):
         self._error = StreamResetError(
             f"stream {self._sid} with {self.peer.short()} was reset: {why}", code
         )
+        # Dropped unread: the session returns their credit to the peer (the
+        # mux counts what the stream holds), or the peer's session window
+        # would shrink by this much for good.
         self._buf = None
         self._session.reset_stream(self._sid, code)
         self._wake_reader()
@@ -318,11 +321,9 @@ class Stream(anyio.abc.ByteStream):
         if self._closed:
             return
         self._closed = True
-        unread = self.buffered
         self._buf = None
         self._session.close_stream(
             self._sid,
-            unread,
             send_eof=not self._local_eof,
             reset=not self._eof and self._error is None,
         )
