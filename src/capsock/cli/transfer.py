@@ -727,7 +727,11 @@ async def _fill_dir(stream: Stream, offer: Offer, top: int) -> Progress:
             Exit.INTEGRITY,
         )
     for parts, mode in reversed(dirs):  # children first: a parent may lose its x bit
-        fd = open_dir_below(top, parts)
+        try:
+            fd = open_dir_below(top, parts)
+        except OSError:
+            shown = printable("/".join([offer.name, *parts]))
+            raise UnsafeFile(f"{shown} was replaced while it was being received") from None
         try:
             os.fchmod(fd, mode)
         finally:
