@@ -144,10 +144,10 @@ async def receive_from(
     return result, seen[0] if seen else None
 
 
-async def wait_for(path: Path, timeout: float = 20) -> None:
-    """Until ``path`` exists (a link counts)."""
-    with anyio.fail_after(timeout):
-        while not (path.exists() or path.is_symlink()):
+async def wait_for(path: Path) -> None:
+    """Until ``path`` exists (a link counts); 20 s at most."""
+    with anyio.fail_after(20):
+        while not await anyio.to_thread.run_sync(os.path.lexists, path):
             await anyio.sleep(0.01)
 
 
