@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -152,9 +153,14 @@ async def wait_for(path: Path) -> None:
 
 
 def snapshot(path: Path) -> tuple[bytes | None, int, int]:
-    """Content (None for a directory), mode and mtime of ``path``: to prove it unchanged."""
+    """Content (a link's target; None for a directory or socket), mode and mtime of
+    ``path`` itself: to prove it unchanged."""
     st = path.lstat()
-    content = None if path.is_dir() else path.read_bytes()
+    content: bytes | None = None
+    if stat.S_ISREG(st.st_mode):
+        content = path.read_bytes()
+    elif stat.S_ISLNK(st.st_mode):
+        content = os.fsencode(os.readlink(path))
     return content, st.st_mode, st.st_mtime_ns
 
 
