@@ -50,7 +50,7 @@ def prepare(directory: str | os.PathLike[str], *, create: bool = True) -> Path:
     path = Path(directory)
     if create:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.mkdir(mode=0o700)
         except FileExistsError:
             pass

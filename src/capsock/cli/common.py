@@ -239,9 +239,15 @@ def load_identity(directory: Path, *, create: bool) -> tuple[KeyPair | None, boo
         except LocalUsageError:
             if statedir.lock_holder(directory) is None:
                 raise  # not busy: the lock file itself is wrong (a link, another's)
-            # The holder is a running node: it created the key before locking... or
-            # is about to.  Either way, reading is all that is left to do.
-            return KeyPair.load(path), False
+            # The holder is a running node: it creates the key right after locking.
+            # Either way, reading is all that is left to do.
+            try:
+                return KeyPair.load(path), False
+            except FileNotFoundError:
+                raise CliError(
+                    f"the state directory {directory} is being set up by another capsock "
+                    "process; run this again in a moment"
+                ) from None
         try:
             try:
                 return KeyPair.load(path), False

@@ -330,7 +330,6 @@ async def cmd_send(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ receive
 
 
-
 class _Malformed(CliError):
     """An offer or entry field the receiver refuses; ``remote`` is what the sender is told."""
 
