@@ -304,3 +304,26 @@ async def test_received_files_get_the_offered_mode_and_time(tmp_path: Path, dest
     assert stat.S_IMODE(tree.stat().st_mode) == 0o755 & ~umask
     assert (tree / "top.txt").stat().st_mtime == 5.0
     assert not (dest / "tree.capsock-part").exists()
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["renameat2", "fallback"])
+def test_the_final_rename_never_replaces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    from capsock.cli import files
+
+    if not native:
+        monkeypatch.setattr(files, "_renameat2", None)
+    (tmp_path / "part").write_bytes(b"new")
+    (tmp_path / "target").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "dir-target").mkdir()
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for existing in ("target", "dir-target"):
+            with pytest.raises(FileExistsError):
+                files.rename_noreplace(fd, "part", existing)
+        files.rename_noreplace(fd, "part", "free")
+    finally:
+        os.close(fd)
+    assert (tmp_path / "target").is_symlink() and (tmp_path / "dir-target").is_dir()
+    assert (tmp_path / "free").read_bytes() == b"new" and not (tmp_path / "part").exists()
