@@ -327,3 +327,35 @@ def test_the_final_rename_never_replaces(
         os.close(fd)
     assert (tmp_path / "target").is_symlink() and (tmp_path / "dir-target").is_dir()
     assert (tmp_path / "free").read_bytes() == b"new" and not (tmp_path / "part").exists()
+
+
+# ------------------------------------------------------------------ the sending side
+
+
+@pytest.mark.parametrize("swap", ["file", "subdirectory"])
+def test_send_never_follows_a_link_swapped_into_the_tree(
+    cli: Cli, tmp_path: Path, dest: Path, swap: str
+) -> None:
+    """`send DIR` skips links; one put in place of a file or a subdirectory after the
+    scan must not make it send a file of the sender's that it never offered."""
+    secret = tmp_path / "home" / "secret"
+    secret.mkdir(parents=True)
+    (secret / "f.txt").write_bytes(b"SECRET" * 1000)
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "f.txt").write_bytes(b"harmless")
+    send = cli.start("send", tree, "--uri-file", "send.uri")
+    cli.wait_file(tmp_path / "send.uri", send)
+    if swap == "file":
+        (tree / "sub" / "f.txt").unlink()
+        (tree / "sub" / "f.txt").symlink_to(secret / "f.txt")
+    else:
+        (tree / "sub").rename(tmp_path / "moved")
+        (tree / "sub").symlink_to(secret)
+    result = cli.run("receive", f"@{tmp_path / 'send.uri'}", cwd=dest)
+    assert result.returncode != 0
+    for path in dest.rglob("*"):
+        assert not path.is_file() or b"SECRET" not in path.read_bytes()
+    _, err = send.communicate(timeout=30)
+    assert send.returncode == 1
+    assert "changed while it was being sent" in err.decode()

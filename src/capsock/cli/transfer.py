@@ -224,16 +224,47 @@ def _hash_prefix(path: Path, n: int) -> Any:
 # ------------------------------------------------------------------ send
 
 
+def _open_entry(root: Path, rel: str) -> BinaryIO:
+    """A directory entry to send, opened below ``root`` without following any link.
+
+    ``scan`` skipped links, but whoever can write into the tree could put one in
+    place of a file or a subdirectory before it is sent; following it would send
+    a file of the sender's that was never offered.
+
+    Raises:
+        CliError: the entry is now a link, or not a regular file.
+    """
+    parts = rel.split("/")
+    top = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        parent = open_dir_below(top, parts[:-1])
+    except OSError:
+        raise CliError(f"{root / rel} changed while it was being sent (a link?)") from None
+    finally:
+        os.close(top)
+    try:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(parts[-1], flags, dir_fd=parent)
+    except OSError:
+        raise CliError(f"{root / rel} changed while it was being sent (a link?)") from None
+    finally:
+        os.close(parent)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CliError(f"{root / rel} is no longer a regular file; it was not sent")
+    return os.fdopen(fd, "rb")
+
+
 async def _send_file_bytes(
-    stream: Stream, source: Path, start: int, size: int, h: Any, progress: Progress
+    stream: Stream, f: BinaryIO, shown: Path, start: int, size: int, h: Any, progress: Progress
 ) -> None:
-    with source.open("rb") as f:
+    with f:
         f.seek(start)
         remaining = size - start
         while remaining:
             data = await anyio.to_thread.run_sync(_read_hashed, f, min(_CHUNK, remaining), h)
             if not data:
-                raise CliError(f"{source} shrank while it was being sent; send it again")
+                raise CliError(f"{shown} shrank while it was being sent; send it again")
             await stream.send(data)
             remaining -= len(data)
             progress.advance(len(data))
@@ -262,7 +293,8 @@ async def serve_transfer(stream: Stream, item: Item, *, bar: bool) -> bool:
     progress = Progress(f"{item.name} -> {peer}", item.size, start)
     progress.enabled = progress.enabled and bar
     if item.kind == "file":
-        await _send_file_bytes(stream, item.source, start, item.size, h, progress)
+        f: BinaryIO = item.source.open("rb")
+        await _send_file_bytes(stream, f, item.source, start, item.size, h, progress)
     else:
         for entry in item.entries:
             header = {"path": entry.path, "type": entry.kind, "mode": entry.mode}
@@ -272,7 +304,8 @@ async def serve_transfer(stream: Stream, item: Item, *, bar: bool) -> bool:
             h.update(raw)
             await stream.send(raw)
             if entry.kind == "file":
-                await _send_file_bytes(stream, entry.source, 0, entry.size, h, progress)
+                f = await anyio.to_thread.run_sync(_open_entry, item.source, entry.path)
+                await _send_file_bytes(stream, f, entry.source, 0, entry.size, h, progress)
     await stream.send(encode({"sha256": h.digest()}))
     progress.finish()
     result, _ = await read_message(stream)
