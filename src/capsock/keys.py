@@ -17,8 +17,11 @@ dials in the handshake and the node refuses its twin (docs/protocol.md 3.2).
 from __future__ import annotations
 
 import base64
+import errno
 import functools
 import os
+import secrets
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,33 +178,79 @@ class KeyPair:
         return f"KeyPair(node_id={self.node_id!r})"
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the key file atomically with mode 0600 (created, never widened)."""
+        """Write the key file atomically with mode 0600 (created, never widened).
+
+        The secret goes into a new file with a random name (``O_EXCL``, no
+        symbolic link followed), which then replaces ``path``.
+
+        Raises:
+            LocalUsageError: the file cannot be written.
+        """
         target = Path(path)
-        tmp = target.with_name(target.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, (_KEY_FILE_HEADER + self.seed.hex() + "\n").encode("ascii"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
+            fd = os.open(tmp, flags, 0o600)
+        except OSError as exc:
+            raise LocalUsageError(f"cannot write the key file {target}: {exc.strerror}") from None
+        try:
+            try:
+                os.fchmod(fd, 0o600)
+                os.write(fd, (_KEY_FILE_HEADER + self.seed.hex() + "\n").encode("ascii"))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> KeyPair:
         """Read a key file written by :meth:`save`.
 
+        The file is opened without following a symbolic link and checked
+        through its descriptor: a regular file of this user, mode 0600.
+
         Raises:
-            LocalUsageError: the file is malformed or readable by others.
+            FileNotFoundError: there is no file at ``path``.
+            LocalUsageError: the file is a symbolic link, not a regular file,
+                another user's, readable by others, or malformed.
         """
         target = Path(path)
-        mode = target.stat().st_mode & 0o777
-        if mode & 0o077:
-            raise LocalUsageError(
-                f"key file {target} has mode {mode:o}; run `chmod 600 {target}` "
-                "(it must not be readable by group or others)"
-            )
-        text = target.read_text("ascii")
+        try:
+            fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise LocalUsageError(
+                    f"key file {target} is a symbolic link; capsock reads only a regular "
+                    "file there: replace the link with the file"
+                ) from None
+            raise LocalUsageError(f"cannot read the key file {target}: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise LocalUsageError(f"key file {target} is not a regular file")
+            if st.st_uid != os.getuid():
+                raise LocalUsageError(
+                    f"key file {target} belongs to another user (uid {st.st_uid}); "
+                    "capsock uses only a key of its own: remove it, or pass another --state-dir"
+                )
+            mode = st.st_mode & 0o777
+            if mode & 0o077:
+                raise LocalUsageError(
+                    f"key file {target} has mode {mode:o}; run `chmod 600 {target}` "
+                    "(it must not be readable by group or others)"
+                )
+            raw = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+        try:
+            text = raw.decode("ascii")
+        except UnicodeDecodeError:
+            text = ""
         if not text.startswith(_KEY_FILE_HEADER):
             raise LocalUsageError(f"{target} is not a capsock node key file")
         body = text[len(_KEY_FILE_HEADER) :].strip()
@@ -215,10 +264,16 @@ class KeyPair:
 
     @classmethod
     def load_or_create(cls, path: str | os.PathLike[str]) -> KeyPair:
-        """Load the key file at ``path``, creating it (0600) if it does not exist."""
+        """Load the key file at ``path``, creating it (0600) if it does not exist.
+
+        Raises:
+            LocalUsageError: as :meth:`load`.
+        """
         target = Path(path)
-        if target.exists():
+        try:
             return cls.load(target)
+        except FileNotFoundError:
+            pass
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         pair = cls.generate()
         pair.save(target)

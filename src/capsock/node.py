@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import contextvars
 import errno
-import fcntl
 import hmac
 import ipaddress
 import logging
@@ -30,6 +29,7 @@ import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
 
+from . import statedir
 from .admission import HalfOpenTable, ReplayCache, SourceBuckets, descriptor_budget, source_of
 from .errors import (
     CapabilityRejected,
@@ -209,15 +209,16 @@ class Node:
         self._lock_fd: int | None = None
         self._store: Store
         if self.state_dir is not None:
-            self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.chmod(self.state_dir, 0o700)  # it holds the key and the root keys
-            self._lock_fd = _lock_state_dir(self.state_dir)
+            # It holds the key and the root keys: ours, 0700, no links followed.
+            statedir.prepare(self.state_dir)
+            self._lock_fd = statedir.lock(self.state_dir)
             try:
                 if key is None:
                     key = KeyPair.load_or_create(self.state_dir / "node.key")
+                statedir.private_file(self.state_dir / "capabilities.sqlite3")
                 self._store = SqliteStore(self.state_dir / "capabilities.sqlite3")
             except BaseException:
-                _unlock(self._lock_fd)
+                statedir.unlock(self._lock_fd)
                 raise
         else:
             self._store = MemoryStore()
@@ -398,7 +399,7 @@ class Node:
         finally:
             self._store.close()
             if self._lock_fd is not None:
-                _unlock(self._lock_fd)
+                statedir.unlock(self._lock_fd)
                 self._lock_fd = None
 
     async def _shutdown(self, grace: float) -> None:
@@ -1237,33 +1238,6 @@ _DIALING: contextvars.ContextVar[frozenset[NodeId]] = contextvars.ContextVar(
 """The nodes this task is dialing right now (a via route dials its forwarder first)."""
 _MAX_VIA_DEPTH = 4
 _MAX_AUTHORIZED_PEERS = 4096
-
-
-def _lock_state_dir(state_dir: Path) -> int:
-    """Hold an exclusive lock on ``state_dir/lock`` for the node's lifetime.
-
-    Raises:
-        LocalUsageError: another process (or Node) holds the state directory.
-    """
-    path = state_dir / "lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
-        os.close(fd)
-        raise LocalUsageError(
-            f"state directory {state_dir} is in use by another capsock node (pid {holder}); "
-            "one state directory belongs to one process: give each node its own"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
-def _unlock(fd: int) -> None:
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    os.close(fd)
 
 
 def _open_spare() -> int | None:

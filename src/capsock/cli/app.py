@@ -34,6 +34,7 @@ from .common import (
     say,
     set_quiet,
     state_home,
+    uri_argument,
 )
 from .demo import demo, run_relay
 
@@ -101,7 +102,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, Commands]:
     add_node_options(p, sturdy=True)
 
     p = command("connect", "open a stream with a capability and pipe it to stdin/stdout")
-    p.add_argument("uri", metavar="URI", help="the capability (or @FILE)")
+    p.add_argument("uri", metavar="URI", type=uri_argument, help="the capability (@FILE)")
     add_dialer_options(p)
 
     p = command("share", "expose a local TCP or Unix-socket service behind a capability")
@@ -109,10 +110,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, Commands]:
     add_node_options(p, sturdy=True)
 
     p = command("forward", "accept local TCP connections and forward each over a capability")
-    p.add_argument("uri", metavar="URI", help="the capability of a `capsock share` (- or @FILE)")
     p.add_argument(
-        "--listen", default="127.0.0.1:0", metavar="HOST:PORT",
-        help="local address to accept connections on (default 127.0.0.1:0, a free port)",
+        "uri", metavar="URI", type=uri_argument,
+        help="the capability of a `capsock share` (- or @FILE)",
+    )  # fmt: skip
+    p.add_argument(
+        "--listen", default="127.0.0.1:0", metavar="ADDR",
+        help="where to accept local connections: HOST:PORT (default 127.0.0.1:0, a free "
+        "port; every local user can connect to it) or unix:/PATH (a socket only you can use)",
     )  # fmt: skip
     add_dialer_options(p)
 
@@ -124,7 +129,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, Commands]:
             action.help = "let N receivers fetch it (default 1: one-shot)"
 
     p = command("receive", "fetch what `capsock send` offers, verified end to end")
-    p.add_argument("uri", metavar="URI", help="the capability printed by send (- or @FILE)")
+    p.add_argument(
+        "uri", metavar="URI", type=uri_argument,
+        help="the capability printed by send (- or @FILE)",
+    )  # fmt: skip
     p.add_argument(
         "-o", "--output", metavar="PATH",
         help="where to write it (an existing directory: inside it; - for stdout; "
@@ -133,16 +141,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, Commands]:
     add_dialer_options(p)
 
     p = command("attenuate", "print a weaker capability (offline)")
-    p.add_argument("uri", metavar="URI", help="the capability (- or @FILE)")
+    p.add_argument("uri", metavar="URI", type=uri_argument, help="the capability (- or @FILE)")
     add_caveat_options(p, uses_help="allow at most N streams")
     p.add_argument("--json", action="store_true", help="print a JSON object")
 
     p = command("inspect", "show a capability's node, caveats and hints (never its secret)")
-    p.add_argument("uri", metavar="URI", help="the capability (- or @FILE)")
+    p.add_argument("uri", metavar="URI", type=uri_argument, help="the capability (- or @FILE)")
     p.add_argument("--json", action="store_true", help="print a JSON object")
 
     p = command("revoke", "revoke a sturdy capability of the node in --state-dir")
-    p.add_argument("uri", metavar="URI", help="the capability (- or @FILE)")
+    p.add_argument("uri", metavar="URI", type=uri_argument, help="the capability (- or @FILE)")
     add_state_dir_option(p)
 
     p = command(
@@ -224,8 +232,24 @@ def _failure(exc: BaseException, verbose: int) -> int:
     return code
 
 
+def _check_stdin_uses(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """At most one URI-valued argument may be ``-``: stdin has one first line."""
+    dashes = []
+    for action in parser._actions:
+        if action.type is uri_argument:
+            value = getattr(args, action.dest, None)
+            values = value if isinstance(value, list) else [value]
+            dashes += [action.metavar or action.dest for v in values if v == "-"]
+    if len(dashes) > 1:
+        raise CliError(
+            "only one capability can be read from stdin (-): pass the others as @FILE",
+            Exit.USAGE,
+        )
+
+
 def _dispatch(args: argparse.Namespace, top: argparse.ArgumentParser, commands: Commands) -> int:
     name = args.command
+    _check_stdin_uses(args, commands[name][0])
     if name == "demo":
         return _run(demo)
     if name == "relay":

@@ -9,7 +9,6 @@ Conventions: stdout carries only data (a stream's bytes, a received file with
 from __future__ import annotations
 
 import argparse
-import fcntl
 import math
 import os
 import re
@@ -22,9 +21,10 @@ from pathlib import Path
 
 import anyio
 
+from .. import statedir
 from ..errors import ErrorCode, InvalidCapability, LocalUsageError
 from ..keys import KeyPair, NodeId
-from ..node import Listener, Node, _lock_state_dir, _unlock
+from ..node import Listener, Node
 from ..stream import Stream
 from ..uri import Capability, TcpHint, UnixHint
 
@@ -45,6 +45,7 @@ __all__ = [
     "say",
     "state_dir",
     "state_home",
+    "uri_argument",
 ]
 
 
@@ -148,7 +149,17 @@ def parse_node_id(text: str) -> NodeId:
         raise argparse.ArgumentTypeError(f"{exc}; `capsock id` prints one") from None
 
 
-def read_capability(text: str, *, stdin_ok: bool = True) -> Capability:
+def uri_argument(text: str) -> str:
+    """The argparse ``type`` of every URI-valued option and positional.
+
+    The value is kept as given (the URI, ``-`` or ``@FILE``) and read by
+    :func:`read_capability` when the command runs; ``capsock.cli.app`` refuses
+    a command line with more than one ``-`` among these arguments.
+    """
+    return text
+
+
+def read_capability(text: str, *, stdin_ok: bool = True, what: str = "") -> Capability:
     """A capability from the command line: the URI, ``-`` (read stdin) or ``@FILE``.
 
     Raises:
@@ -168,12 +179,15 @@ def read_capability(text: str, *, stdin_ok: bool = True) -> Capability:
         try:
             text = Path(source).read_text("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise CliError(f"cannot read the capability from {source}: {exc}", Exit.USAGE) from None
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise CliError(
+                f"{what}cannot read the capability from {source}: {why}", Exit.USAGE
+            ) from None
     try:
         return Capability.parse(text.strip())
     except InvalidCapability as exc:
         raise CliError(
-            f"{source} is not a capsock:// capability ({exc}); copy the whole URI, "
+            f"{what}{source} is not a capsock:// capability ({exc}); copy the whole URI, "
             "or pass - to read it from stdin or @FILE to read it from a file",
             Exit.USAGE,
         ) from None
@@ -196,19 +210,7 @@ def state_dir(args: argparse.Namespace) -> Path:
 
 def lock_holder(directory: Path) -> str | None:
     """The pid (text) of the process holding ``directory``'s node lock, or None if free."""
-    try:
-        fd = os.open(directory / "lock", os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
+    return statedir.lock_holder(directory)
 
 
 def busy_message(directory: Path, pid: str, doing: str) -> str:
@@ -224,22 +226,39 @@ def load_identity(directory: Path, *, create: bool) -> tuple[KeyPair | None, boo
     Without ``create``, a missing key gives ``(None, False)`` and nothing is written.
     """
     path = directory / "node.key"
-    if path.exists():
-        return KeyPair.load(path), False
-    if not create:
+    try:
+        if not create:
+            return KeyPair.load(path), False
+        statedir.prepare(directory)
+        try:
+            return KeyPair.load(path), False
+        except FileNotFoundError:
+            pass
+        try:
+            fd = statedir.lock(directory)
+        except LocalUsageError:
+            if statedir.lock_holder(directory) is None:
+                raise  # not busy: the lock file itself is wrong (a link, another's)
+            # The holder is a running node: it creates the key right after locking.
+            # Either way, reading is all that is left to do.
+            try:
+                return KeyPair.load(path), False
+            except FileNotFoundError:
+                raise CliError(
+                    f"the state directory {directory} is being set up by another capsock "
+                    "process; run this again in a moment"
+                ) from None
+        try:
+            try:
+                return KeyPair.load(path), False
+            except FileNotFoundError:
+                return KeyPair.load_or_create(path), True
+        finally:
+            statedir.unlock(fd)
+    except FileNotFoundError:
         return None, False
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        fd = _lock_state_dir(directory)
-    except LocalUsageError:
-        # The holder is a running node: it created the key before locking... or
-        # is about to.  Either way, reading is all that is left to do.
-        return KeyPair.load(path), False
-    try:
-        created = not path.exists()
-        return KeyPair.load_or_create(path), created
-    finally:
-        _unlock(fd)
+    except LocalUsageError as exc:
+        raise CliError(str(exc)) from None
 
 
 def dialing_node(args: argparse.Namespace, target: Capability) -> Node:
@@ -259,7 +278,9 @@ def dialing_node(args: argparse.Namespace, target: Capability) -> Node:
 
 
 @asynccontextmanager
-async def listening_node(args: argparse.Namespace) -> AsyncIterator[Node]:
+async def listening_node(
+    args: argparse.Namespace, *, stdin_is_data: bool = False
+) -> AsyncIterator[Node]:
     """The node of a listening command (``listen``, ``share``, ``send``).
 
     With ``--name``, the state directory's identity and store (locked for the
@@ -267,6 +288,9 @@ async def listening_node(args: argparse.Namespace) -> AsyncIterator[Node]:
     fresh identity that lives as long as the process.  Default address:
     ``tcp:127.0.0.1:0``, none when relays are given.
     """
+    relays = [
+        read_capability(r, stdin_ok=not stdin_is_data, what="--relay: ") for r in args.relay or ()
+    ]
     name = getattr(args, "name", None)
     directory = state_dir(args) if name else None
     if directory is not None:
@@ -285,10 +309,8 @@ async def listening_node(args: argparse.Namespace) -> AsyncIterator[Node]:
             directory,
             listen=[_listen_spec(s) for s in listen],
             advertise=[_listen_spec(s) for s in args.advertise] if args.advertise else None,
-            relays=args.relay or (),
+            relays=relays,
         )
-    except InvalidCapability as exc:
-        raise CliError(f"--relay: not a relay capability ({exc})", Exit.USAGE) from None
     except LocalUsageError as exc:
         raise CliError(str(exc), Exit.USAGE) from None
     async with node:
@@ -409,8 +431,8 @@ def add_node_options(parser: argparse.ArgumentParser, *, sturdy: bool) -> None:
         help="route hint to put into the capability instead of the bound addresses",
     )  # fmt: skip
     parser.add_argument(
-        "--relay", action="append", metavar="URI",
-        help="register with this relay and add it to the capability (repeatable)",
+        "--relay", action="append", metavar="URI", type=uri_argument,
+        help="register with this relay and add it to the capability (repeatable; - or @FILE)",
     )  # fmt: skip
     parser.add_argument(
         "--uri-file", type=Path, metavar="PATH",

@@ -15,6 +15,7 @@ import logging
 import os
 import queue
 import socket
+import stat
 import struct
 import threading
 from collections.abc import AsyncIterator
@@ -159,7 +160,7 @@ async def pipe_stdio(stream: Stream, stdin: InputPipe, stdout_fd: int = 1) -> No
 async def cmd_listen(args: argparse.Namespace) -> int:
     """Print a capability, then pipe the first (``--once``) or every stream to stdio."""
     stdin = InputPipe(0)
-    async with listening_node(args) as node:
+    async with listening_node(args, stdin_is_data=True) as node:
         listener, cap = await make_listener(node, args)
         what = "waiting for one stream" if args.once else "waiting for streams"
         announce(args, cap, f"{what} (Ctrl-C to stop)")
@@ -293,13 +294,70 @@ async def cmd_share(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+async def _unix_listener(path: str) -> tuple[anyio.abc.SocketListener, int]:
+    """A listening unix socket at ``path``, mode 0600 from the start; and its inode.
+
+    A stale socket (nobody accepts on it) is replaced; anything else at ``path``
+    (a live socket, a regular file, a symbolic link, a directory) is refused.
+
+    Raises:
+        CliError: ``path`` is taken, or the socket cannot be created.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise CliError(f"cannot listen on unix:{path}: {exc.strerror}") from None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise CliError(
+                f"cannot listen on unix:{path}: something that is not a socket is there; "
+                "capsock replaces only a stale socket: remove it or choose another path"
+            )
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            live = False
+        else:
+            live = True
+        finally:
+            probe.close()
+        if live:
+            raise CliError(f"cannot listen on unix:{path}: another process accepts on it")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # bind() creates the socket file with 0777 & ~umask: no moment with a wider mode.
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise CliError(f"cannot listen on unix:{path}: {exc.strerror}") from None
+    finally:
+        os.umask(old)
+    inode = os.lstat(path).st_ino
+    sock.listen(128)
+    sock.setblocking(False)
+    return await anyio.abc.SocketListener.from_socket(sock), inode
+
+
+def _remove_socket(path: str, inode: int) -> None:
+    """Remove the socket file at ``path`` if it is still the one this process bound."""
+    with contextlib.suppress(OSError):
+        st = os.lstat(path)
+        if stat.S_ISSOCK(st.st_mode) and st.st_ino == inode:
+            os.unlink(path)
+
+
 async def cmd_forward(args: argparse.Namespace) -> int:
-    """Accept local TCP connections; each one becomes a stream opened with the capability."""
+    """Accept local connections (TCP or a unix socket); each one becomes a stream
+    opened with the capability."""
     cap = read_capability(args.uri)
     spec = args.listen if ":" in args.listen else f"127.0.0.1:{args.listen}"
     kind, host, port = _tcp_target(spec, any_port=True)
-    if kind != "tcp":
-        raise CliError("forward --listen takes HOST:PORT", Exit.USAGE)
     async with dialing_node(args, cap) as node:
 
         async def handle(client: anyio.abc.SocketStream) -> None:
@@ -312,12 +370,25 @@ async def cmd_forward(args: argparse.Namespace) -> int:
                 return
             await bridge(stream, client, "a forwarded connection")
 
+        if kind == "unix":
+            local, inode = await _unix_listener(host)
+            try:
+                async with local:
+                    info(f"forwarding unix:{host} to node {cap.node} (Ctrl-C to stop)")
+                    await local.serve(handle)
+            finally:
+                _remove_socket(host, inode)
+            return Exit.OK
         try:
             tcp = await anyio.create_tcp_listener(local_host=host, local_port=port)
         except OSError as exc:
             raise CliError(f"cannot listen on {host}:{port}: {exc}") from None
         async with tcp:
             bound = tcp.extra(anyio.abc.SocketAttribute.local_port)
-            info(f"forwarding tcp:{host}:{bound} to node {cap.node} (Ctrl-C to stop)")
+            info(
+                f"forwarding tcp:{host}:{bound} to node {cap.node} (Ctrl-C to stop); "
+                "whoever can connect to this port uses the capability (on loopback: every "
+                "local user and process): use --listen unix:/PATH on a shared machine"
+            )
             await tcp.serve(handle)
     return Exit.OK
