@@ -23,11 +23,12 @@ import anyio
 import anyio.abc
 import pytest
 from anyio.abc import SocketAttribute
+from hypothesis import strategies as st
 from noise.connection import Keypair, NoiseConnection
 
 import capsock
 from capsock import ErrorCode, NodeConfig
-from capsock.frames import Data, Eof, GoAway, Open, Ping
+from capsock.frames import Data, Eof, GoAway, Open, Ping, encode_frame
 from capsock.handshake import InitiatorHandshake
 from capsock.keys import KeyPair
 from capsock.noise import PROLOGUE, PROTOCOL_NAME, HandshakeState, available_ciphers
@@ -816,3 +817,58 @@ def test_fuzz_harness_invariants_hold_on_random_input(name: str) -> None:
         test_one_input(data)
 
     run()
+
+
+@st.composite
+def _mux_steps_that_flood(draw: st.DrawFn) -> bytes:
+    """fuzz_mux inputs built step by step: a step is a raw message of PINGs or
+    of OPENs (the answers of a peer that never reads pile up), or a drain.
+    Random bytes (above) queue a few hundred bytes at most; these reach the
+    harness's 4 KiB ``max_queued_control`` within its 64 steps."""
+    ping = encode_frame(Ping(bytes(8)))
+    out, sid = bytearray(b"\x00"), 1  # the harness's Mux is the listener: odd ids are the peer's
+    for _ in range(draw(st.integers(24, 64))):
+        kind = draw(st.sampled_from(["ping"] * 16 + ["open"] * 3 + ["drain"]))
+        if kind == "drain":
+            out += bytes([11])
+            continue
+        if kind == "ping":
+            body = ping * draw(st.integers(6, 13))
+        else:
+            n = draw(st.integers(1, 14))
+            body = b"".join(encode_frame(Open(sid + 2 * i, b"t")) for i in range(n))
+            sid += 2 * n
+        out += bytes([0, 0, len(body)]) + body  # op 0 (a message), raw, its length
+    return bytes(out)
+
+
+def test_fuzz_mux_harness_reaches_the_control_queue_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mux harness's invariant on inputs that can reach ``max_queued_control``:
+    queued answers never exceed it after an accepted message; past it the session
+    is closed (``ResourceLimitExceeded``).  A spy checks that the bound was reached."""
+    from hypothesis import HealthCheck, given, settings
+
+    from capsock.errors import ResourceLimitExceeded
+
+    test_one_input = _harness("mux")
+    module = __import__("fuzz_mux")
+    hits: list[int] = []
+
+    class Spy(module.Mux):  # type: ignore[name-defined,misc]
+        def receive_message(self, message: bytes) -> list[object]:
+            try:
+                return super().receive_message(message)  # type: ignore[no-any-return]
+            except ResourceLimitExceeded:
+                hits.append(self.stats()["queued_control"])
+                raise
+
+    monkeypatch.setattr(module, "Mux", Spy)
+
+    @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(_mux_steps_that_flood())
+    def run(data: bytes) -> None:
+        test_one_input(data)
+
+    run()
+    assert hits, "no input reached the control-queue bound"
+    assert all(h > module.CONFIG.max_queued_control for h in hits)
