@@ -117,6 +117,44 @@ async def test_fifty_concurrent_opens_of_a_one_use_capability() -> None:
         assert results.count(False) == 49
 
 
+async def test_fifty_concurrent_opens_of_a_one_use_capability_at_a_small_backlog() -> None:
+    """The same race through ``_open_when_room``: with a backlog of two, most
+    opens wait for room, and each must be authorized again when room comes."""
+    cfg = capsock.NodeConfig(listener_backlog=2, backlog_wait=30)
+    async with (
+        capsock.Node(listen=["tcp:127.0.0.1:0"], config=cfg) as server,
+        capsock.Node() as a,
+        capsock.Node() as b,
+        anyio.create_task_group() as serving,
+    ):
+        listener = await server.listen()
+        once = listener.uri.attenuate(uses=1)
+        plugs = [await a.connect(listener.uri), await b.connect(listener.uri)]  # backlog full
+
+        async def drain() -> None:
+            while True:
+                await (await listener.accept()).aclose()
+                await anyio.sleep(0.01)
+
+        results: list[bool] = []
+
+        async def attempt(node: capsock.Node) -> None:
+            results.append(await _works(node, once))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(50):
+                tg.start_soon(attempt, a if i % 2 else b)
+            with anyio.fail_after(20):
+                while server.stats()["opens_received"] < 52:
+                    await anyio.sleep(0.01)
+            serving.start_soon(drain)  # room, a little at a time
+        assert results.count(True) == 1
+        assert results.count(False) == 49
+        for plug in plugs:
+            await plug.aclose()
+        serving.cancel_scope.cancel()
+
+
 async def test_mint_temporary_socket_retires_itself() -> None:
     async with capsock.Node(listen=["tcp:127.0.0.1:0"]) as server, capsock.Node() as client:
         async with await server.mint(uses=1, peer=client.id, label="one shot") as tmp:
