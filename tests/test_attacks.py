@@ -63,9 +63,9 @@ class Target:
 
 
 @asynccontextmanager
-async def target(**node_kwargs: object) -> AsyncIterator[Target]:
+async def target(config: NodeConfig = CONFIG, **node_kwargs: object) -> AsyncIterator[Target]:
     async with (
-        capsock.Node(listen=["tcp:127.0.0.1:0"], config=CONFIG, **node_kwargs) as server,  # type: ignore[arg-type]
+        capsock.Node(listen=["tcp:127.0.0.1:0"], config=config, **node_kwargs) as server,  # type: ignore[arg-type]
         capsock.Node(config=CONFIG) as client,
         anyio.create_task_group() as tg,
     ):
@@ -257,19 +257,33 @@ MALFORMED: dict[str, Callable[[bytes], bytes]] = {
     "zero-length-record": lambda m: b"\x00\x00" + m[2:],
     "oversized-record": lambda m: b"\xff\xff" + m[2:],
     "over-1024": lambda m: record(m[2:] + bytes(1025 - len(m) + 2)),
+    "length-1025-then-silence": lambda m: b"\x04\x01" + m[2:],  # the cap, not the timeout
+    "length-65535-then-silence": lambda m: b"\xff\xff" + m[2:200],
     "data-before-message-2": lambda m: m + b"\x00\x10" + bytes(16),
     "all-zero": lambda m: bytes(len(m)),
 }
 
 
+# A handshake timeout far longer than the hang-up the test waits for: each
+# malformed message must be dropped for what it is (a failed check, or the
+# 1,024-byte cap on message 1), never merely because the handshake timed out.
+PATIENT = NodeConfig(handshake_timeout=120.0, connect_timeout=5.0)
+
+
 @pytest.mark.parametrize("variant", list(MALFORMED))
 async def test_malformed_first_message_is_dropped_and_the_node_keeps_serving(
-    variant: str,
+    variant: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with target() as t:
+    caplog.set_level(logging.INFO, logger="capsock")
+    async with target(PATIENT) as t:
         message = MALFORMED[variant](_first(t))
-        answer = await send_and_expect_hangup(t.host, t.port, message, eof=variant.endswith("eof"))
+        answer = await send_and_expect_hangup(
+            t.host, t.port, message, seconds=20, eof=variant.endswith("eof")
+        )
         assert answer == b"", "the node answered a malformed message 1"
+        length = int.from_bytes(message[:2], "big")
+        if not 0 < length <= 1024:  # refused on its length prefix alone
+            assert f"handshake record of {length} bytes (expected at most 1024)" in caplog.text
         with anyio.fail_after(5):
             while t.server.stats()["handshakes_failed"] < 1:
                 await anyio.sleep(0.01)
@@ -563,6 +577,45 @@ async def test_data_beyond_the_window_is_a_flow_control_error() -> None:
         await t.still_serves()
 
 
+async def test_data_beyond_the_session_window_across_streams_is_a_flow_control_error() -> None:
+    """Five streams, each within its own window, together past the session's."""
+    mux = capsock.MuxConfig(
+        stream_window=capsock.mux.INITIAL_STREAM_WINDOW,
+        session_window=capsock.mux.INITIAL_SESSION_WINDOW,
+    )
+    config = NodeConfig(
+        handshake_timeout=2.0, connect_timeout=5.0, session=capsock.SessionConfig(mux=mux)
+    )
+    per_stream = mux.session_window // 4
+    assert per_stream <= mux.stream_window
+    async with target(config) as t:
+        raw = await RawDialer.connect(t.host, t.port, t.server.id)
+        async with raw:
+            token = t.plain.uri.token.encode()
+            sids = [1, 3, 5, 7, 9]
+            await raw.send(raw.seal(*[Open(sid, token) for sid in sids]))
+            await raw.read_frames(
+                5, until=lambda fs: sum(type(f).__name__ == "Accept" for f in fs) == len(sids)
+            )
+            accepted = [await t.plain.accept() for _ in sids]  # the app never reads them
+            chunk = bytes(per_stream // 8)
+            for sid in sids[:4]:  # exactly the session window, each stream within its own
+                for _ in range(8):
+                    await raw.send(raw.seal(Data(sid, chunk)))
+            await raw.send(raw.seal(Ping(b"in time!")))
+            await raw.read_frames(5, until=lambda fs: any(type(f).__name__ == "Pong" for f in fs))
+            assert not raw.closed and goaway_codes(raw.frames) == []
+            await raw.send(raw.seal(Data(sids[4], b"x")))  # one byte on a fresh stream
+            await raw.read_frames(5)
+            assert raw.closed
+            assert ErrorCode.FLOW_CONTROL_ERROR in goaway_codes(raw.frames)
+            for stream in accepted:
+                got, exc = await read_until_error(stream)
+                assert len(got) <= per_stream and isinstance(exc, capsock.ConnectionLost)
+                await stream.aclose()
+        await t.still_serves()
+
+
 # ------------------------------------------------------------------ capabilities
 
 
@@ -662,19 +715,18 @@ async def test_no_secret_in_logs_reprs_or_exceptions(
     texts: list[str] = []
     errors: list[BaseException] = []
 
-    async def expect_error(coro: object) -> None:
-        try:
+    async def expect_error(coro: object, kind: type[BaseException], *, exact: bool = True) -> None:
+        with pytest.raises(kind) as info:
             await coro  # type: ignore[misc]
-        except Exception as exc:
-            errors.append(exc)
-        else:  # pragma: no cover
-            raise AssertionError("expected an error")
+        assert not exact or type(info.value) is kind, f"{type(info.value).__name__}: {info.value}"
+        errors.append(info.value)
 
     async with (
         capsock.Node(tmp_path / "server", listen=["tcp:127.0.0.1:0"], config=CONFIG) as server,
         capsock.Node(listen=["tcp:127.0.0.1:0"], config=CONFIG) as intro,
         capsock.Node(config=CONFIG) as client,
         capsock.Node(config=CONFIG) as hidden,
+        capsock.Node(listen=["tcp:127.0.0.1:0"], config=CONFIG) as relay,
         anyio.create_task_group() as tg,
     ):
         sturdy = await server.listen(name="files")
@@ -695,20 +747,22 @@ async def test_no_secret_in_logs_reprs_or_exceptions(
         weaker = sturdy.uri.attenuate(ttl=30, uses=1, peer=client.id)
         caps.append(weaker)
         await server.revoke(weaker)
-        await expect_error(client.connect(weaker))
+        await expect_error(client.connect(weaker), capsock.CapabilityRejected)
         forged = Capability(server.id, Token(sturdy.uri.root_id, (), os.urandom(32)))
         caps.append(forged.with_hints(sturdy.uri.hints))
-        await expect_error(client.connect(caps[-1]))
+        await expect_error(client.connect(caps[-1]), capsock.CapabilityRejected)
         # wrong key, unreachable, malformed URIs that contain a real token
         impostor = Capability(KeyPair.generate().node_id, sturdy.uri.token, sturdy.uri.hints)
-        await expect_error(client.connect(impostor))
+        await expect_error(client.connect(impostor), capsock.PeerAuthenticationError)
         nowhere = Capability(
             KeyPair.generate().node_id, sturdy.uri.token, (TcpHint("127.0.0.1", 1),)
         )
-        await expect_error(client.connect(nowhere))
+        await expect_error(client.connect(nowhere), capsock.Unreachable)
         for junk in ("&tcp=nowhere", "&x=1", " ", "#frag", "&unix=relative"):
-            await expect_error(client.connect(str(sturdy.uri) + junk))
-        await expect_error(client.connect(str(sturdy.uri).replace("capsock", "CAPSOCK")))
+            await expect_error(client.connect(str(sturdy.uri) + junk), capsock.InvalidCapability)
+        await expect_error(
+            client.connect(str(sturdy.uri).replace("capsock", "CAPSOCK")), capsock.InvalidCapability
+        )
         # an introduction: a forwarded session through a third node
         service = await hidden.listen()
         tg.start_soon(service.serve, echo)
@@ -730,10 +784,40 @@ async def test_no_secret_in_logs_reprs_or_exceptions(
         await via.send_eof()
         assert await read_all(via) == b"through"
         texts += [repr(via), repr(introduced), introduced.redacted()]
+        # a real relay: a node registered with it, reached through it, and a
+        # node whose relay capability was revoked (its relay_status says why)
+        forwarding = await relay.forwarding()
+        root_keys["relay"] = _root_key(relay, forwarding)
+        relay_cap = forwarding.uri.attenuate(label="for behind")
+        dead_relay_cap = forwarding.uri.attenuate(label="revoked")
+        caps += [forwarding.uri, relay_cap, dead_relay_cap]
+        await relay.revoke(dead_relay_cap)
+        async with (
+            capsock.Node(relays=[relay_cap], config=CONFIG) as behind,
+            capsock.Node(relays=[dead_relay_cap], config=CONFIG) as refused,
+        ):
+            relay_nodes = {"behind": behind, "refused": refused}
+            behind_service = await behind.listen()
+            tg.start_soon(behind_service.serve, echo)
+            root_keys["behind_service"] = _root_key(behind, behind_service)
+            caps.append(behind_service.uri)
+            with anyio.fail_after(20):
+                while list(behind.relay_status.values()) != ["registered"] or not any(
+                    v.startswith("refused") for v in refused.relay_status.values()
+                ):
+                    await anyio.sleep(0.02)
+            relayed = await client.connect(behind_service.uri)
+            await relayed.send(b"relayed")
+            await relayed.send_eof()
+            assert await read_all(relayed) == b"relayed"
+            texts += [repr(relayed), repr(behind_service.uri), behind_service.uri.redacted()]
+            for node in (relay, behind, refused):
+                texts += [repr(node), repr(node.relay_status), repr(node.stats())]
+            await relayed.aclose()
         # a lost session with streams open
         lost = await client.connect(sturdy.uri)
         await server.aclose()
-        await expect_error(lost.receive())
+        await expect_error(lost.receive(), capsock.ConnectionLost, exact=False)  # a subclass
         for obj in (server, intro, client, hidden, sturdy, temp, inbox, service, lost, hello,
                     to_intro, from_hidden, server._key, client._key, server.stats(),
                     client.stats(), intro.stats(), intro.relay_status):  # fmt: skip
@@ -752,6 +836,7 @@ async def test_no_secret_in_logs_reprs_or_exceptions(
     texts.append(caplog.text)
     haystack = "\n".join(texts)
     assert "<redacted>" in haystack  # the reprs were collected
+    assert "'registered'" in haystack and "'refused: " in haystack  # relay_status, both kinds
 
     secrets: dict[str, bytes] = {}
     for i, cap in enumerate(caps):
@@ -762,6 +847,8 @@ async def test_no_secret_in_logs_reprs_or_exceptions(
         ("intro", intro),
         ("client", client),
         ("hidden", hidden),
+        ("relay", relay),
+        *relay_nodes.items(),
     ):
         secrets[f"{name}.seed"] = node._key.seed
         secrets[f"{name}.x25519"] = node._key.x25519_private
