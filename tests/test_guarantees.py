@@ -8,6 +8,7 @@ the docstring.  Node-level tests run on asyncio and trio over loopback.
 from __future__ import annotations
 
 import ast
+import logging
 import hmac
 import os
 import re
@@ -308,3 +309,35 @@ async def test_an_open_that_waited_for_room_opens_when_still_valid() -> None:
             await (await listener.accept()).aclose()
         (stream,) = streams
         await stream.aclose()
+
+
+# ------------------------------------------------------------------ forwarding: refused at the forwarder
+
+
+@pytest.mark.parametrize("holding", ["a-made-up-token", "the-recipients-via"])
+async def test_a_stranger_reaches_the_forwarder_and_is_refused_there(
+    holding: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Someone without a forwarding capability of their own reaches the
+    introducer (a route hint names it) and is refused by it: the refusal is
+    counted and logged at the forwarder, not made up on the stranger's side."""
+    from .test_forwarding import triangle
+
+    caplog.set_level(logging.INFO, logger="capsock")
+    async with triangle() as (intro, _recipient, _endpoint, cap), capsock.Node() as stranger:
+        via = cap.hints[-1]
+        assert isinstance(via, capsock.uri.ViaHint)
+        if holding == "a-made-up-token":
+            token = Token(via.capability.root_id, (), os.urandom(32))
+            fake = Capability(intro.id, token, via.capability.hints)
+            stranger_cap = cap.with_hints((capsock.uri.ViaHint(fake),))
+            reason = "bad tag"
+        else:
+            stranger_cap = cap  # its via is bound to the recipient
+            reason = "bound to another peer"
+        refused_before = intro.stats()["opens_refused"]
+        with pytest.raises(capsock.Unreachable) as info:
+            await stranger.connect(stranger_cap)
+        assert "refused" in str(info.value)
+        assert intro.stats()["opens_refused"] == refused_before + 1
+        assert f"refused a stream from {stranger.id.short()}: {reason}" in caplog.text
