@@ -8,8 +8,8 @@ the docstring.  Node-level tests run on asyncio and trio over loopback.
 from __future__ import annotations
 
 import ast
-import logging
 import hmac
+import logging
 import os
 import re
 from collections.abc import AsyncIterator
@@ -311,7 +311,7 @@ async def test_an_open_that_waited_for_room_opens_when_still_valid() -> None:
         await stream.aclose()
 
 
-# ------------------------------------------------------------------ forwarding: refused at the forwarder
+# ------------------------------------------------------------------ forwarding: refused there
 
 
 @pytest.mark.parametrize("holding", ["a-made-up-token", "the-recipients-via"])

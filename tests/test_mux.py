@@ -8,7 +8,17 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from capsock.errors import ErrorCode, LocalUsageError, ProtocolError, ResourceLimitExceeded
-from capsock.frames import Accept, Data, Open, Ping, Pong, Reject, Window, decode_frames, encode_frame
+from capsock.frames import (
+    Accept,
+    Data,
+    Open,
+    Ping,
+    Pong,
+    Reject,
+    Window,
+    decode_frames,
+    encode_frame,
+)
 from capsock.mux import (
     INITIAL_SESSION_WINDOW,
     INITIAL_STREAM_WINDOW,
