@@ -73,6 +73,71 @@ async def test_a_forged_token_with_a_to_caveat_is_refused_by_a_node() -> None:
         assert info.value.code == ErrorCode.REFUSED
 
 
+def _revoked_store(token: Token) -> MemoryStore:
+    store = _store()
+    store.revoke(token.tag, token.root_id)
+    return store
+
+
+def _used_store(token: Token) -> MemoryStore:
+    store = _store()
+    assert authorize(store, token, peer=PEER, now=0).allowed
+    return store
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("unknown", "unknown root"),
+        ("forged", "bad tag"),
+        ("revoked", "revoked"),
+        ("revoked-parent", "revoked"),
+        ("expired", "expired"),
+        ("wrong-peer", "bound to another peer"),
+        ("used-up", "used up"),
+        ("unknown-caveat", "unknown caveat kind 99"),
+    ],
+)
+def test_each_refusal_has_its_own_local_reason(case: str, reason: str) -> None:
+    """The wire answer is uniform, the local log is not: every refusal names
+    its reason (the "each reason in the endpoint's log" half of uniform
+    rejection), and a token refused for one reason is not allowed."""
+    root = mint_root(ROOT_KEY, ROOT_ID)
+    store = _store()
+    token = root.attenuate(Label("x"))
+    if case == "unknown":
+        token = mint_root(os.urandom(32), os.urandom(16))
+    elif case == "forged":
+        token = _forge(token)
+    elif case == "revoked":
+        store = _revoked_store(token)
+    elif case == "revoked-parent":
+        store = _revoked_store(root)
+        token = root.attenuate(Label("child"), Uses(2))
+    elif case == "expired":
+        token = root.attenuate(Expires(100))
+    elif case == "wrong-peer":
+        token = root.attenuate(Peer(OTHER))
+    elif case == "used-up":
+        token = root.attenuate(Uses(1))
+        store = _used_store(token)
+    else:
+        token = root.attenuate(capsock.uri.UnknownCaveat(99, b"?"))
+    verdict = authorize(store, token, peer=PEER, now=100)
+    assert verdict.reason == reason
+    assert not verdict.allowed and verdict.tags == ()
+
+
+def test_an_allowed_verdict_carries_the_chain_tags() -> None:
+    """The tags that revocation later matches against the streams opened."""
+    root = mint_root(ROOT_KEY, ROOT_ID)
+    token = root.attenuate(Label("a"), Uses(3), Label("b"))
+    verdict = authorize(_store(), token, peer=PEER, now=0)
+    assert verdict.allowed
+    assert verdict.tags[0] == root.tag and verdict.tags[-1] == token.tag
+    assert len(verdict.tags) == 4
+
+
 # ------------------------------------------------------------------ store: uniform work
 
 
