@@ -23,11 +23,12 @@ import anyio
 import anyio.abc
 import pytest
 from anyio.abc import SocketAttribute
+from hypothesis import strategies as st
 from noise.connection import Keypair, NoiseConnection
 
 import capsock
 from capsock import ErrorCode, NodeConfig
-from capsock.frames import Data, Eof, GoAway, Open, Ping
+from capsock.frames import Data, Eof, GoAway, Open, Ping, encode_frame
 from capsock.handshake import InitiatorHandshake
 from capsock.keys import KeyPair
 from capsock.noise import PROLOGUE, PROTOCOL_NAME, HandshakeState, available_ciphers
@@ -260,19 +261,33 @@ MALFORMED: dict[str, Callable[[bytes], bytes]] = {
     "zero-length-record": lambda m: b"\x00\x00" + m[2:],
     "oversized-record": lambda m: b"\xff\xff" + m[2:],
     "over-1024": lambda m: record(m[2:] + bytes(1025 - len(m) + 2)),
+    "length-1025-then-silence": lambda m: b"\x04\x01" + m[2:],  # the cap, not the timeout
+    "length-65535-then-silence": lambda m: b"\xff\xff" + m[2:200],
     "data-before-message-2": lambda m: m + b"\x00\x10" + bytes(16),
     "all-zero": lambda m: bytes(len(m)),
 }
 
 
+# A handshake timeout far longer than the hang-up the test waits for: each
+# malformed message must be dropped for what it is (a failed check, or the
+# 1,024-byte cap on message 1), never merely because the handshake timed out.
+PATIENT = NodeConfig(handshake_timeout=120.0, connect_timeout=5.0)
+
+
 @pytest.mark.parametrize("variant", list(MALFORMED))
 async def test_malformed_first_message_is_dropped_and_the_node_keeps_serving(
-    variant: str,
+    variant: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with target() as t:
+    caplog.set_level(logging.INFO, logger="capsock")
+    async with target(PATIENT) as t:
         message = MALFORMED[variant](_first(t))
-        answer = await send_and_expect_hangup(t.host, t.port, message, eof=variant.endswith("eof"))
+        answer = await send_and_expect_hangup(
+            t.host, t.port, message, seconds=20, eof=variant.endswith("eof")
+        )
         assert answer == b"", "the node answered a malformed message 1"
+        length = int.from_bytes(message[:2], "big")
+        if not 0 < length <= 1024:  # refused on its length prefix alone
+            assert f"handshake record of {length} bytes (expected at most 1024)" in caplog.text
         with anyio.fail_after(5):
             while t.server.stats()["handshakes_failed"] < 1:
                 await anyio.sleep(0.01)
@@ -566,6 +581,45 @@ async def test_data_beyond_the_window_is_a_flow_control_error() -> None:
         await t.still_serves()
 
 
+async def test_data_beyond_the_session_window_across_streams_is_a_flow_control_error() -> None:
+    """Five streams, each within its own window, together past the session's."""
+    mux = capsock.MuxConfig(
+        stream_window=capsock.mux.INITIAL_STREAM_WINDOW,
+        session_window=capsock.mux.INITIAL_SESSION_WINDOW,
+    )
+    config = NodeConfig(
+        handshake_timeout=2.0, connect_timeout=5.0, session=capsock.SessionConfig(mux=mux)
+    )
+    per_stream = mux.session_window // 4
+    assert per_stream <= mux.stream_window
+    async with target(config) as t:
+        raw = await RawDialer.connect(t.host, t.port, t.server.id)
+        async with raw:
+            token = t.plain.uri.token.encode()
+            sids = [1, 3, 5, 7, 9]
+            await raw.send(raw.seal(*[Open(sid, token) for sid in sids]))
+            await raw.read_frames(
+                5, until=lambda fs: sum(type(f).__name__ == "Accept" for f in fs) == len(sids)
+            )
+            accepted = [await t.plain.accept() for _ in sids]  # the app never reads them
+            chunk = bytes(per_stream // 8)
+            for sid in sids[:4]:  # exactly the session window, each stream within its own
+                for _ in range(8):
+                    await raw.send(raw.seal(Data(sid, chunk)))
+            await raw.send(raw.seal(Ping(b"in time!")))
+            await raw.read_frames(5, until=lambda fs: any(type(f).__name__ == "Pong" for f in fs))
+            assert not raw.closed and goaway_codes(raw.frames) == []
+            await raw.send(raw.seal(Data(sids[4], b"x")))  # one byte on a fresh stream
+            await raw.read_frames(5)
+            assert raw.closed
+            assert ErrorCode.FLOW_CONTROL_ERROR in goaway_codes(raw.frames)
+            for stream in accepted:
+                got, exc = await read_until_error(stream)
+                assert len(got) <= per_stream and isinstance(exc, capsock.ConnectionLost)
+                await stream.aclose()
+        await t.still_serves()
+
+
 # ------------------------------------------------------------------ capabilities
 
 
@@ -665,19 +719,18 @@ async def test_no_secret_in_logs_reprs_or_exceptions(
     texts: list[str] = []
     errors: list[BaseException] = []
 
-    async def expect_error(coro: object) -> None:
-        try:
+    async def expect_error(coro: object, kind: type[BaseException], *, exact: bool = True) -> None:
+        with pytest.raises(kind) as info:
             await coro  # type: ignore[misc]
-        except Exception as exc:
-            errors.append(exc)
-        else:  # pragma: no cover
-            raise AssertionError("expected an error")
+        assert not exact or type(info.value) is kind, f"{type(info.value).__name__}: {info.value}"
+        errors.append(info.value)
 
     async with (
         capsock.Node(tmp_path / "server", listen=["tcp:127.0.0.1:0"], config=CONFIG) as server,
         capsock.Node(listen=["tcp:127.0.0.1:0"], config=CONFIG) as intro,
         capsock.Node(config=CONFIG) as client,
         capsock.Node(config=CONFIG) as hidden,
+        capsock.Node(listen=["tcp:127.0.0.1:0"], config=CONFIG) as relay,
         anyio.create_task_group() as tg,
     ):
         sturdy = await server.listen(name="files")
@@ -698,20 +751,22 @@ async def test_no_secret_in_logs_reprs_or_exceptions(
         weaker = sturdy.uri.attenuate(ttl=30, uses=1, peer=client.id)
         caps.append(weaker)
         await server.revoke(weaker)
-        await expect_error(client.connect(weaker))
+        await expect_error(client.connect(weaker), capsock.CapabilityRejected)
         forged = Capability(server.id, Token(sturdy.uri.root_id, (), os.urandom(32)))
         caps.append(forged.with_hints(sturdy.uri.hints))
-        await expect_error(client.connect(caps[-1]))
+        await expect_error(client.connect(caps[-1]), capsock.CapabilityRejected)
         # wrong key, unreachable, malformed URIs that contain a real token
         impostor = Capability(KeyPair.generate().node_id, sturdy.uri.token, sturdy.uri.hints)
-        await expect_error(client.connect(impostor))
+        await expect_error(client.connect(impostor), capsock.PeerAuthenticationError)
         nowhere = Capability(
             KeyPair.generate().node_id, sturdy.uri.token, (TcpHint("127.0.0.1", 1),)
         )
-        await expect_error(client.connect(nowhere))
+        await expect_error(client.connect(nowhere), capsock.Unreachable)
         for junk in ("&tcp=nowhere", "&x=1", " ", "#frag", "&unix=relative"):
-            await expect_error(client.connect(str(sturdy.uri) + junk))
-        await expect_error(client.connect(str(sturdy.uri).replace("capsock", "CAPSOCK")))
+            await expect_error(client.connect(str(sturdy.uri) + junk), capsock.InvalidCapability)
+        await expect_error(
+            client.connect(str(sturdy.uri).replace("capsock", "CAPSOCK")), capsock.InvalidCapability
+        )
         # an introduction: a forwarded session through a third node
         service = await hidden.listen()
         tg.start_soon(service.serve, echo)
@@ -733,10 +788,40 @@ async def test_no_secret_in_logs_reprs_or_exceptions(
         await via.send_eof()
         assert await read_all(via) == b"through"
         texts += [repr(via), repr(introduced), introduced.redacted()]
+        # a real relay: a node registered with it, reached through it, and a
+        # node whose relay capability was revoked (its relay_status says why)
+        forwarding = await relay.forwarding()
+        root_keys["relay"] = _root_key(relay, forwarding)
+        relay_cap = forwarding.uri.attenuate(label="for behind")
+        dead_relay_cap = forwarding.uri.attenuate(label="revoked")
+        caps += [forwarding.uri, relay_cap, dead_relay_cap]
+        await relay.revoke(dead_relay_cap)
+        async with (
+            capsock.Node(relays=[relay_cap], config=CONFIG) as behind,
+            capsock.Node(relays=[dead_relay_cap], config=CONFIG) as refused,
+        ):
+            relay_nodes = {"behind": behind, "refused": refused}
+            behind_service = await behind.listen()
+            tg.start_soon(behind_service.serve, echo)
+            root_keys["behind_service"] = _root_key(behind, behind_service)
+            caps.append(behind_service.uri)
+            with anyio.fail_after(20):
+                while list(behind.relay_status.values()) != ["registered"] or not any(
+                    v.startswith("refused") for v in refused.relay_status.values()
+                ):
+                    await anyio.sleep(0.02)
+            relayed = await client.connect(behind_service.uri)
+            await relayed.send(b"relayed")
+            await relayed.send_eof()
+            assert await read_all(relayed) == b"relayed"
+            texts += [repr(relayed), repr(behind_service.uri), behind_service.uri.redacted()]
+            for node in (relay, behind, refused):
+                texts += [repr(node), repr(node.relay_status), repr(node.stats())]
+            await relayed.aclose()
         # a lost session with streams open
         lost = await client.connect(sturdy.uri)
         await server.aclose()
-        await expect_error(lost.receive())
+        await expect_error(lost.receive(), capsock.ConnectionLost, exact=False)  # a subclass
         for obj in (server, intro, client, hidden, sturdy, temp, inbox, service, lost, hello,
                     to_intro, from_hidden, server._key, client._key, server.stats(),
                     client.stats(), intro.stats(), intro.relay_status):  # fmt: skip
@@ -755,6 +840,7 @@ async def test_no_secret_in_logs_reprs_or_exceptions(
     texts.append(caplog.text)
     haystack = "\n".join(texts)
     assert "<redacted>" in haystack  # the reprs were collected
+    assert "'registered'" in haystack and "'refused: " in haystack  # relay_status, both kinds
 
     secrets: dict[str, bytes] = {}
     for i, cap in enumerate(caps):
@@ -765,6 +851,8 @@ async def test_no_secret_in_logs_reprs_or_exceptions(
         ("intro", intro),
         ("client", client),
         ("hidden", hidden),
+        ("relay", relay),
+        *relay_nodes.items(),
     ):
         secrets[f"{name}.seed"] = node._key.seed
         secrets[f"{name}.x25519"] = node._key.x25519_private
@@ -820,3 +908,58 @@ def test_fuzz_harness_invariants_hold_on_random_input(name: str) -> None:
         test_one_input(data)
 
     run()
+
+
+@st.composite
+def _mux_steps_that_flood(draw: st.DrawFn) -> bytes:
+    """fuzz_mux inputs built step by step: a step is a raw message of PINGs or
+    of OPENs (the answers of a peer that never reads pile up), or a drain.
+    Random bytes (above) queue a few hundred bytes at most; these reach the
+    harness's 4 KiB ``max_queued_control`` within its 64 steps."""
+    ping = encode_frame(Ping(bytes(8)))
+    out, sid = bytearray(b"\x00"), 1  # the harness's Mux is the listener: odd ids are the peer's
+    for _ in range(draw(st.integers(24, 64))):
+        kind = draw(st.sampled_from(["ping"] * 16 + ["open"] * 3 + ["drain"]))
+        if kind == "drain":
+            out += bytes([11])
+            continue
+        if kind == "ping":
+            body = ping * draw(st.integers(6, 13))
+        else:
+            n = draw(st.integers(1, 14))
+            body = b"".join(encode_frame(Open(sid + 2 * i, b"t")) for i in range(n))
+            sid += 2 * n
+        out += bytes([0, 0, len(body)]) + body  # op 0 (a message), raw, its length
+    return bytes(out)
+
+
+def test_fuzz_mux_harness_reaches_the_control_queue_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mux harness's invariant on inputs that can reach ``max_queued_control``:
+    queued answers never exceed it after an accepted message; past it the session
+    is closed (``ResourceLimitExceeded``).  A spy checks that the bound was reached."""
+    from hypothesis import HealthCheck, given, settings
+
+    from capsock.errors import ResourceLimitExceeded
+
+    test_one_input = _harness("mux")
+    module = __import__("fuzz_mux")
+    hits: list[int] = []
+
+    class Spy(module.Mux):  # type: ignore[name-defined,misc]
+        def receive_message(self, message: bytes) -> list[object]:
+            try:
+                return super().receive_message(message)  # type: ignore[no-any-return]
+            except ResourceLimitExceeded:
+                hits.append(self.stats()["queued_control"])
+                raise
+
+    monkeypatch.setattr(module, "Mux", Spy)
+
+    @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(_mux_steps_that_flood())
+    def run(data: bytes) -> None:
+        test_one_input(data)
+
+    run()
+    assert hits, "no input reached the control-queue bound"
+    assert all(h > module.CONFIG.max_queued_control for h in hits)

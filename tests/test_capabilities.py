@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import capsock
 from capsock.keys import KeyPair
 from capsock.store import MemoryStore, RootEntry, SqliteStore, authorize
-from capsock.uri import Capability, Expires, Label, Peer, Token, Uses, mint_root
+from capsock.uri import Capability, Expires, Label, Peer, To, Token, Uses, mint_root
 
 from .helpers import echo, read_all
 
@@ -115,6 +115,44 @@ async def test_fifty_concurrent_opens_of_a_one_use_capability() -> None:
                 tg.start_soon(attempt, a if i % 2 else b)
         assert results.count(True) == 1
         assert results.count(False) == 49
+
+
+async def test_fifty_concurrent_opens_of_a_one_use_capability_at_a_small_backlog() -> None:
+    """The same race through ``_open_when_room``: with a backlog of two, most
+    opens wait for room, and each must be authorized again when room comes."""
+    cfg = capsock.NodeConfig(listener_backlog=2, backlog_wait=30)
+    async with (
+        capsock.Node(listen=["tcp:127.0.0.1:0"], config=cfg) as server,
+        capsock.Node() as a,
+        capsock.Node() as b,
+        anyio.create_task_group() as serving,
+    ):
+        listener = await server.listen()
+        once = listener.uri.attenuate(uses=1)
+        plugs = [await a.connect(listener.uri), await b.connect(listener.uri)]  # backlog full
+
+        async def drain() -> None:
+            while True:
+                await (await listener.accept()).aclose()
+                await anyio.sleep(0.01)
+
+        results: list[bool] = []
+
+        async def attempt(node: capsock.Node) -> None:
+            results.append(await _works(node, once))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(50):
+                tg.start_soon(attempt, a if i % 2 else b)
+            with anyio.fail_after(20):
+                while server.stats()["opens_received"] < 52:
+                    await anyio.sleep(0.01)
+            serving.start_soon(drain)  # room, a little at a time
+        assert results.count(True) == 1
+        assert results.count(False) == 49
+        for plug in plugs:
+            await plug.aclose()
+        serving.cancel_scope.cancel()
 
 
 async def test_mint_temporary_socket_retires_itself() -> None:
@@ -258,6 +296,7 @@ caveats = st.one_of(
     st.integers(1, 4).map(Uses),
     st.sampled_from([PEER, OTHER]).map(Peer),
     st.text(alphabet="abc", min_size=1, max_size=5).map(Label),
+    st.sampled_from([PEER, OTHER]).map(To),
 )
 
 
@@ -269,16 +308,35 @@ def _store() -> MemoryStore:
 
 @settings(max_examples=200, deadline=None)
 @given(
-    st.lists(caveats, max_size=5), st.lists(caveats, min_size=1, max_size=3), st.integers(0, 3000)
+    st.lists(caveats, max_size=5),
+    st.lists(caveats, min_size=1, max_size=3),
+    st.lists(st.tuples(st.booleans(), st.integers(0, 3000), st.sampled_from([PEER, OTHER]))),
 )
 def test_attenuation_never_widens(
-    parent_caveats: list[object], extra: list[object], now: int
+    parent_caveats: list[object], extra: list[object], opens: list[tuple[bool, int, object]]
 ) -> None:
+    """Whenever the child opens, the parent would have opened at that moment too.
+
+    One store serves every open (as at a real endpoint), so ``uses`` budgets
+    are spent by earlier opens of the parent and of the child and can deny.
+    """
     parent = mint_root(ROOT_KEY, ROOT_ID).attenuate(*parent_caveats)  # type: ignore[arg-type]
     child = parent.attenuate(*extra)  # type: ignore[arg-type]
-    child_ok = authorize(_store(), child, peer=PEER, now=now).allowed
-    parent_ok = authorize(_store(), parent, peer=PEER, now=now).allowed
-    assert not child_ok or parent_ok
+    store = _store()
+    opened_total = 0
+    for use_child, now, peer in opens:
+        parent_ok = authorize(store, parent, peer=peer, now=now, consume=False).allowed  # type: ignore[arg-type]
+        opened = child if use_child else parent
+        ok = authorize(store, opened, peer=peer, now=now).allowed  # type: ignore[arg-type]
+        if use_child:
+            assert not ok or parent_ok, "the child opened where its parent could not"
+        else:
+            assert ok == parent_ok
+        opened_total += ok
+    # The parent's uses budgets are shared with everything derived from it.
+    for caveat in parent.caveats:
+        if isinstance(caveat, Uses):
+            assert opened_total <= caveat.count
 
 
 @settings(max_examples=200, deadline=None)

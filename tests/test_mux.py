@@ -5,10 +5,20 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from capsock.errors import ErrorCode, LocalUsageError, ProtocolError
-from capsock.frames import Data, Open, Window, encode_frame
+from capsock.errors import ErrorCode, LocalUsageError, ProtocolError, ResourceLimitExceeded
+from capsock.frames import (
+    Accept,
+    Data,
+    Open,
+    Ping,
+    Pong,
+    Reject,
+    Window,
+    decode_frames,
+    encode_frame,
+)
 from capsock.mux import (
     INITIAL_SESSION_WINDOW,
     INITIAL_STREAM_WINDOW,
@@ -301,6 +311,204 @@ class MuxMachine(RuleBasedStateMachine):
 
 TestMuxMachine = MuxMachine.TestCase
 TestMuxMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+
+
+# ------------------------------------------------------------------ hostile sender
+
+HOSTILE = MuxConfig(
+    stream_window=INITIAL_STREAM_WINDOW,
+    session_window=INITIAL_SESSION_WINDOW,
+    max_streams=8,
+    max_pending_opens=3,
+    max_queued_control=4096,
+)
+PONG_LEN = len(encode_frame(Pong(bytes(8))))
+BUSY_LEN = len(encode_frame(Reject(1, ErrorCode.BUSY)))
+ACCEPT_LEN = len(encode_frame(Accept(1)))
+
+
+class HostileSenderMachine(RuleBasedStateMachine):
+    """A peer that crafts its own frames against one honest receiving Mux.
+
+    The sender keeps an exact model of what the receiver must allow: the
+    credit it was granted (per stream and for the session, from the WINDOW
+    frames it read), the pending-open and stream limits, and the bytes of
+    answers the receiver has queued.  Every crafted message is checked both
+    ways: within the limits it is taken, one byte past any of them it is a
+    ``FLOW_CONTROL_ERROR`` / BUSY refusal / ``ResourceLimitExceeded``.  So the
+    machine fails when any of the stream window, session window, pending-open
+    or control-queue checks is removed or loosened.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rx = Mux(dialer=False, config=HOSTILE)
+        self.next_sid = 1
+        self.credit: dict[int, int] = {}  # open streams: stream credit the sender holds
+        self.pending: list[int] = []  # opened, the receiver has not decided
+        self.session_credit = INITIAL_SESSION_WINDOW
+        self.unread: dict[int, int] = {}  # received by the app, not yet consumed
+        self.queued = 0  # bytes of answers the receiver has queued (model)
+        self.dead = False
+
+    @initialize(streams=st.integers(0, 6))
+    def some_open_streams(self, streams: int) -> None:
+        for _ in range(streams):
+            self.open_flood(1)
+            self.accept(0)
+
+    # -- what the receiver sends back
+    def _drain(self) -> None:
+        while (message := self.rx.data_to_send()) is not None:
+            for frame in decode_frames(message):
+                if isinstance(frame, Window):
+                    if frame.stream_id == 0:
+                        self.session_credit += frame.increment
+                    elif frame.stream_id in self.credit:
+                        self.credit[frame.stream_id] += frame.increment
+        self.queued = 0
+        assert self.rx.stats()["queued_control"] == 0
+
+    def _receive(self, frames: list[object]) -> list[Event]:
+        return self.rx.receive_message(b"".join(encode_frame(f) for f in frames))  # type: ignore[arg-type]
+
+    @rule(count=st.integers(1, 6))
+    def open_flood(self, count: int) -> None:
+        """OPENs beyond max_pending_opens / max_streams are refused BUSY."""
+        if self.dead:
+            return
+        sids = list(range(self.next_sid, self.next_sid + 2 * count, 2))
+        self.next_sid += 2 * count
+        expect_requested = []
+        busy = 0
+        pending, live = len(self.pending), len(self.pending) + len(self.credit)
+        for sid in sids:
+            if pending < HOSTILE.max_pending_opens and live < HOSTILE.max_streams:
+                expect_requested.append(sid)
+                pending += 1
+                live += 1
+            else:
+                busy += 1
+        self.queued += busy * BUSY_LEN
+        over = self.queued > HOSTILE.max_queued_control
+        try:
+            events = self._receive([Open(sid, b"t") for sid in sids])
+        except ResourceLimitExceeded:
+            assert over, "closed as abusive below max_queued_control"
+            self.dead = True
+            return
+        assert not over, "the control queue grew past max_queued_control"
+        requested = [e.stream_id for e in events if isinstance(e, OpenRequested)]
+        assert requested == expect_requested, "max_pending_opens / max_streams not enforced"
+        self.pending += requested
+
+    @rule(which=st.integers(0, 10))
+    def accept(self, which: int) -> None:
+        if self.dead or not self.pending:
+            return
+        sid = self.pending.pop(which % len(self.pending))
+        self.rx.accept_stream(sid)
+        self.credit[sid] = INITIAL_STREAM_WINDOW
+        self.queued += ACCEPT_LEN
+
+    @rule(which=st.integers(0, 10), how=st.sampled_from(["fill", "one-over", "session+1", "some"]))
+    def data(self, which: int, how: str) -> None:
+        """DATA up to, or one byte past, the stream's or the session's credit."""
+        if self.dead or not self.credit:
+            return
+        self._drain()  # the sender's view of its credit is now exactly the receiver's
+        sid = sorted(self.credit)[which % len(self.credit)]
+        stream, session = self.credit[sid], self.session_credit
+        n = {
+            "fill": stream,
+            "one-over": stream + 1,
+            "session+1": session + 1,
+            "some": min(stream, session, 1000),
+        }[how]
+        if n <= 0:
+            return
+        frames = [Data(sid, bytes(min(60000, n - i))) for i in range(0, n, 60000)]
+        overrun = n > stream or n > session
+        try:
+            events = self._receive(frames)
+        except ProtocolError as exc:
+            assert overrun, f"{n} bytes within credit ({stream}, {session}) refused: {exc}"
+            assert exc.code == ErrorCode.FLOW_CONTROL_ERROR
+            self.dead = True
+            return
+        assert not overrun, f"{n} bytes taken past the credit (stream {stream}, session {session})"
+        assert sum(len(e.data) for e in events if isinstance(e, DataReceived)) == n
+        self.credit[sid] -= n
+        self.session_credit -= n
+        self.unread[sid] = self.unread.get(sid, 0) + n
+
+    @rule()
+    def fill_every_stream(self) -> None:
+        """Each stream sends its whole window: past the session's once five are open."""
+        for sid in sorted(self.credit):
+            self.data(sorted(self.credit).index(sid), "fill")
+
+    @rule(which=st.integers(0, 10))
+    def consume(self, which: int) -> None:
+        """The receiving application reads: credit comes back (once drained)."""
+        sids = [s for s, n in self.unread.items() if n]
+        if self.dead or not sids:
+            return
+        sid = sids[which % len(sids)]
+        self.rx.acknowledge_received_data(sid, self.unread.pop(sid))
+
+    @rule(count=st.sampled_from([1, 50, 200, 272, 273, 300]))
+    def ping_flood(self, count: int) -> None:
+        """PINGs from a peer that never reads the PONGs: bounded by max_queued_control."""
+        if self.dead:
+            return
+        self.queued += count * PONG_LEN
+        over = self.queued > HOSTILE.max_queued_control
+        try:
+            self._receive([Ping(bytes(8))] * count)
+        except ResourceLimitExceeded:
+            assert over, "closed as abusive below max_queued_control"
+            self.dead = True
+            return
+        assert not over, "the control queue grew past max_queued_control"
+
+    @rule()
+    def drain(self) -> None:
+        if not self.dead:
+            self._drain()
+
+    @invariant()
+    def receiver_state_is_bounded(self) -> None:
+        if self.dead:
+            return
+        stats = self.rx.stats()
+        assert stats["queued_control"] <= HOSTILE.max_queued_control
+        assert stats["pending_opens"] == len(self.pending) <= HOSTILE.max_pending_opens
+        assert stats["streams"] <= HOSTILE.max_streams
+        assert stats["recv_session_window"] >= 0
+
+
+TestHostileSender = HostileSenderMachine.TestCase
+TestHostileSender.settings = settings(max_examples=80, stateful_step_count=50, deadline=None)
+
+
+def test_session_window_is_enforced_across_streams_each_within_its_own() -> None:
+    """Five streams, each sending less than its own window, overrun the session's."""
+    m = Mux(dialer=False, config=HOSTILE)
+    sids = [1, 3, 5, 7, 9]
+    for sid in sids:
+        m.receive_message(encode_frame(Open(sid, b"t")))
+        m.accept_stream(sid)
+    per_stream = INITIAL_SESSION_WINDOW // 4  # exactly the stream window
+    assert per_stream <= INITIAL_STREAM_WINDOW
+    chunk = bytes(per_stream // 8)
+    for sid in sids[:4]:
+        for _ in range(8):
+            m.receive_message(encode_frame(Data(sid, chunk)))
+    assert m.stats()["recv_session_window"] == 0
+    with pytest.raises(ProtocolError, match="session window") as info:
+        m.receive_message(encode_frame(Data(sids[4], b"x")))  # 1 byte of a fresh window
+    assert info.value.code == ErrorCode.FLOW_CONTROL_ERROR
 
 
 @given(st.lists(st.binary(min_size=1, max_size=200), max_size=10))

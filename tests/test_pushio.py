@@ -112,7 +112,7 @@ async def test_a_reset_connection_is_broken_not_ended() -> None:
     with anyio.fail_after(5):
         while not ends:
             await anyio.sleep(0.01)
-    assert isinstance(ends[0], anyio.BrokenResourceError | anyio.EndOfStream)
+    assert isinstance(ends[0], anyio.BrokenResourceError), ends  # a reset is no clean end
     with pytest.raises(anyio.BrokenResourceError):
         for _ in range(100):  # the kernel may accept a write or two first
             await pushed.send(b"x" * 65536)

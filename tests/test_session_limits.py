@@ -113,7 +113,9 @@ async def test_reader_that_never_reads_blocks_the_writer_with_bounded_memory() -
         assert server_session["buffered_unread"] <= mux.stream_window
         assert accepted.buffered <= mux.stream_window
         assert client_session["queued_data"] <= mux.stream_window
-        assert client_session["send_session_credit"] >= 0
+        # Credit was spent by exactly the bytes sent, and none came back (nobody read):
+        assert client_session["send_session_credit"] == mux.session_window - sent
+        assert server_session["recv_session_window"] == mux.session_window - sent
         # Reading releases the writer, and every byte arrives.
         async with anyio.create_task_group() as tg:
 
