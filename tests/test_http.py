@@ -289,3 +289,25 @@ async def test_uvicorn_over_the_asyncio_bridge(anyio_backend: str) -> None:
         async with srv, client_for(client, srv.uri) as web:
             responses = [await web.get("/") for _ in range(3)]
     assert [r.json() for r in responses] == [{"client": None}] * 3  # no fake address
+
+
+def test_the_web_page_program_runs_and_prints_what_it_says(tmp_path: Any) -> None:
+    """docs/web.md: its python blocks are one program, run verbatim; its output
+    is the page's ``text`` block."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    page = (root / "docs" / "web.md").read_text("utf-8")
+    blocks = re.findall(r"^```python\n(.*?)^```", page, re.M | re.S)
+    (expected,) = re.findall(r"^It prints:\n\n```text\n(.*?)^```", page, re.M | re.S)
+    assert len(blocks) >= 4
+    program = tmp_path / "web_page.py"
+    program.write_text("\n".join(blocks), "utf-8")
+    result = subprocess.run(
+        [sys.executable, str(program)], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == expected
