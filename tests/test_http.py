@@ -311,3 +311,45 @@ def test_the_web_page_program_runs_and_prints_what_it_says(tmp_path: Any) -> Non
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout == expected
+
+
+async def test_a_client_that_goes_away_is_noticed() -> None:
+    """Both ways an app learns of it: ``receive()`` gives ``http.disconnect``
+    while the app waits, and ``send`` raises an OSError (ClientDisconnected)."""
+    events: list[str] = []
+    done = anyio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await receive()  # the (empty) body
+        if scope["path"] == "/wait":
+            message = await receive()  # nothing to send: wait for the client to go
+            events.append(message["type"])
+            done.set()
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        try:
+            while True:
+                await send({"type": "http.response.body", "body": b"x" * 4096, "more_body": True})
+        except OSError as exc:
+            events.append(type(exc).__name__)
+            done.set()
+            raise
+
+    async with capsock.Node(listen=["tcp:127.0.0.1:0"]) as server, capsock.Node() as client:
+        listener = await server.listen()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: http.serve(listener, app, lifespan="off"))
+            for path in ["/wait", "/forever"]:
+                stream = await client.connect(listener.uri)
+                await stream.send(f"GET {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+                if path == "/forever":
+                    assert (await stream.receive()).startswith(b"HTTP/1.1 200 ")
+                await anyio.sleep(0.1)
+                await stream.aclose()  # the client goes away without waiting for the end
+                with anyio.fail_after(30):
+                    await done.wait()
+                done = anyio.Event()
+            tg.cancel_scope.cancel()
+    assert events == ["http.disconnect", "ClientDisconnected"]

@@ -224,8 +224,32 @@ class _Connection:
                     return {"type": "http.request", "body": b"", "more_body": False}
                 disconnected = True
                 finished.set()
-            await finished.wait()  # the request is read: what is left is the disconnect
+            if not finished.is_set():  # the request is read: what is left is the disconnect
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(watch_the_client)
+                    await finished.wait()
+                    tg.cancel_scope.cancel()
             return {"type": "http.disconnect"}
+
+        async def watch_the_client() -> None:
+            """While the app waits for the disconnect: notice a client that resets
+            or closes the stream.  Bytes of a next request are kept for h11 (up to a
+            bound).  An EOF ends the wait too (the client can send nothing more, and
+            a closing client sends it first), but ``send`` still works after it: a
+            client may half-close after its request and read the response."""
+            nonlocal disconnected
+            kept = 0
+            try:
+                while kept < _CHUNK:
+                    data = await self.stream.receive(_CHUNK)
+                    self.h11.receive_data(data)
+                    kept += len(data)
+            except anyio.EndOfStream:
+                self.h11.receive_data(b"")
+                finished.set()
+            except _STREAM_ERRORS:
+                disconnected = True
+                finished.set()
 
         async def send(message: Message) -> None:
             nonlocal started, complete, response, disconnected
