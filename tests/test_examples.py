@@ -55,7 +55,10 @@ EXPECTED: dict[str, tuple[str, list[str | re.Pattern[str]]]] = {
     "hello": ("stdout", ["b'hello'"]),
     "http_app": (
         "stdout",
-        ["alice: 20 concurrent requests answered, counter 20", "bob: counter 1, client address None"],
+        [
+            "alice: 20 concurrent requests answered, counter 20",
+            "bob: counter 1, client address None",
+        ],
     ),
     "intro": (
         "stderr",

@@ -8,13 +8,15 @@ review report.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import anyio
 import pytest
 
 import capsock
-from capsock.frames import Open, encode_frame
+from capsock.errors import ErrorCode
+from capsock.frames import GoAway, Open, encode_frame
 from capsock.uri import TcpHint
 
 from .chaos import RawDialer
@@ -28,11 +30,6 @@ def _expensive_garbage_token() -> bytes:
     return bytes((1,)) + os.urandom(16) + bytes((32,)) + bytes((200, 0)) * 32 + os.urandom(32)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding 1: refused OPENs are not rate-limited per session; a stranger "
-    "buys ~0.4 ms of event-loop time per 121 wire bytes (good clients 5 ms -> 2 s)",
-)
 async def test_a_stranger_cannot_buy_unbounded_open_checks_on_one_session(
     anyio_backend: str,
 ) -> None:
@@ -62,3 +59,48 @@ async def test_a_stranger_cannot_buy_unbounded_open_checks_on_one_session(
                     break  # the node hung up on the flood: what a fix may do
             await dialer.read_frames(5.0, until=lambda _: server.stats()["opens_received"] >= 5120)
         assert server.stats()["opens_received"] <= 1000
+
+
+async def test_fresh_sessions_from_one_source_share_one_budget_of_refusals(
+    anyio_backend: str,
+) -> None:
+    """The sibling of finding 1: a new session per burst must not reset the
+    budget.  Twelve sessions from one address each send 128 refused OPENs; the
+    node checks at most its per-source burst plus what the rate refills (and
+    one per session), ends the flooding sessions with GOAWAY, and a client with
+    a valid capability from the same address is served throughout."""
+    config = capsock.NodeConfig(refused_open_rate=(10.0, 50.0))
+    async with capsock.Node(listen=["tcp:127.0.0.1:0"], config=config) as server:
+        listener = await server.listen()
+        hint = server.hints[0]
+        assert isinstance(hint, TcpHint)
+        token = _expensive_garbage_token()
+        start = anyio.current_time()
+        for _ in range(12):
+            dialer = await RawDialer.connect(hint.host, hint.port, server.id)
+            async with dialer:
+                frames = [encode_frame(Open(1 + 2 * i, token)) for i in range(128)]
+                with contextlib.suppress(anyio.BrokenResourceError, OSError):
+                    await dialer.send(dialer.seal(b"".join(frames)))
+                frames_back = await dialer.read_frames(
+                    2.0, until=lambda fs: any(isinstance(f, GoAway) for f in fs)
+                )
+                goaways = [f for f in frames_back if isinstance(f, GoAway)]
+                assert goaways and goaways[-1].code == ErrorCode.LIMIT_EXCEEDED, frames_back[-3:]
+        elapsed = anyio.current_time() - start
+        stats = server.stats()
+        assert stats["opens_refused"] <= 50 + 10 * elapsed + 12, (stats, elapsed)
+        assert stats["sessions_cut_for_refusals"] >= 10, stats
+
+        async def serve() -> None:
+            stream = await listener.accept()
+            async with stream:
+                await stream.send(await stream.receive())
+
+        async with capsock.Node() as client, anyio.create_task_group() as tg:
+            tg.start_soon(serve)
+            with anyio.fail_after(10):
+                stream = await client.connect(listener.uri)
+                async with stream:
+                    await stream.send(b"still served")
+                    assert await stream.receive() == b"still served"

@@ -113,6 +113,12 @@ class NodeConfig:
     """Handshakes per second and burst allowed from one source (an IPv4
     address, an IPv6 /64, the carrying peer of a forwarded session); more are
     dropped before any public-key work."""
+    refused_open_rate: tuple[float, float] = (50.0, 200.0)
+    """Refused ``OPEN``s per second and burst allowed from one source (as for
+    ``handshake_rate``), counted after the uniform capability check.  A session
+    whose refusal finds its source's bucket empty is ended with
+    ``GOAWAY(LIMIT_EXCEEDED)`` and none of its later OPENs is checked: a peer
+    cannot buy unbounded capability checks with cheap forged tokens."""
     replay_window: float = 600.0
     """Seconds a handshake's ephemeral key is remembered: a replayed message 1
     within that time is dropped before any public-key work."""
@@ -255,6 +261,10 @@ class Node:
         self._nested_half_open: HalfOpenTable[_HalfOpen] = HalfOpenTable(cfg.max_half_open)
         self._replays = ReplayCache(cfg.replay_cache_size, cfg.replay_window)
         self._buckets = SourceBuckets(*cfg.handshake_rate)
+        self._refusals = SourceBuckets(*cfg.refused_open_rate)
+        self._sources: dict[Session, str] = {}  # inbound sessions' admission source
+        self._cut: set[Session] = set()  # sessions ended for too many refused OPENs
+        self._refusal_log = _LimitedLog(log, per_window=50, window=10.0)
         self._fd_budget = cfg.max_sessions + cfg.max_half_open
         self._inbound_direct = 0  # accepted transports alive (half-open or sessions)
         self._strangers: collections.OrderedDict[Session, None] = collections.OrderedDict()
@@ -286,6 +296,7 @@ class Node:
             "connections_shed": 0,
             "accept_errors": 0,
             "forwarded_refused": 0,
+            "sessions_cut_for_refusals": 0,
         }
 
     # ---------------------------------------------------------- identity
@@ -621,6 +632,7 @@ class Node:
                     return
                 self._replays.add(ephemeral, anyio.current_time())
                 session = pending.session = self._new_session(transport, result, leftover, route)
+                self._sources[session] = source
                 # Join the pool the moment the dialer is confirmed, before the
                 # session processes anything that record asks for (a relay
                 # registration answered "ok" must find the session pooled).
@@ -647,14 +659,18 @@ class Node:
                     await transport.aclose()
         if session is None or not session.confirmed.is_set() or pending.was_shed:
             if session is not None:
-                self._strangers.pop(session, None)
-                self._pool_remove(session)
+                self._forget_session(session)
             return
         try:
             await session.finished.wait()
         finally:
-            self._strangers.pop(session, None)
-            self._pool_remove(session)
+            self._forget_session(session)
+
+    def _forget_session(self, session: Session) -> None:
+        self._strangers.pop(session, None)
+        self._sources.pop(session, None)
+        self._cut.discard(session)
+        self._pool_remove(session)
 
     def _screen(self, ephemeral: bytes, source: str) -> None:
         """Cheap checks on a message 1 before the public-key work (raises to drop it)."""
@@ -722,6 +738,7 @@ class Node:
         try:
             await session.run()
         finally:
+            self._cut.discard(session)
             self._pool_remove(session)
 
     def _tg_start(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -734,6 +751,8 @@ class Node:
         if token_bytes[:1] == TRANSPORT_TOKEN:
             return self._accept_transport(session, sid, token_bytes[1:])
         self._counters["opens_received"] += 1
+        if session in self._cut:  # ending (GOAWAY sent): no check, no answer
+            return None
         token: Token | None
         reason: str | None = None
         try:
@@ -783,8 +802,9 @@ class Node:
             reason = "listener closed"
         if reason is not None or listener is None or token is None:
             self._counters["opens_refused"] += 1
-            log.info("refused a stream from %s: %s", session.peer.short(), reason)
+            self._refusal_log.info("refused a stream from %s: %s", session.peer.short(), reason)
             session.reject(sid, ErrorCode.REFUSED)
+            self._charge_refusal(session)
             return
         cap = Capability(self.id, token, ())
         stream = session.accept(sid, cap)
@@ -798,6 +818,19 @@ class Node:
             self._stream_tags[stream] = verdict.tags
             listener._deliver(stream)
         listener._check_used_up()
+
+    def _charge_refusal(self, session: Session) -> None:
+        """Count a refused OPEN against its source; end the session past the budget."""
+        source = self._sources.get(session) or f"peer:{session.peer}"
+        if session in self._cut or self._refusals.take(source, anyio.current_time()) == 0.0:
+            return
+        self._cut.add(session)
+        self._counters["sessions_cut_for_refusals"] += 1
+        self._drop_log.info(
+            "ending the session from %s: too many refused streams from its source",
+            session.peer.short(),
+        )
+        session.end(ErrorCode.LIMIT_EXCEEDED, "too many refused streams")
 
     def _trusts_forwarding(self, session: Session, voucher: bytes) -> bool:
         """Whether ``session``'s peer may forward sessions to us (transport streams).

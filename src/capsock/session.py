@@ -308,6 +308,24 @@ class Session:
         if self._tg is not None:
             self._tg.cancel_scope.cancel()
 
+    def end(self, code: ErrorCode, reason: str) -> None:
+        """End the session for the peer's behaviour: fail its streams, send
+        what is queued and ``GOAWAY(code)`` (a bounded wait), then close.  The
+        caller ignores the OPENs still in the record being processed; later
+        ones are refused ``SHUTTING_DOWN`` by the mux, without a check."""
+        if self._closed_reason is not None or self._tg is None:
+            return
+        self._closed_reason = reason
+        self._fail_all(reason)
+        self._mux.goaway(code)
+        tg = self._tg
+
+        async def drain_then_close() -> None:
+            await self._drain(1.0)
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(drain_then_close)
+
     def abort(self) -> None:
         """Close at once, without GOAWAY or grace (unconfirmed or unwanted sessions)."""
         if self._closed_reason is None:

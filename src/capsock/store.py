@@ -266,6 +266,11 @@ def authorize(
     With ``consume=False`` the decision is made (with the same work) but no
     use is counted.
     """
+    for caveat in token.caveats:
+        if type(caveat) is UnknownCaveat:
+            # A property of the token alone (no capsock node mints one), so
+            # refusing it before any hashing says nothing about our roots.
+            return Verdict(f"unknown caveat kind {caveat.kind}")
     entry = store.get_root(token.root_id)
     tags = chain(entry.root_key if entry is not None else _DUMMY_KEY, token)
     tag_ok = hmac.compare_digest(tags[-1], token.tag)
