@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM as CryptographyAE
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from noise.backends.default.ciphers import AESGCMCipher, ChaCha20Cipher
 
-import capsock.noise as noise_mod
+import capsock._noise_crypto as noise_mod  # the switches live with the primitives
 from capsock.errors import HandshakeError, LocalUsageError, PeerAuthenticationError, ProtocolError
 from capsock.handshake import (
     CIPHER_CHOICE_LEN,

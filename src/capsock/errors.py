@@ -23,6 +23,7 @@ __all__ = [
     "CapsockError",
     "ConnectionLost",
     "ErrorCode",
+    "HandshakeDecryptError",
     "HandshakeError",
     "InvalidCapability",
     "LocalUsageError",
@@ -122,6 +123,15 @@ class ProtocolError(CapsockError):
 
 class HandshakeError(ProtocolError):
     """The Noise handshake failed: malformed, truncated, or not authentic."""
+
+
+class HandshakeDecryptError(HandshakeError):
+    """A handshake message failed AEAD authentication.
+
+    A separate class so that :mod:`capsock.handshake` can tell "the peer does
+    not hold the key" (an authentication failure) from "malformed message".
+    Also importable from :mod:`capsock.noise`.
+    """
 
 
 class ResourceLimitExceeded(ProtocolError):

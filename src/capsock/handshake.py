@@ -93,7 +93,7 @@ Dialing either spelling of one's own key is refused.
 Records vs messages: ``first_message`` and ``second_message`` return whole
 transport *records* (2-byte length prefix + Noise message); ``read_first`` and
 ``read_second`` take the Noise message without its prefix (as returned by
-:class:`~capsock.noise.RecordReader`).
+:class:`~capsock.records.RecordReader`).
 """
 
 from __future__ import annotations
@@ -118,6 +118,7 @@ from .noise import (
     TransportCipher,
     available_ciphers,
 )
+from .records import frame_record
 
 __all__ = [
     "CIPHER_CHOICE_LEN",
@@ -169,10 +170,6 @@ def expected_first_message_len(extension_len: int = 0) -> int:
     a dialer that offers AESGCM sends ``expected_first_message_len(CIPHER_OFFER_LEN)``.
     """
     return FIRST_MESSAGE_LEN + extension_len
-
-
-def _record(message: bytes) -> bytes:
-    return len(message).to_bytes(2, "big") + message
 
 
 def _allowed_ciphers(ciphers: Iterable[str] | None) -> tuple[str, ...]:
@@ -339,7 +336,7 @@ class InitiatorHandshake:
             payload += bytes((EXT_TRANSPORT_CIPHER, len(ids))) + ids
         if self._dialled_id:
             payload += bytes((EXT_DIALLED_ID, _NODE_ID_LEN)) + self._remote.raw
-        return _record(self._noise.write_message(payload))
+        return frame_record(self._noise.write_message(payload))
 
     def read_second(self, message: bytes) -> HandshakeResult:
         """Process IK message 2 (without its length prefix) and finish.
@@ -513,7 +510,7 @@ class ResponderHandshake:
         payload = b""
         if choice is not None:
             payload = bytes((EXT_TRANSPORT_CIPHER, 1, CIPHER_IDS[choice]))
-        record = _record(self._noise.write_message(payload))
+        record = frame_record(self._noise.write_message(payload))
         self._result = HandshakeResult(
             peer=self._peer,
             handshake_hash=self._noise.handshake_hash,
