@@ -36,12 +36,11 @@ from capsock.uri import (
     ViaHint,
     mint_root,
     parse,
-    verify_tag,
 )
 
 from .chaos import RelayProcess, free_port
 from .helpers import echo
-from .test_uri import CAVEATS, NODE_IDS, SIMPLE_HINTS, capabilities, secrets_of
+from .test_uri import CAVEATS, NODE_IDS, SIMPLE_HINTS, capabilities, secrets_of, verify_tag
 
 GOLDEN: dict[str, Any] = json.loads(
     (Path(__file__).parent / "data" / "uris.json").read_text("utf-8")

@@ -233,7 +233,15 @@ _DUMMY_KEY = os.urandom(32)
 
 
 def chain(root_key: bytes, token: Token) -> list[bytes]:
-    """The chain tags of ``token`` computed from ``root_key`` (see the module doc)."""
+    """The chain tags of ``token`` computed from ``root_key`` (see the module doc):
+    ``tag_0`` (the root's) first, the token's own tag last if it is authentic.
+
+    The one implementation of the whole chain (:mod:`capsock.uri` holds its two
+    steps, :func:`~capsock.uri.root_tag` and :func:`~capsock.uri.chain_tag`).
+
+    Raises:
+        LocalUsageError: ``root_key`` is not 32 bytes.
+    """
     tag = root_tag(root_key, token.root_id)
     tags = [tag]
     for caveat in token.caveats:

@@ -31,8 +31,9 @@ two personalisation strings::
 Anyone holding ``tag_{i-1}`` can compute ``tag_i`` (attenuation is offline); no
 one can go back from ``tag_i`` to ``tag_{i-1}``, so no caveat can be removed,
 reordered or altered.  The endpoint recomputes the chain from its root key and
-compares tags in constant time (:func:`verify_tag`); checking each caveat
-against the opening context is the endpoint's job, not this module's.
+compares tags in constant time (:func:`capsock.store.authorize`, over
+:func:`capsock.store.chain`, the one implementation of the whole chain); checking
+each caveat against the opening context is the endpoint's job, not this module's.
 
 **Strict, canonical parsing.**  :func:`parse` accepts exactly the text that
 ``str()`` produces, so ``str(parse(s)) == s`` for every accepted ``s``:
@@ -83,7 +84,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 import ipaddress
 import math
 import re
@@ -117,12 +117,10 @@ __all__ = [
     "Uses",
     "ViaHint",
     "chain_tag",
-    "compute_tag",
     "encode_caveat",
     "mint_root",
     "parse",
     "root_tag",
-    "verify_tag",
 ]
 
 SCHEME = "capsock://"
@@ -405,19 +403,6 @@ def chain_tag(tag: bytes, caveat: Caveat) -> bytes:
     return _blake2b(tag, _PERSON_CAVEAT, encode_caveat(caveat))
 
 
-def compute_tag(root_key: bytes, root_id: bytes, caveats: Iterable[Caveat]) -> bytes:
-    """The tag of the capability ``(root_id, caveats)`` minted under ``root_key``.
-
-    Raises:
-        LocalUsageError: ``root_key`` is not 32 bytes.
-        InvalidCapability: ``root_id`` is not 16 bytes or a caveat is invalid.
-    """
-    tag = root_tag(root_key, root_id)
-    for caveat in caveats:
-        tag = chain_tag(tag, caveat)
-    return tag
-
-
 def mint_root(root_key: bytes, root_id: bytes) -> Token:
     """A root token (no caveats) for ``root_id`` under ``root_key``.
 
@@ -431,21 +416,6 @@ def mint_root(root_key: bytes, root_id: bytes) -> Token:
     return Token(root_id, (), root_tag(root_key, root_id))
 
 
-def verify_tag(root_key: bytes, token: Token) -> bool:
-    """Whether ``token``'s tag is the chain computed from ``root_key``.
-
-    Constant-time in the tag comparison.  It checks authenticity only: the
-    caller must still check every caveat (and reject :class:`UnknownCaveat`).
-    To make an unknown ``root_id`` cost the same as a known one, call this with
-    a dummy key when the root id is not found.
-
-    Raises:
-        LocalUsageError: ``root_key`` is not 32 bytes.
-    """
-    expected = compute_tag(root_key, token.root_id, token.caveats)
-    return hmac.compare_digest(expected, token.tag)
-
-
 # --------------------------------------------------------------------------- token
 
 
@@ -454,7 +424,7 @@ class Token:
     """The secret part of a capability: ``(root_id, caveats, tag)``.
 
     ``repr()`` shows the caveats but never the root id or the tag.  ``==``
-    compares tags in variable time: authenticate only with :func:`verify_tag`.
+    compares tags in variable time: authenticate only with :func:`capsock.store.authorize`.
 
     Raises:
         InvalidCapability: a field has the wrong type or length, or there are
