@@ -1,0 +1,211 @@
+"""The layering of ``src/capsock``, checked from the source (no imports run).
+
+Generalises the sans-IO import check of ``test_quality``: it builds the import
+graph of every module of the package from the AST and checks that
+
+- the graph has no cycle at run time (imports under ``if TYPE_CHECKING:``
+  excluded), and none at the type level either, apart from the few listed in
+  :data:`KNOWN_TYPE_CYCLES` with the reason each still exists (the list must
+  shrink: a listed cycle that is gone fails too, so it is taken off);
+- the sans-IO core imports nothing of the anyio layer above it, and no I/O or
+  event-loop library (``anyio``, ``asyncio``, ``trio``, sockets, ...);
+- no module is longer than :data:`MAX_LINES`, apart from
+  :data:`LONG_MODULES`, each with its reason (also a list that must shrink).
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "capsock"
+
+MAX_LINES = 600
+
+LONG_MODULES: dict[str, str] = {
+    "capsock.mux": "the mux engine (h-eng, issue 15 items 1-3 move its rules into tables)",
+    "capsock.session": "the anyio session (h-eng, issue 15 item 1 moves its rules into the engine)",
+    "capsock.uri": (
+        "one concern (the capability URI) in four parts: caveats, the tag steps, "
+        "the token codec and the URI text; to be split into a package by the lead"
+    ),
+    "capsock.http": "the HTTP adapter; not touched by issue 15",
+    "capsock.cli.transfer": "the file-transfer command (cli is h-lib's and h-fric's)",
+    "capsock.rpc.connection": "one msgpack-RPC connection; rpc was not part of issue 15's split",
+    "capsock.node": "being split by concern (issue 15 item 4)",
+}
+
+KNOWN_TYPE_CYCLES: dict[frozenset[str], str] = {
+    frozenset({"capsock.session", "capsock.stream"}): (
+        "Stream and Session call each other's private methods (h-eng, issue 15 item 1)"
+    ),
+    frozenset(
+        {
+            "capsock.rpc.connection",
+            "capsock.rpc.exports",
+            "capsock.rpc.remote",
+            "capsock.rpc.service",
+        }
+    ): "rpc's connection, exports, service and remote objects name each other's types",
+    frozenset({"capsock.forward", "capsock.node"}): "being cut (issue 15 item 4)",
+}
+
+CORE_NAMES = {"errors", "config", "keys", "uri", "frames", "mux", "handshake", "records"}
+CORE_PREFIXES = ("noise", "engine")
+IO_LIBRARIES = {
+    "anyio", "asyncio", "trio", "sniffio", "socket", "selectors", "ssl", "sqlite3",
+    "subprocess", "threading",
+}  # fmt: skip
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES: dict[str, Path] = {_module_name(p): p for p in sorted(SRC.rglob("*.py"))}
+
+
+def is_core(module: str) -> bool:
+    """Whether ``module`` belongs to the sans-IO core (private ``_`` names included)."""
+    if module.count(".") != 1:
+        return False
+    name = module.split(".")[1].lstrip("_")
+    return name in CORE_NAMES or name.startswith(CORE_PREFIXES)
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return ast.unparse(test) in {"TYPE_CHECKING", "typing.TYPE_CHECKING"}
+
+
+def _imports(module: str, *, type_level: bool) -> Iterator[tuple[str, int]]:
+    """``(imported name, line)`` for every import in ``module``, absolute names."""
+    path = MODULES[module]
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+
+    def walk(node: ast.AST) -> Iterator[tuple[str, int]]:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and _is_type_checking(child.test) and not type_level:
+                for stmt in child.orelse:
+                    yield from walk_one(stmt)
+                continue
+            yield from walk_one(child)
+
+    def walk_one(node: ast.AST) -> Iterator[tuple[str, int]]:
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, node.lineno
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                yield (sub if sub in MODULES else target), node.lineno
+        yield from walk(node)
+
+    yield from walk(ast.parse(path.read_text("utf-8")))
+
+
+def graph(*, type_level: bool) -> dict[str, set[str]]:
+    return {
+        module: {
+            name
+            for name, _ in _imports(module, type_level=type_level)
+            if name in MODULES and name != module
+        }
+        for module in MODULES
+    }
+
+
+def cycles(edges: dict[str, set[str]]) -> list[frozenset[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[frozenset[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(edges[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(frozenset(component))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_graph_sees_the_package() -> None:
+    """Guards the checks below against passing vacuously."""
+    edges = graph(type_level=True)
+    assert "capsock.node" in edges and "capsock.noise" in edges
+    assert "capsock.errors" in edges["capsock.uri"]
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [frozenset("abc")]
+
+
+def test_no_import_cycle_at_run_time() -> None:
+    found = cycles(graph(type_level=False))
+    assert found == [], f"import cycles: {[sorted(c) for c in found]}"
+
+
+def test_type_level_cycles_are_only_the_known_ones() -> None:
+    found = set(cycles(graph(type_level=True)))
+    new = found - set(KNOWN_TYPE_CYCLES)
+    assert not new, f"new import cycles (TYPE_CHECKING included): {[sorted(c) for c in new]}"
+    gone = set(KNOWN_TYPE_CYCLES) - found
+    assert not gone, f"take these off KNOWN_TYPE_CYCLES, they are gone: {[sorted(c) for c in gone]}"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if is_core(m)))
+def test_the_sans_io_core_imports_only_the_core(module: str) -> None:
+    for name, line in _imports(module, type_level=True):
+        top = name.split(".")[0]
+        assert top not in IO_LIBRARIES, f"{module}:{line} imports {name} (the core does no I/O)"
+        if top == "capsock":
+            assert is_core(name), f"{module}:{line} imports {name}, which is above the core"
+
+
+def test_the_core_is_what_the_docs_say() -> None:
+    core = {m for m in MODULES if is_core(m)}
+    for expected in ("errors", "keys", "uri", "noise", "frames", "mux", "handshake", "records"):
+        assert f"capsock.{expected}" in core
+    assert "capsock.session" not in core and "capsock.node" not in core
+
+
+def _lines(module: str) -> int:
+    return len(MODULES[module].read_text("utf-8").splitlines())
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_no_module_is_over_the_size_limit(module: str) -> None:
+    if module in LONG_MODULES:
+        assert _lines(module) > MAX_LINES, f"{module} fits now: take it off LONG_MODULES"
+    else:
+        assert _lines(module) <= MAX_LINES, (
+            f"{module} has {_lines(module)} lines (limit {MAX_LINES}): split it by concern"
+        )
