@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -178,7 +179,7 @@ async def test_a_forwarder_refusal_is_unreachable_with_the_reason() -> None:
                 await recipient.connect(lost)
             assert "cannot reach that node" in str(info.value)
         # A forwarder that hangs up without answering is Unreachable too.
-        intro.config.max_forwards_per_peer = 0
+        intro.config = dataclasses.replace(intro.config, max_forwards_per_peer=0)
         await _drop_sessions_to(recipient, endpoint.id)
         with pytest.raises(capsock.Unreachable) as info2:
             await recipient.connect(cap)

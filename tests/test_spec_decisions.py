@@ -8,6 +8,7 @@ blocking client in a worker thread.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -194,7 +195,7 @@ async def test_an_unreadable_request_is_answered_then_reset_protocol_error() -> 
 
 async def test_the_per_requester_limit_is_answered_then_reset_busy() -> None:
     async with relay() as (node, uri):
-        node.config.max_forwards_per_peer = 0
+        node.config = dataclasses.replace(node.config, max_forwards_per_peer=0)
         request = sc.forwarding_message({"op": "forward", "to": some_node_id()})
         answer, code, _ = await in_thread(lambda: forward_exchange(uri, request))
     assert answer == {"ok": False, "error": "too many forwarded sessions from this node"}

@@ -46,9 +46,16 @@ Everything the remote side can do wrong raises :class:`~capsock.errors.ProtocolE
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
+from .config import (
+    INITIAL_SESSION_WINDOW,
+    INITIAL_STREAM_WINDOW,
+    MAX_MESSAGE_PLAINTEXT,
+    MAX_WINDOW,
+    MuxConfig,
+)
 from .errors import ErrorCode, LocalUsageError, ProtocolError, ResourceLimitExceeded
 from .frames import (
     HEADER_LEN,
@@ -87,58 +94,7 @@ __all__ = [
     "StreamRejected",
 ]
 
-INITIAL_STREAM_WINDOW = 256 * 1024
-"""Credit every new stream starts with, in each direction (protocol constant)."""
-INITIAL_SESSION_WINDOW = 1024 * 1024
-"""Credit every new session starts with, in each direction (protocol constant)."""
-MAX_MESSAGE_PLAINTEXT = 65535 - 16
-"""The largest plaintext one Noise transport message can carry."""
-MAX_WINDOW = 2**31 - 1
 _MAX_STREAM_ID = 2**32 - 1
-
-
-@dataclass(slots=True)
-class MuxConfig:
-    """Per-session limits.  Every field has a sane default; all are documented."""
-
-    stream_window: int = 4 * 1024 * 1024
-    """Receive window per stream: the most a peer may have in flight or buffered
-    on one stream before the application reads (>= INITIAL_STREAM_WINDOW)."""
-    session_window: int = 16 * 1024 * 1024
-    """Receive window for the whole session, over all streams (>= INITIAL_SESSION_WINDOW)."""
-    max_streams: int = 16384
-    """Concurrent streams per session (opened by either side)."""
-    max_pending_opens: int = 128
-    """Remote OPENs waiting for the endpoint's decision; more are refused (BUSY)."""
-    max_frame_data: int = MAX_MESSAGE_PLAINTEXT - HEADER_LEN
-    """Largest DATA payload per frame this side sends."""
-    max_queued_control: int = 1024 * 1024
-    """Bytes of answers (PONG, REJECT, ...) queued for a peer that does not read
-    before the session is closed as abusive."""
-    max_queued_data: int = 4 * 1024 * 1024
-    """Bytes of DATA this side queues for sending, over all streams; beyond it
-    :meth:`Mux.send_data` takes nothing (the sender waits), whatever credit
-    the peer granted.  The peer's credit is the peer's to choose (up to 2 GiB
-    per stream): without this bound, a peer that grants it and stops reading
-    would make this side buffer everything its application sends."""
-    half_stream_window: int = field(init=False, repr=False, compare=False)
-    """``stream_window // 2``, the batch of stream credit returned (derived)."""
-    half_session_window: int = field(init=False, repr=False, compare=False)
-    """``session_window // 2``, the batch of session credit returned (derived)."""
-
-    def __post_init__(self) -> None:
-        if not INITIAL_STREAM_WINDOW <= self.stream_window <= MAX_WINDOW:
-            raise LocalUsageError(f"stream_window must be in [{INITIAL_STREAM_WINDOW}, 2**31-1]")
-        if not INITIAL_SESSION_WINDOW <= self.session_window <= MAX_WINDOW:
-            raise LocalUsageError(f"session_window must be in [{INITIAL_SESSION_WINDOW}, 2**31-1]")
-        if self.max_streams < 1 or self.max_pending_opens < 1:
-            raise LocalUsageError("max_streams and max_pending_opens must be positive")
-        if not 1 <= self.max_frame_data <= MAX_MESSAGE_PLAINTEXT - HEADER_LEN:
-            raise LocalUsageError("max_frame_data out of range")
-        if self.max_queued_data < 1:
-            raise LocalUsageError("max_queued_data must be positive")
-        self.half_stream_window = self.stream_window // 2
-        self.half_session_window = self.session_window // 2
 
 
 # ---------------------------------------------------------------- events

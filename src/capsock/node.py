@@ -20,10 +20,9 @@ import socket
 import time
 import weakref
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -31,6 +30,7 @@ from anyio.abc import SocketAttribute
 
 from . import statedir
 from .admission import HalfOpenTable, ReplayCache, SourceBuckets, descriptor_budget, source_of
+from .config import NodeConfig
 from .errors import (
     CapabilityRejected,
     CapsockError,
@@ -45,7 +45,7 @@ from .forward import TRANSPORT_TOKEN, Forwarder, open_via
 from .forward import register as forward_register
 from .handshake import HandshakeResult
 from .keys import KeyPair, NodeId
-from .session import Session, SessionConfig, accept_handshake, dial_handshake
+from .session import Session, accept_handshake, dial_handshake
 from .store import MemoryStore, RootEntry, SqliteStore, Store, Verdict, authorize, chain
 from .stream import CapsockAttribute, Stream
 from .uri import (
@@ -64,81 +64,6 @@ from .uri import (
 __all__ = ["Listener", "Node", "NodeConfig"]
 
 log = logging.getLogger("capsock.node")
-
-
-@dataclass(slots=True)
-class NodeConfig:
-    """Node-wide limits and timeouts; every field has a documented default."""
-
-    session: SessionConfig = field(default_factory=SessionConfig)
-    """Per-session settings (windows, keepalive, open timeout)."""
-    handshake_timeout: float = 10.0
-    """Seconds an inbound connection may take to complete the handshake."""
-    connect_timeout: float = 10.0
-    """Seconds per route for an outbound dial plus handshake."""
-    max_half_open: int = 256
-    """Inbound connections allowed to be mid-handshake at once; more are dropped."""
-    listener_backlog: int = 128
-    """Accepted streams a listener holds before its application calls accept()."""
-    backlog_wait: float = 2.0
-    """Seconds an OPEN waits for room in a full listener backlog before BUSY."""
-    direct_timeout: float = 3.0
-    """Seconds per direct route when the capability also offers forwarding
-    (``via``) routes: direct hints get a short head start, then forwarding."""
-    accept_forwarded: Literal["trusted", "any", "never"] | bool = "trusted"
-    """From whom this node accepts sessions forwarded to it (transport streams):
-    ``"trusted"`` (the default) only from peers it has a reason to -- its
-    relays, sessions it dialed itself, and peers that opened a stream with one
-    of its capabilities (an introducer that holds one, say); ``"any"`` from
-    every peer; ``"never"``.  ``True`` means ``"any"``, ``False`` ``"never"``.
-    Forwarded sessions still need a capability for every stream."""
-    max_forwards_per_peer: int = 256
-    """Sessions one peer may have forwarded through this node at once."""
-    max_forwarded_sessions: int = 1024
-    """Sessions forwarded *to* this node that it runs at once (mid-handshake or
-    confirmed), counted apart from ``max_sessions``: a flood of forwarded
-    sessions cannot lock out direct dialers."""
-    max_forwarded_per_session: int = 64
-    """Of those, how many one carrying session (one peer) may hold at once; a
-    relay this node registered with may carry up to ``max_forwarded_sessions``
-    (it is how every client reaches a node behind NAT)."""
-    relay_backoff: tuple[float, float] = (0.5, 30.0)
-    """Reconnect delay to a relay: first and largest (doubling, with jitter)."""
-    max_sessions: int = 4096
-    """Direct sessions (inbound and outbound) this node keeps at once.  When an
-    inbound session would exceed it (or the descriptor budget), the oldest
-    inbound session that never opened a stream with a capability is shed; when
-    there is none, the newcomer is dropped."""
-    handshake_rate: tuple[float, float] = (200.0, 400.0)
-    """Handshakes per second and burst allowed from one source (an IPv4
-    address, an IPv6 /64, the carrying peer of a forwarded session); more are
-    dropped before any public-key work."""
-    refused_open_rate: tuple[float, float] = (50.0, 200.0)
-    """Refused ``OPEN``s per second and burst allowed from one source (as for
-    ``handshake_rate``), counted after the uniform capability check.  A session
-    whose refusal finds its source's bucket empty is ended with
-    ``GOAWAY(LIMIT_EXCEEDED)`` and none of its later OPENs is checked: a peer
-    cannot buy unbounded capability checks with cheap forged tokens."""
-    replay_window: float = 600.0
-    """Seconds a handshake's ephemeral key is remembered: a replayed message 1
-    within that time is dropped before any public-key work."""
-    replay_cache_size: int = 16384
-    """Ephemeral keys remembered at most (the oldest go first)."""
-    fd_reserve: int = 64
-    """File descriptors (at least; or one eighth of the limit) kept free of
-    inbound connections, for outbound dials, relay upkeep, the store and the
-    application's own sockets.  The node raises its soft ``RLIMIT_NOFILE`` to
-    the hard limit at start and sizes its inbound connections to the rest."""
-
-    def __post_init__(self) -> None:
-        if self.accept_forwarded is True:
-            self.accept_forwarded = "any"
-        elif self.accept_forwarded is False:
-            self.accept_forwarded = "never"
-        elif self.accept_forwarded not in ("trusted", "any", "never"):
-            raise LocalUsageError(
-                f"accept_forwarded={self.accept_forwarded!r}: use 'trusted', 'any' or 'never'"
-            )
 
 
 def _bind_error(exc: OSError, address: str) -> OSError:

@@ -23,13 +23,13 @@ import math
 import os
 import struct
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import anyio.abc
 import anyio.lowlevel
 
+from .config import SessionConfig
 from .errors import (
     CapabilityRejected,
     CapsockError,
@@ -49,7 +49,6 @@ from .mux import (
     Event,
     GoAwayReceived,
     Mux,
-    MuxConfig,
     OpenRequested,
     PongReceived,
     ResetReceived,
@@ -70,29 +69,6 @@ _MAX_FIRST_MESSAGE = 1024
 _WRITE_BATCH = 1024 * 1024
 _READ_SIZE = 1024 * 1024
 _INLINE_YIELD_EVERY = 16
-
-
-@dataclass(slots=True)
-class SessionConfig:
-    """Per-session settings (see docs/api.md for the defaults' rationale)."""
-
-    mux: MuxConfig = field(default_factory=MuxConfig)
-    """Windows and stream limits of the multiplexer."""
-    keepalive_interval: float = 15.0
-    """Seconds of silence from the peer before we send a PING."""
-    keepalive_timeout: float = 45.0
-    """Seconds of silence from the peer before the session is declared dead."""
-    open_timeout: float = 30.0
-    """Seconds to wait for the endpoint to ACCEPT or REJECT an OPEN."""
-    idle_timeout: float = 300.0
-    """Seconds a session with no streams stays open before it is closed."""
-    max_concurrent_opens: int = 64
-    """OPENs this side keeps in flight at once; more wait their turn.  Keep it at
-    or below the peer's ``MuxConfig.max_pending_opens`` (default 128)."""
-    push_reads: bool = True
-    """On asyncio, read the socket in protocol callbacks instead of a task
-    (:mod:`capsock.pushio`; fewer event-loop turns per message).  Off: the
-    portable task-based read loop that trio and nested sessions always use."""
 
 
 async def _read_exact(transport: anyio.abc.ByteStream, n: int, buf: bytearray) -> bytes:
