@@ -50,7 +50,6 @@ KNOWN_TYPE_CYCLES: dict[frozenset[str], str] = {
             "capsock.rpc.service",
         }
     ): "rpc's connection, exports, service and remote objects name each other's types",
-    frozenset({"capsock.forward", "capsock.node"}): "being cut (issue 15 item 4)",
 }
 
 CORE_NAMES = {"errors", "config", "keys", "uri", "frames", "mux", "handshake", "records"}

@@ -34,30 +34,77 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
 
+from .config import NodeConfig
 from .errors import CapsockError, ErrorCode, ProtocolError, Unreachable
 from .keys import NodeId
 from .messages import printable, receive_message, send_message
 from .stream import CapsockAttribute, Stream
 from .uri import Capability, To
 
-if TYPE_CHECKING:
-    from .node import Node
-
-__all__ = ["TRANSPORT_TOKEN", "UNREACHABLE_REASON", "Forwarder", "open_via", "register", "splice"]
+__all__ = [
+    "TRANSPORT_TOKEN",
+    "UNREACHABLE_REASON",
+    "Forwarder",
+    "ForwardingHost",
+    "open_via",
+    "register",
+    "splice",
+    "transport_token",
+    "transport_voucher",
+]
 
 log = logging.getLogger("capsock.forward")
 
 TRANSPORT_TOKEN = b"\x00"
-"""The OPEN token of a transport stream (never a valid capability token)."""
+"""The OPEN token of a transport stream (never a valid capability token).
+
+Its one home: a node builds the token with :func:`transport_token` and reads
+it with :func:`transport_voucher`, and nothing else looks at the byte."""
 UNREACHABLE_REASON = "the forwarder cannot reach that node"
 """The one answer for every routing failure: it names no address (protocol 10.3)."""
 _CHUNK = 256 * 1024
+
+
+def transport_token(voucher: bytes | None) -> bytes:
+    """The OPEN token of a transport stream: :data:`TRANSPORT_TOKEN`, then the
+    forwarder's voucher (a capability token of the target's that it holds), if any."""
+    return TRANSPORT_TOKEN + (voucher or b"")
+
+
+def transport_voucher(token: bytes) -> bytes | None:
+    """The voucher of a transport-stream OPEN token (``b""`` if none), or ``None``
+    when ``token`` opens an ordinary stream (it is a capability token)."""
+    return token[1:] if token[:1] == TRANSPORT_TOKEN else None
+
+
+class ForwardingHost(Protocol):
+    """What forwarding needs of the node it runs in; :class:`capsock.Node`
+    satisfies it.  So this module imports nothing of the node: imports run
+    one way (node -> forward)."""
+
+    @property
+    def id(self) -> NodeId:
+        """The node's own id (a node is never forwarded to itself)."""
+        ...
+
+    @property
+    def config(self) -> NodeConfig:
+        """The node's configuration, read at each use."""
+        ...
+
+    async def connect(self, uri: str | Capability) -> Stream:
+        """Open a stream with a capability (to a forwarder)."""
+        ...
+
+
+OpenTransport = Callable[[NodeId], Awaitable[Stream]]
+"""Opens the onward transport stream to a target node (the forwarder's side)."""
 
 
 async def splice(
@@ -98,8 +145,9 @@ async def splice(
 class Forwarder:
     """Serves a forwarding capability: carries nested sessions to nodes it can reach."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: ForwardingHost, open_transport: OpenTransport) -> None:
         self._node = node
+        self._open_transport = open_transport
         self.tamper: Callable[[bytes], bytes] | None = None
         """Test hook: alters bytes in transit (proves tampering is detected)."""
         self.tap: Callable[[bytes], None] | None = None
@@ -173,7 +221,7 @@ class Forwarder:
         self.active += 1
         try:
             try:
-                onward = await self._node._open_transport(target)
+                onward = await self._open_transport(target)
             except (CapsockError, TimeoutError, OSError, anyio.BrokenResourceError) as exc:
                 # The details (every address tried) stay here: the requester
                 # learns only that the target is unreachable through us.
@@ -224,7 +272,7 @@ class Forwarder:
             await stream.aclose()
 
 
-async def register(node: Node, relay: Capability) -> Stream:
+async def register(node: ForwardingHost, relay: Capability) -> Stream:
     """Register with the forwarder (relay) named by ``relay``; keep the stream open.
 
     Raises:
@@ -239,7 +287,7 @@ async def register(node: Node, relay: Capability) -> Stream:
 
 
 async def _request(
-    node: Node, cap: Capability, request: dict[str, Any]
+    node: ForwardingHost, cap: Capability, request: dict[str, Any]
 ) -> tuple[Stream, dict[Any, Any]]:
     """Open a stream with ``cap``, send ``request``, return the stream and the answer map."""
     stream = await node.connect(cap)
@@ -265,7 +313,7 @@ def _reason(answer: dict[Any, Any]) -> str:
     return printable(answer.get("error"))
 
 
-async def open_via(node: Node, via: Capability, target: NodeId) -> Stream:
+async def open_via(node: ForwardingHost, via: Capability, target: NodeId) -> Stream:
     """Ask the forwarder named by ``via`` for a transport stream to ``target``.
 
     Raises:

@@ -41,7 +41,7 @@ from .errors import (
     PeerAuthenticationError,
     Unreachable,
 )
-from .forward import TRANSPORT_TOKEN, Forwarder, open_via
+from .forward import Forwarder, open_via, transport_token, transport_voucher
 from .forward import register as forward_register
 from .handshake import HandshakeResult
 from .keys import KeyPair, NodeId
@@ -173,7 +173,7 @@ class Node:
         self._sessions: dict[NodeId, Session] = {}
         self._dial_locks: dict[NodeId, anyio.Lock] = {}
         self._routes: dict[NodeId, tuple[Hint, ...]] = {}  # direct hints seen, for forwarding
-        self.forwarder = Forwarder(self)
+        self.forwarder = Forwarder(self, self._open_transport)
         self._introductions: Listener | None = None
         self._serve_scope = anyio.CancelScope()
         self._transport_listeners: list[anyio.abc.Listener[Any]] = []
@@ -673,8 +673,9 @@ class Node:
         self, session: Session, sid: int, token_bytes: bytes
     ) -> Coroutine[Any, Any, None] | None:
         """Answer an OPEN at once; return a coroutine when it must wait (full backlog)."""
-        if token_bytes[:1] == TRANSPORT_TOKEN:
-            return self._accept_transport(session, sid, token_bytes[1:])
+        voucher = transport_voucher(token_bytes)
+        if voucher is not None:
+            return self._accept_transport(session, sid, voucher)
         self._counters["opens_received"] += 1
         if session in self._cut:  # ending (GOAWAY sent): no check, no answer
             return None
@@ -841,7 +842,7 @@ class Node:
                 raise Unreachable(f"this node has no session and no route to {target.short()}")
             session = await self._session_for(target, hints)
         voucher = self._vouchers.get(target)
-        return await session.open_stream(TRANSPORT_TOKEN + (voucher or b""))
+        return await session.open_stream(transport_token(voucher))
 
     # ---------------------------------------------------------- forwarding
 
