@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-import capsock
 from capsock.config import MuxConfig, NodeConfig, SessionConfig
 from capsock.errors import LocalUsageError
 
@@ -99,7 +98,9 @@ def test_the_keepalive_message_says_what_to_do() -> None:
 
 def test_keepalive_off_does_not_check_its_timeout() -> None:
     for off in (0.0, INF):
-        assert SessionConfig(keepalive_interval=off, keepalive_timeout=1.0).keepalive_interval == off
+        assert (
+            SessionConfig(keepalive_interval=off, keepalive_timeout=1.0).keepalive_interval == off
+        )
 
 
 def test_the_documented_edge_values_are_accepted() -> None:

@@ -35,7 +35,6 @@ LONG_MODULES: dict[str, str] = {
     "capsock.http": "the HTTP adapter; not touched by issue 15",
     "capsock.cli.transfer": "the file-transfer command (cli is h-lib's and h-fric's)",
     "capsock.rpc.connection": "one msgpack-RPC connection; rpc was not part of issue 15's split",
-    "capsock.node": "being split by concern (issue 15 item 4)",
 }
 
 KNOWN_TYPE_CYCLES: dict[frozenset[str], str] = {

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "src" / "capsock"
 SANS_IO = [
     "errors", "frames", "handshake", "keys", "mux", "noise", "uri",
-    "records", "_noise_crypto", "_noise_handshake", "_noise_transport",
+    "records", "config", "_noise_crypto", "_noise_handshake", "_noise_transport",
 ]  # fmt: skip
 FORBIDDEN = {"anyio", "trio", "asyncio", "socket", "selectors", "sniffio"}
 

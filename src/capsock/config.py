@@ -32,6 +32,7 @@ __all__ = [
     "MuxConfig",
     "NodeConfig",
     "SessionConfig",
+    "parse_listen",
 ]
 
 INITIAL_STREAM_WINDOW: Final = 256 * 1024
@@ -288,3 +289,31 @@ class NodeConfig:
                     "than 0 and the burst at least 1"
                 )
             _set(self, name, (rate, burst))
+
+
+def parse_listen(spec: str) -> tuple[str, str, int]:
+    """A listen (or advertise) address as ``(kind, host or path, port)``.
+
+    ``tcp:HOST:PORT`` (port 0 = any; IPv6 hosts in brackets), ``unix:/PATH``,
+    or a bare ``HOST:PORT`` as on the command line.
+
+    Raises:
+        LocalUsageError: the address is malformed; the message shows the forms.
+    """
+    kind, sep, rest = spec.partition(":")
+    if kind not in ("tcp", "unix") and spec.rpartition(":")[2].isdigit():
+        return parse_listen(f"tcp:{spec}")  # a bare HOST:PORT, as on the command line
+    if not sep:
+        raise LocalUsageError(f"listen address {spec!r}: use tcp:HOST:PORT or unix:/PATH")
+    if kind == "unix":
+        if not rest.startswith("/"):
+            raise LocalUsageError(f"listen address {spec!r}: a unix path must be absolute")
+        return "unix", rest, 0
+    if kind == "tcp":
+        host, sep, port_text = rest.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+            raise LocalUsageError(f"listen address {spec!r}: use tcp:HOST:PORT (port 0 = any)")
+        return "tcp", host, int(port_text)
+    raise LocalUsageError(f"listen address {spec!r}: unknown kind {kind!r} (tcp or unix)")

@@ -4,56 +4,66 @@ A :class:`Node` binds the addresses it was told to listen on, accepts inbound
 handshakes (bounded in number and time), keeps one pool of sessions keyed by
 peer id (a session dialed by either side serves both directions), and decides
 every inbound OPEN with :func:`capsock.store.authorize`.
+
+Layout.  This module holds :class:`Node`'s public face (construction,
+lifecycle, listen/mint/revoke/connect, forwarding and introductions); each of
+its other concerns lives in a private module, as one part ``Node`` inherits:
+
+- ``capsock.config``: :class:`NodeConfig` and the listen-address syntax;
+- ``_node_state``: the state every part shares (declared once) and the session pool;
+- ``_node_admission``: inbound connections, half-open until the dialer speaks;
+- ``_node_binding``: the listening sockets and their accept loops;
+- ``_node_opens``: the decision on every inbound OPEN;
+- ``_node_dialing``: the session for a peer, dialing its routes;
+- ``_relay_upkeep``: staying registered with relays (needs only a small protocol);
+- ``_listener``: :class:`Listener`.
+
+Imports run one way: those modules import nothing of this one, and
+:mod:`capsock.forward` depends on :class:`~capsock.forward.ForwardingHost`,
+which ``Node`` satisfies, not on ``Node``.
 """
 
 from __future__ import annotations
 
 import collections
-import contextvars
-import errno
 import hmac
-import ipaddress
 import logging
 import os
-import secrets
-import socket
 import time
 import weakref
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import anyio
 import anyio.abc
-from anyio.abc import SocketAttribute
 
 from . import statedir
-from .admission import HalfOpenTable, ReplayCache, SourceBuckets, descriptor_budget, source_of
-from .config import NodeConfig
+from ._listener import Listener
+from ._node_binding import Binding
+from ._node_dialing import Dialing
+from ._node_opens import OpenDecisions
+from ._node_state import MAX_AUTHORIZED_PEERS, HalfOpen, LimitedLog
+from ._relay_upkeep import RelayUpkeep
+from .admission import HalfOpenTable, ReplayCache, SourceBuckets, descriptor_budget
+from .config import NodeConfig, parse_listen
 from .errors import (
     CapabilityRejected,
-    CapsockError,
     ErrorCode,
-    HandshakeError,
     InvalidCapability,
     LocalUsageError,
-    PeerAuthenticationError,
-    Unreachable,
 )
-from .forward import Forwarder, open_via, transport_token, transport_voucher
-from .forward import register as forward_register
-from .handshake import HandshakeResult
+from .forward import Forwarder
 from .keys import KeyPair, NodeId
-from .session import Session, accept_handshake, dial_handshake
-from .store import MemoryStore, RootEntry, SqliteStore, Store, Verdict, authorize, chain
-from .stream import CapsockAttribute, Stream
+from .session import Session
+from .store import MemoryStore, RootEntry, SqliteStore, Store, chain
+from .stream import Stream
 from .uri import (
     Capability,
     Expires,
     Hint,
     TcpHint,
-    Token,
     UnixHint,
     Uses,
     ViaHint,
@@ -66,39 +76,7 @@ __all__ = ["Listener", "Node", "NodeConfig"]
 log = logging.getLogger("capsock.node")
 
 
-def _bind_error(exc: OSError, address: str) -> OSError:
-    """The same OSError (errno kept), naming the address that could not be bound."""
-    return OSError(exc.errno, f"cannot listen on {address}: {exc.strerror or exc}")
-
-
-def _parse_listen(spec: str) -> tuple[str, str, int]:
-    kind, sep, rest = spec.partition(":")
-    if kind not in ("tcp", "unix") and spec.rpartition(":")[2].isdigit():
-        return _parse_listen(f"tcp:{spec}")  # a bare HOST:PORT, as on the command line
-    if not sep:
-        raise LocalUsageError(f"listen address {spec!r}: use tcp:HOST:PORT or unix:/PATH")
-    if kind == "unix":
-        if not rest.startswith("/"):
-            raise LocalUsageError(f"listen address {spec!r}: a unix path must be absolute")
-        return "unix", rest, 0
-    if kind == "tcp":
-        host, sep, port_text = rest.rpartition(":")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
-            raise LocalUsageError(f"listen address {spec!r}: use tcp:HOST:PORT (port 0 = any)")
-        return "tcp", host, int(port_text)
-    raise LocalUsageError(f"listen address {spec!r}: unknown kind {kind!r} (tcp or unix)")
-
-
-def _is_wildcard(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_unspecified
-    except ValueError:
-        return False
-
-
-class Node:
+class Node(Binding, OpenDecisions, Dialing, RelayUpkeep):
     """One identity (an Ed25519 key pair) with its listeners and sessions.
 
     Use as an async context manager::
@@ -157,7 +135,7 @@ class Node:
         self._stream_tags: weakref.WeakKeyDictionary[Stream, tuple[bytes, ...]] = (
             weakref.WeakKeyDictionary()
         )
-        self._listen_specs = [_parse_listen(s) for s in listen]
+        self._listen_specs = [parse_listen(s) for s in listen]
         self._relays = tuple(
             r if isinstance(r, Capability) else Capability.parse(r) for r in relays
         )
@@ -165,7 +143,7 @@ class Node:
         """Per relay (redacted URI): "registered", "connecting" or the last error."""
         self._relay_changed = anyio.Event()  # set (and replaced) on every change
         self._relay_refusals: dict[str, CapabilityRejected] = {}
-        self._advertise = [_parse_listen(s) for s in advertise] if advertise is not None else None
+        self._advertise = [parse_listen(s) for s in advertise] if advertise is not None else None
         self.config = config or NodeConfig()
         self._clock = clock
         self._listeners: dict[bytes, Listener] = {}  # the ones accepting, by root id
@@ -182,14 +160,14 @@ class Node:
         # and forwarded connections are counted apart, so neither can lock the
         # other out.  The descriptor budget is set when the node starts.
         cfg = self.config
-        self._half_open: HalfOpenTable[_HalfOpen] = HalfOpenTable(cfg.max_half_open)
-        self._nested_half_open: HalfOpenTable[_HalfOpen] = HalfOpenTable(cfg.max_half_open)
+        self._half_open: HalfOpenTable[HalfOpen] = HalfOpenTable(cfg.max_half_open)
+        self._nested_half_open: HalfOpenTable[HalfOpen] = HalfOpenTable(cfg.max_half_open)
         self._replays = ReplayCache(cfg.replay_cache_size, cfg.replay_window)
         self._buckets = SourceBuckets(*cfg.handshake_rate)
         self._refusals = SourceBuckets(*cfg.refused_open_rate)
         self._sources: dict[Session, str] = {}  # inbound sessions' admission source
         self._cut: set[Session] = set()  # sessions ended for too many refused OPENs
-        self._refusal_log = _LimitedLog(log, per_window=50, window=10.0)
+        self._refusal_log = LimitedLog(log, per_window=50, window=10.0)
         self._fd_budget = cfg.max_sessions + cfg.max_half_open
         self._inbound_direct = 0  # accepted transports alive (half-open or sessions)
         self._strangers: collections.OrderedDict[Session, None] = collections.OrderedDict()
@@ -202,7 +180,7 @@ class Node:
         self._vouchers: collections.OrderedDict[NodeId, bytes] = collections.OrderedDict()
         """Per introduced endpoint, our capability token for it (bounded)."""
         self._accept_error_logged = -1e9
-        self._drop_log = _LimitedLog(log, per_window=20, window=10.0)
+        self._drop_log = LimitedLog(log, per_window=20, window=10.0)
         """Lines about dropped connections: a stranger controls how many there are."""
         self._session_count = 0  # direct sessions counted against max_sessions
         self._counted: set[Session] = set()  # sessions counted in _session_count
@@ -225,33 +203,6 @@ class Node:
         }
 
     # ---------------------------------------------------------- identity
-
-    @property
-    def id(self) -> NodeId:
-        """This node's public identity."""
-        return self._key.node_id
-
-    @property
-    def hints(self) -> tuple[Hint, ...]:
-        """The route hints this node puts into the capabilities it mints."""
-        return self._hints
-
-    def __repr__(self) -> str:
-        return f"<capsock.Node {self.id.short()} hints={len(self._hints)}>"
-
-    def stats(self) -> dict[str, Any]:
-        """Counters and per-session stats, for tests and operators (no secrets)."""
-        return {
-            **self._counters,
-            "half_open": len(self._half_open),
-            "forwarded_half_open": len(self._nested_half_open),
-            "session_count": self._session_count,
-            "forwarded_sessions": self._nested_count,
-            "inbound_connections_open": self._inbound_direct,
-            "descriptor_budget": self._fd_budget,
-            "sessions": {str(p): s.stats() for p, s in self._sessions.items()},
-            "listeners": len(self._listeners),
-        }
 
     # ---------------------------------------------------------- lifecycle
 
@@ -350,500 +301,6 @@ class Node:
                 for s in sessions:
                     tg.start_soon(s.aclose, grace)
 
-    def _require_running(self) -> anyio.abc.TaskGroup:
-        if self._tg is None or self._closed:
-            raise LocalUsageError("the node is not running: use `async with Node(...) as node:`")
-        return self._tg
-
-    async def _bind(self, kind: str, host: str, port: int) -> list[Hint]:
-        tg = self._require_running()
-        listener: anyio.abc.Listener[Any]
-        if kind == "unix":
-            path = Path(host)
-            # anyio removes a stale socket file (never a regular file) and sets
-            # the mode right after bind(); the capability, not the file mode, is
-            # what authorises, so the short window before chmod is harmless.
-            try:
-                listener = await anyio.create_unix_listener(path, mode=0o600)
-            except OSError as exc:
-                raise _bind_error(exc, f"unix:{path}") from exc
-            hints: list[Hint] = [UnixHint(str(path))]
-        else:
-            try:
-                listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
-            except OSError as exc:
-                shown = f"[{host}]" if ":" in host else host
-                raise _bind_error(exc, f"tcp:{shown}:{port}") from exc
-            bound = listener.extra(SocketAttribute.local_port)
-            if _is_wildcard(host):
-                # The machine's usable addresses with the real port (rules in
-                # capsock.interfaces); an advertise list replaces them anyway.
-                hints = []
-                if self._advertise is None:
-                    from . import interfaces
-
-                    subs = getattr(listener, "listeners", [listener])
-                    socks = [sub.extra(SocketAttribute.raw_socket) for sub in subs]
-                    hosts = interfaces.advertised_hosts(socks)
-                    hints = [TcpHint(h, bound) for h in hosts]
-                    if all(ipaddress.ip_address(h).is_loopback for h in hosts):
-                        log.warning(
-                            "listening on wildcard %s:%d, but this machine has no address "
-                            "other than loopback: URIs reach it from this machine only; name "
-                            "the address others dial with advertise (--advertise tcp:HOST:PORT)",
-                            host,
-                            bound,
-                        )
-            else:
-                hints = [TcpHint(host, bound)]
-        self._transport_listeners.append(listener)
-        tg.start_soon(self._serve_transport, listener)
-        return hints
-
-    async def _serve_transport(self, listener: anyio.abc.Listener[Any]) -> None:
-        # Our own accept loop instead of ``listener.serve()``: an accept error
-        # (EMFILE when the descriptors run out, ENOBUFS, ECONNABORTED, ...) must
-        # never end the node.  It sheds a connection and backs off instead.
-        subs: list[anyio.abc.Listener[Any]] = list(getattr(listener, "listeners", [listener]))
-        with self._serve_scope:
-            async with anyio.create_task_group() as tg:
-                for sub in subs:
-                    tg.start_soon(self._accept_loop, sub)
-
-    async def _accept_loop(self, listener: anyio.abc.Listener[Any]) -> None:
-        # A spare descriptor, given up when accept() fails for lack of them:
-        # Linux takes the new descriptor before it looks for a connection, so
-        # without a free one accept() fails even with nobody waiting, and only
-        # a retry with one free tells "a dialer is waiting" from "idle".
-        spare: int | None = _open_spare()
-        failures = 0
-        try:
-            while True:
-                try:
-                    transport = await listener.accept()  # type: ignore[attr-defined]
-                except anyio.ClosedResourceError:
-                    return  # aclose() closed the listening socket
-                except (OSError, anyio.BrokenResourceError) as exc:
-                    # anyio's trio backend reports the OSError as its cause
-                    cause = exc if isinstance(exc, OSError) else exc.__cause__
-                    if not isinstance(cause, OSError):
-                        raise
-                    self._counters["accept_errors"] += 1
-                    self._log_accept_error(cause)
-                    if spare is not None and cause.errno in (errno.EMFILE, errno.ENFILE):
-                        os.close(spare)
-                        spare = None
-                        continue  # retry at once, with one descriptor free
-                    failures += 1
-                    self._shed_one()
-                    await anyio.sleep(min(1.0, 0.005 * 2 ** min(failures, 8)))
-                    continue
-                failures = 0
-                if spare is None:
-                    spare = _open_spare()
-                    if spare is None:  # still none free: make room for the next
-                        self._shed_one()
-                self._spawn_inbound(transport)
-        finally:
-            if spare is not None:
-                os.close(spare)
-
-    def _log_accept_error(self, exc: OSError) -> None:
-        now = anyio.current_time()
-        if now - self._accept_error_logged >= 10.0:
-            self._accept_error_logged = now
-            log.warning(
-                "accepting a connection failed (%s); shedding the cheapest connection "
-                "and backing off",
-                errno.errorcode.get(exc.errno or 0, str(exc)),
-            )
-
-    def _spawn_inbound(self, transport: anyio.abc.ByteStream) -> None:
-        # Sessions live in the node's task group, not in the listener's, so that
-        # closing the listening socket does not cut established sessions.
-        if self._tg is None:
-            self._tg_close(transport)
-            return
-        if self._inbound_direct >= self._fd_budget and not self._shed_one():
-            self._counters["connections_shed"] += 1
-            log.info("dropped an inbound connection: the node is full")
-            self._tg_close(transport)
-            return
-        self._inbound_direct += 1
-        self._tg.start_soon(self._handle_inbound, transport)
-
-    def _tg_close(self, transport: anyio.abc.ByteStream) -> None:
-        if self._tg is not None:
-            self._tg.start_soon(transport.aclose)
-
-    def _shed_one(self) -> bool:
-        """Free one inbound connection: the oldest half-open one of the busiest
-        source, else the oldest session that never opened a stream with a
-        capability.  Returns whether one was shed."""
-        # A source holding several half-open connections first, then the
-        # oldest stranger, and only then a lone half-open newcomer.
-        victim = self._half_open.pop_victim(min_count=2)
-        if victim is None and self._shed_stranger():
-            return True
-        victim = victim or self._half_open.pop_victim()
-        if victim is None:
-            return False
-        victim.shed()
-        self._counters["connections_shed"] += 1
-        return True
-
-    async def _handle_inbound(self, transport: anyio.abc.ByteStream) -> None:
-        try:
-            self._counters["inbound_connections"] += 1
-            try:
-                address = transport.extra(SocketAttribute.remote_address)
-            except Exception:  # best effort: unknown kinds share one source
-                address = None
-            peer_addr = _describe_peer(address)
-            await self._admit(transport, f"inbound {peer_addr}", peer_addr, source_of(address))
-        finally:
-            self._inbound_direct -= 1
-
-    async def _admit(
-        self,
-        transport: anyio.abc.ByteStream,
-        route: str,
-        origin: str,
-        source: str,
-        carrier: Session | None = None,
-    ) -> None:
-        """Run an inbound session: handshake, then wait for the dialer's first record.
-
-        Until that record authenticates, the connection is *half-open*: message 1
-        is replayable, so a finished handshake proves nothing about the dialer.
-        Half-open connections are bounded in time (``handshake_timeout``, for
-        both steps together) and in number (``max_half_open``, and a quarter of
-        the descriptor budget; when full, the oldest connection of the source
-        holding the most is shed rather than the newcomer refused, so neither
-        idle connections nor a flooding source lock dialers out).  A message 1
-        seen before (a replay) or beyond its source's handshake rate is dropped
-        before any public-key work.  Only confirmed sessions join the pool.
-        Sessions forwarded to us (``carrier`` is the session carrying them)
-        have their own half-open table and count apart from ``max_sessions``.
-        """
-        scope = anyio.CancelScope(deadline=anyio.current_time() + self.config.handshake_timeout)
-        pending = _HalfOpen(scope)
-        key = id(pending)
-        table = self._half_open if carrier is None else self._nested_half_open
-        victim = table.add(source, key, pending)
-        if victim is not None:
-            victim.shed()
-            self._counters["connections_shed"] += 1
-        session: Session | None = None
-        ephemeral = b""
-
-        def screen(message: bytes) -> None:
-            nonlocal ephemeral
-            ephemeral = message[:32]
-            self._screen(ephemeral, source)
-
-        try:
-            with scope:
-                try:
-                    result, leftover = await accept_handshake(transport, self._key, screen=screen)
-                except (
-                    CapsockError,
-                    anyio.EndOfStream,
-                    anyio.BrokenResourceError,
-                    OSError,
-                ) as exc:
-                    self._counters["handshakes_failed"] += 1
-                    self._drop_log.info("dropped inbound connection from %s: %s", origin, str(exc))
-                    return
-                self._replays.add(ephemeral, anyio.current_time())
-                session = pending.session = self._new_session(transport, result, leftover, route)
-                self._sources[session] = source
-                # Join the pool the moment the dialer is confirmed, before the
-                # session processes anything that record asks for (a relay
-                # registration answered "ok" must find the session pooled).
-                session.on_confirmed = (
-                    self._confirm_inbound if carrier is None else self._confirm_forwarded
-                )
-                self._tg_start(session.run)
-                await session.confirmed.wait()
-        finally:
-            table.remove(source, key)
-            if session is None or not session.confirmed.is_set() or pending.was_shed:
-                if session is not None:
-                    self._drop_log.info(
-                        "dropped inbound session from %s: the dialer never spoke", origin
-                    )
-                    self._counters["handshakes_failed"] += 1
-                    session.abort()
-                if scope.cancelled_caught and session is None:
-                    self._counters["handshakes_failed"] += 1
-                    self._drop_log.info(
-                        "dropped inbound connection from %s: handshake timeout", origin
-                    )
-                with anyio.CancelScope(shield=True):
-                    await transport.aclose()
-        if session is None or not session.confirmed.is_set() or pending.was_shed:
-            if session is not None:
-                self._forget_session(session)
-            return
-        try:
-            await session.finished.wait()
-        finally:
-            self._forget_session(session)
-
-    def _forget_session(self, session: Session) -> None:
-        self._strangers.pop(session, None)
-        self._sources.pop(session, None)
-        self._cut.discard(session)
-        self._pool_remove(session)
-
-    def _screen(self, ephemeral: bytes, source: str) -> None:
-        """Cheap checks on a message 1 before the public-key work (raises to drop it)."""
-        now = anyio.current_time()
-        if self._replays.seen(ephemeral, now):
-            self._counters["handshakes_replayed"] += 1
-            raise HandshakeError("a replayed first handshake message")
-        if self._buckets.take(source, now) > 0.0:
-            self._counters["handshakes_throttled"] += 1
-            raise HandshakeError("too many handshakes from this source")
-
-    def _confirm_inbound(self, session: Session) -> None:
-        if session in self._counted:
-            return
-        if self._session_count >= self.config.max_sessions and not self._shed_stranger():
-            log.warning("dropping session from %s: max_sessions reached", session.peer.short())
-            session.abort()
-            return
-        self._pool_add(session)
-        self._strangers[session] = None
-
-    def _shed_stranger(self) -> bool:
-        if not self._strangers:
-            return False
-        stranger, _ = self._strangers.popitem(last=False)
-        log.info("shed the idle session from %s to make room", stranger.peer.short())
-        self._counters["connections_shed"] += 1
-        stranger.abort()
-        self._pool_remove(stranger)
-        return True
-
-    def _confirm_forwarded(self, session: Session) -> None:
-        self._pool_add(session, counted=False)
-
-    def _pool_add(self, session: Session, *, counted: bool = True) -> None:
-        if counted:
-            self._session_count += 1
-            self._counted.add(session)
-        previous = self._sessions.get(session.peer)
-        if previous is None or not previous.is_usable:
-            self._sessions[session.peer] = session
-
-    def _pool_remove(self, session: Session) -> None:
-        if session in self._counted:
-            self._counted.discard(session)
-            self._session_count -= 1
-        if self._sessions.get(session.peer) is session:
-            del self._sessions[session.peer]
-
-    def _new_session(
-        self, transport: anyio.abc.ByteStream, result: HandshakeResult, leftover: bytes, route: str
-    ) -> Session:
-        return Session(
-            transport,
-            result,
-            leftover=leftover,
-            route=route,
-            config=self.config.session,
-            on_open=self._on_open,
-        )
-
-    async def _run_session(self, session: Session) -> None:
-        """Run an outbound (or otherwise trusted) session, pooled while it runs."""
-        self._pool_add(session)
-        try:
-            await session.run()
-        finally:
-            self._cut.discard(session)
-            self._pool_remove(session)
-
-    def _tg_start(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        self._require_running().start_soon(fn)
-
-    def _on_open(
-        self, session: Session, sid: int, token_bytes: bytes
-    ) -> Coroutine[Any, Any, None] | None:
-        """Answer an OPEN at once; return a coroutine when it must wait (full backlog)."""
-        voucher = transport_voucher(token_bytes)
-        if voucher is not None:
-            return self._accept_transport(session, sid, voucher)
-        self._counters["opens_received"] += 1
-        if session in self._cut:  # ending (GOAWAY sent): no check, no answer
-            return None
-        token: Token | None
-        reason: str | None = None
-        try:
-            token = Token.decode(token_bytes)
-        except InvalidCapability as exc:
-            reason = f"malformed token ({exc})"
-            token = None
-        listener = self._listeners.get(token.root_id) if token is not None else None
-        verdict = Verdict(reason)
-        if token is not None:
-            # The same work for every token.  A use is consumed only when the
-            # stream is really accepted (not for a closed or full listener), and
-            # the token is checked before anything reveals the listener's state.
-            ready = listener is not None and not listener._full()
-            verdict = authorize(
-                self._store, token, peer=session.peer, now=self._clock(), consume=ready
-            )
-            if verdict.allowed and listener is not None and not ready:
-                return self._open_when_room(session, sid, token, listener)
-        self._answer_open(session, sid, token, listener, verdict)
-        return None
-
-    async def _open_when_room(
-        self, session: Session, sid: int, token: Token, listener: Listener
-    ) -> None:
-        """Give a busy application a moment to accept() before refusing BUSY."""
-        with anyio.move_on_after(self.config.backlog_wait):
-            while listener._full() and not listener._retired:  # noqa: ASYNC110
-                await anyio.sleep(0.01)
-        if listener._retired or listener._full():
-            log.warning("listener is full; refusing a stream from %s", session.peer.short())
-            session.reject(sid, ErrorCode.BUSY)
-            return
-        verdict = authorize(self._store, token, peer=session.peer, now=self._clock())
-        self._answer_open(session, sid, token, listener, verdict)
-
-    def _answer_open(
-        self,
-        session: Session,
-        sid: int,
-        token: Token | None,
-        listener: Listener | None,
-        verdict: Verdict,
-    ) -> None:
-        reason = verdict.reason
-        if reason is None and (listener is None or listener._retired):
-            reason = "listener closed"
-        if reason is not None or listener is None or token is None:
-            self._counters["opens_refused"] += 1
-            self._refusal_log.info("refused a stream from %s: %s", session.peer.short(), reason)
-            session.reject(sid, ErrorCode.REFUSED)
-            self._charge_refusal(session)
-            return
-        cap = Capability(self.id, token, ())
-        stream = session.accept(sid, cap)
-        if stream is not None:
-            self._counters["streams_accepted"] += 1
-            self._strangers.pop(session, None)  # it holds a capability: not shed first
-            self._authorized_peers[session.peer] = None
-            self._authorized_peers.move_to_end(session.peer)
-            if len(self._authorized_peers) > _MAX_AUTHORIZED_PEERS:
-                self._authorized_peers.popitem(last=False)
-            self._stream_tags[stream] = verdict.tags
-            listener._deliver(stream)
-        listener._check_used_up()
-
-    def _charge_refusal(self, session: Session) -> None:
-        """Count a refused OPEN against its source; end the session past the budget."""
-        source = self._sources.get(session) or f"peer:{session.peer}"
-        if session in self._cut or self._refusals.take(source, anyio.current_time()) == 0.0:
-            return
-        self._cut.add(session)
-        self._counters["sessions_cut_for_refusals"] += 1
-        self._drop_log.info(
-            "ending the session from %s: too many refused streams from its source",
-            session.peer.short(),
-        )
-        session.end(ErrorCode.LIMIT_EXCEEDED, "too many refused streams")
-
-    def _trusts_forwarding(self, session: Session, voucher: bytes) -> bool:
-        """Whether ``session``'s peer may forward sessions to us (transport streams).
-
-        ``voucher`` is what followed the ``0x00`` of the OPEN token: empty, or
-        a capability token of ours that the forwarder holds (an introducer
-        that never opened a stream to us proves it this way; no use is
-        counted).
-        """
-        policy = self.config.accept_forwarded
-        if policy == "any":
-            return True
-        if policy == "never":
-            return False
-        if (
-            session.dialer  # we chose to connect to it (a relay, an introducer we used)
-            or any(r.node == session.peer for r in self._relays)
-            or session.peer in self._authorized_peers  # it opened a stream with our capability
-        ):
-            return True
-        if not voucher:
-            return False
-        try:
-            token = Token.decode(voucher)
-        except InvalidCapability:
-            return False
-        verdict = authorize(self._store, token, peer=session.peer, now=self._clock(), consume=False)
-        return verdict.allowed
-
-    async def _accept_transport(self, session: Session, sid: int, voucher: bytes) -> None:
-        """A peer forwards a session to us over a stream: run it as an inbound session.
-
-        Only from peers we have a reason to accept it from, and bounded per
-        carrying session and node-wide, apart from the direct sessions.
-        """
-        if not self._trusts_forwarding(session, voucher):
-            self._counters["forwarded_refused"] += 1
-            session.reject(sid, ErrorCode.REFUSED)
-            return
-        carried = self._nested_by_carrier.get(session, 0)
-        per_carrier = (
-            self.config.max_forwarded_sessions
-            if any(r.node == session.peer for r in self._relays)
-            else self.config.max_forwarded_per_session
-        )
-        if carried >= per_carrier or self._nested_count >= self.config.max_forwarded_sessions:
-            self._counters["forwarded_refused"] += 1
-            session.reject(sid, ErrorCode.BUSY)
-            return
-        stream = session.accept(sid, None)
-        if stream is None:
-            return
-        self._nested_count += 1
-        self._nested_by_carrier[session] = carried + 1
-        try:
-            peer = session.peer.short()
-            await self._admit(
-                stream,
-                f"forwarded by {peer}",
-                f"a session forwarded by {peer}",
-                f"forwarded:{session.peer}",
-                carrier=session,
-            )
-        finally:
-            self._nested_count -= 1
-            left = self._nested_by_carrier[session] - 1
-            if left:
-                self._nested_by_carrier[session] = left
-            else:
-                del self._nested_by_carrier[session]
-
-    async def _open_transport(self, target: NodeId) -> Stream:
-        """A transport stream to ``target`` for a forwarded session (forwarder side).
-
-        Raises:
-            Unreachable: no session to ``target`` and no direct route known.
-            CapabilityRejected: ``target`` refused to carry a forwarded session.
-        """
-        session = self._sessions.get(target)
-        if session is None or not session.is_usable:
-            hints = tuple(h for h in self._routes.get(target, ()) if not isinstance(h, ViaHint))
-            if not hints:
-                raise Unreachable(f"this node has no session and no route to {target.short()}")
-            session = await self._session_for(target, hints)
-        voucher = self._vouchers.get(target)
-        return await session.open_stream(transport_token(voucher))
-
     # ---------------------------------------------------------- forwarding
 
     async def forwarding(self, name: str | None = None) -> Listener:
@@ -888,18 +345,13 @@ class Node:
         # reason to: holding one of its capabilities is one).
         self._vouchers[c.node] = c.token.encode()
         self._vouchers.move_to_end(c.node)
-        if len(self._vouchers) > _MAX_AUTHORIZED_PEERS:
+        if len(self._vouchers) > MAX_AUTHORIZED_PEERS:
             self._vouchers.popitem(last=False)
         via = self._introductions.uri.attenuate(ttl=ttl, peer=to, to=c.node, now=now)
         narrowed = c.attenuate(ttl=ttl, peer=to, now=now)
         direct = tuple(h for h in c.hints if not isinstance(h, ViaHint))
         relayed = tuple(h for h in c.hints if isinstance(h, ViaHint))
         return narrowed.with_hints((*direct, ViaHint(via), *relayed))
-
-    def _remember_route(self, cap: Capability) -> None:
-        direct = tuple(h for h in cap.hints if not isinstance(h, ViaHint))
-        if direct:
-            self._routes[cap.node] = direct
 
     # ---------------------------------------------------------- listen / connect
 
@@ -976,46 +428,6 @@ class Node:
                 self._require_running().start_soon(self._expire, listener, caveat.at)
         self._listeners[entry.root_id] = listener
         return listener
-
-    async def _keep_relay(self, relay: Capability) -> None:
-        """Stay registered with ``relay``: reconnect with backoff and jitter."""
-        first, largest = self.config.relay_backoff
-        delay = first
-        key = relay.redacted()
-        while not self._closed:
-            self._set_relay_status(key, "connecting")
-            try:
-                stream = await forward_register(self, relay)
-            except (CapsockError, OSError, TimeoutError, anyio.BrokenResourceError) as exc:
-                if isinstance(exc, CapabilityRejected) and exc.code == ErrorCode.REFUSED:
-                    # The capability is dead (revoked, expired, forged): retrying
-                    # cannot help.  BUSY and SHUTTING_DOWN are worth a retry.
-                    self._relay_refusals[key] = exc
-                    self._set_relay_status(key, f"refused: {exc}")
-                    log.warning("relay %s: %s; not retrying", relay.node.short(), str(exc))
-                    return
-                self._set_relay_status(key, f"failed: {exc}")
-                log.warning("relay %s: %s; retrying in %.1f s", relay.node.short(), str(exc), delay)
-            else:
-                self._set_relay_status(key, "registered")
-                delay = first
-                log.info("registered with relay %s", relay.node.short())
-                try:
-                    async with stream:
-                        while True:
-                            await stream.receive()
-                except (anyio.EndOfStream, anyio.BrokenResourceError, CapsockError):
-                    self._set_relay_status(key, "lost")
-                    if self._closed:  # our own shutdown closed the session
-                        return
-                    log.warning("lost the relay %s; reconnecting", relay.node.short())
-            await anyio.sleep(delay * (0.5 + secrets.randbelow(1000) / 1000))
-            delay = min(delay * 2, largest)
-
-    def _set_relay_status(self, key: str, status: str) -> None:
-        self.relay_status[key] = status
-        self._relay_changed.set()
-        self._relay_changed = anyio.Event()
 
     async def wait_registered(self) -> None:
         """Wait until this node is registered with every relay it was given.
@@ -1102,276 +514,3 @@ class Node:
         stream = await session.open_stream(cap.token.encode(), cap)
         self._remember_route(cap)
         return stream
-
-    async def _session_for(self, node: NodeId, hints: tuple[Hint, ...]) -> Session:
-        session = self._sessions.get(node)
-        if session is not None and session.is_usable:
-            return session
-        # A via route dials its forwarder from inside this dial.  URIs are
-        # untrusted input: their via hints can loop (E via F, F via E) or nest
-        # without end; refuse both instead of re-entering the dial lock.
-        path = _DIALING.get()
-        if node in path:
-            raise Unreachable(f"the route to {node.short()} loops back to itself (via hints)")
-        if len(path) >= _MAX_VIA_DEPTH:
-            raise Unreachable(f"the route to {node.short()} nests too many via hints")
-        lock = self._dial_locks.setdefault(node, anyio.Lock())
-        token = _DIALING.set(path | {node})
-        try:
-            async with lock:
-                session = self._sessions.get(node)
-                if session is not None and session.is_usable:
-                    return session
-                return await self._dial(node, hints)
-        finally:
-            _DIALING.reset(token)
-
-    async def _dial(self, node: NodeId, hints: tuple[Hint, ...]) -> Session:
-        """Try direct hints (a short head start when forwarding routes exist), then ``via``."""
-        tg = self._require_running()
-        attempts: list[tuple[str, str]] = []
-        auth_failed = False
-        direct = [h for h in hints if not isinstance(h, ViaHint)]
-        via = [h for h in hints if isinstance(h, ViaHint)]
-        direct_timeout = self.config.direct_timeout if via else self.config.connect_timeout
-        for hint in [*direct, *via]:
-            transport: anyio.abc.ByteStream | None = None
-            if isinstance(hint, ViaHint):
-                route = f"via {hint.capability.node.short()}"
-                timeout = self.config.connect_timeout
-            else:
-                route = str(hint)
-                timeout = direct_timeout
-            try:
-                with anyio.fail_after(timeout):
-                    transport = await self._connect_route(hint, node)
-                    result, leftover = await dial_handshake(transport, self._key, node)
-            except PeerAuthenticationError as exc:
-                auth_failed = True
-                attempts.append((route, str(exc)))
-            except (
-                TimeoutError,
-                OSError,
-                CapsockError,
-                anyio.BrokenResourceError,
-                anyio.EndOfStream,
-            ) as exc:
-                attempts.append((route, str(exc) or type(exc).__name__))
-            else:
-                session = self._new_session(transport, result, leftover, route)
-                tg.start_soon(self._run_session, session)
-                await session.ready.wait()
-                return session
-            if transport is not None:
-                with anyio.CancelScope(shield=True):
-                    await transport.aclose()
-        if auth_failed:
-            raise PeerAuthenticationError("; ".join(f"{route}: {why}" for route, why in attempts))
-        if not hints:
-            raise Unreachable(
-                f"the capability for {node.short()} carries no route hints and there is "
-                "no open session to that node"
-            )
-        raise Unreachable(
-            f"could not reach node {node.short()} (is it still running, and is one of "
-            "the URI's routes reachable from here?)",
-            tuple(attempts),
-        )
-
-    async def _connect_route(self, hint: Hint, node: NodeId) -> anyio.abc.ByteStream:
-        if isinstance(hint, TcpHint):
-            stream = await anyio.connect_tcp(hint.host, hint.port)
-            sock = stream.extra(SocketAttribute.raw_socket)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return stream
-        if isinstance(hint, UnixHint):
-            return await anyio.connect_unix(hint.path)
-        if hint.capability.node == node:
-            raise Unreachable("a forwarding route through the endpoint itself is useless")
-        return await open_via(self, hint.capability, node)
-
-
-_DIALING: contextvars.ContextVar[frozenset[NodeId]] = contextvars.ContextVar(
-    "capsock_dialing", default=frozenset()
-)
-"""The nodes this task is dialing right now (a via route dials its forwarder first)."""
-_MAX_VIA_DEPTH = 4
-_MAX_AUTHORIZED_PEERS = 4096
-
-
-def _open_spare() -> int | None:
-    try:
-        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-
-
-def _describe_peer(addr: object) -> str:
-    if addr is None:
-        return "unknown"
-    if isinstance(addr, tuple):
-        return f"tcp:{addr[0]}:{addr[1]}"
-    return f"unix:{addr or '?'}"
-
-
-class _HalfOpen:
-    """An inbound connection in its handshake (until the dialer's first record)."""
-
-    __slots__ = ("scope", "session", "was_shed")
-
-    def __init__(self, scope: anyio.CancelScope) -> None:
-        self.scope = scope
-        self.session: Session | None = None
-        self.was_shed = False
-
-    def shed(self) -> None:
-        """Drop it, also when its first record has just arrived."""
-        self.was_shed = True
-        self.scope.cancel()
-        if self.session is not None:
-            self.session.abort()
-
-
-class _LimitedLog:
-    """At most ``per_window`` lines per ``window`` seconds; the rest are counted
-    and the count is reported with the next line that gets through."""
-
-    def __init__(self, logger: logging.Logger, *, per_window: int, window: float) -> None:
-        self._log = logger
-        self._per_window = per_window
-        self._window = window
-        self._start = -1e9
-        self._lines = 0
-        self._suppressed = 0
-
-    def info(self, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._start >= self._window:
-            self._start, self._lines = now, 0
-        if self._lines >= self._per_window:
-            self._suppressed += 1
-            return
-        self._lines += 1
-        if self._suppressed:
-            msg += " (%d similar lines suppressed)"
-            args = (*args, self._suppressed)
-            self._suppressed = 0
-        self._log.info(msg, *args)
-
-
-class Listener(anyio.abc.Listener[Stream]):
-    """Accepts the streams opened with one root capability (``listener.uri``)."""
-
-    def __init__(self, node: Node, uri: Capability, backlog: int) -> None:
-        self._node = node
-        self._uri = uri
-        self._send, self._recv = anyio.create_memory_object_stream[Stream](backlog)
-        self._backlog = backlog
-        self._closed = False
-        self._retired = False
-        node._all_listeners.add(self)
-        self._uses: tuple[bytes, int] | None = None  # (counter key, limit) of its own cap
-        self._tags: tuple[bytes, ...] = ()  # chain tags of its own capability
-        self._temporary = False  # its root is forgotten when it closes
-
-    @property
-    def uri(self) -> Capability:
-        """The capability to hand out (``str()`` gives the ``capsock://`` URI)."""
-        return self._uri
-
-    def __repr__(self) -> str:
-        return f"<capsock.Listener {self._uri.redacted()}>"
-
-    @property
-    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
-        return {CapsockAttribute.capability: lambda: self._uri}
-
-    def _retire(self) -> None:
-        """Accept no new streams; queued ones stay acceptable, then accept() ends."""
-        if self._retired:
-            return
-        self._retired = True
-        if self._node._listeners.get(self._uri.token.root_id) is self:
-            del self._node._listeners[self._uri.token.root_id]
-        self._send.close()
-
-    def _check_used_up(self) -> None:
-        if self._uses is not None and not self._retired:
-            key, limit = self._uses
-            if self._node._store.uses(key) >= limit:
-                log.info("temporary listener %s is used up", self._uri.redacted())
-                self._retire()
-
-    def _full(self) -> bool:
-        return self._send.statistics().current_buffer_used >= self._backlog
-
-    def _deliver(self, stream: Stream) -> None:
-        try:
-            self._send.send_nowait(stream)
-        except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
-            self._node._tg.start_soon(stream.aclose) if self._node._tg else None
-
-    async def accept(self) -> Stream:
-        """Wait for the next stream opened with this listener's capability.
-
-        Raises:
-            anyio.ClosedResourceError: the listener was closed.
-        """
-        try:
-            return await self._recv.receive()
-        except anyio.EndOfStream:
-            raise anyio.ClosedResourceError from None
-
-    async def serve(
-        self,
-        handler: Callable[[Stream], Any],
-        task_group: anyio.abc.TaskGroup | None = None,
-    ) -> None:
-        """Run ``handler(stream)`` in a new task for every accepted stream, until closed.
-
-        Each stream is closed when its handler returns.  An exception from one
-        handler is logged (``capsock.node`` logger) and does not stop the others.
-        """
-
-        async def run(stream: Stream) -> None:
-            # One misbehaving peer or handler must not stop the listener: stream
-            # errors are expected (peers vanish) and only logged; anything else
-            # is logged with its traceback.
-            try:
-                async with stream:
-                    await handler(stream)
-            except (
-                anyio.BrokenResourceError,
-                anyio.ClosedResourceError,
-                anyio.EndOfStream,
-                CapsockError,
-            ) as exc:
-                log.info("stream from %s ended: %s", stream.peer.short(), str(exc))
-            except Exception:
-                log.exception("stream handler failed; the listener keeps serving")
-
-        async with anyio.create_task_group() as own:
-            tg = task_group or own
-            while True:
-                try:
-                    stream = await self.accept()
-                except anyio.ClosedResourceError:
-                    return
-                tg.start_soon(run, stream)
-
-    async def aclose(self) -> None:
-        """Stop accepting: new opens are refused; queued streams are closed."""
-        if self._closed:
-            return
-        self._closed = True
-        self._retire()
-        self._node._all_listeners.discard(self)
-        if self._temporary:
-            self._node._store.remove_root(self._uri.token.root_id)
-        while True:
-            try:
-                stream = self._recv.receive_nowait()
-            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-                break
-            await stream.aclose()
-        self._recv.close()
