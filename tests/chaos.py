@@ -62,7 +62,7 @@ from capsock.errors import ProtocolError
 from capsock.frames import Frame, decode_frames, encode_frame
 from capsock.handshake import HandshakeResult, InitiatorHandshake
 from capsock.keys import KeyPair, NodeId
-from capsock.noise import RecordReader
+from capsock.records import RecordReader
 from capsock.uri import Capability, TcpHint
 
 __all__ = [

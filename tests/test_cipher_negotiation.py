@@ -41,10 +41,10 @@ from capsock.noise import (
     PROTOCOL_NAME,
     CipherState,
     HandshakeState,
-    RecordReader,
     TransportCipher,
     available_ciphers,
 )
+from capsock.records import RecordReader
 
 ALICE = KeyPair(bytes(range(32)))
 BOB = KeyPair(bytes(range(32, 64)))
@@ -67,9 +67,9 @@ def run(
     """A full handshake; returns both results and the two Noise messages."""
     init = InitiatorHandshake(ALICE, BOB.node_id, ciphers=dialer)
     resp = ResponderHandshake(BOB, ciphers=listener)
-    first = strip(init.first_message())
+    first = strip(init.first_record())
     assert resp.read_first(first) == ALICE.node_id
-    record, resp_result = resp.second_message()
+    record, resp_result = resp.second_record()
     second = strip(record)
     return init.read_second(second), resp_result, first, second
 
@@ -90,7 +90,7 @@ def first_message(payload: bytes) -> bytes:
 def answer(init: InitiatorHandshake, payload: bytes) -> tuple[bytes, HandshakeState]:
     """IK message 2 with any payload (a hand-driven responder), for ``init``'s message 1."""
     hs = HandshakeState(PROTOCOL_NAME, False, PROLOGUE, s=BOB.x25519_private)
-    hs.read_message(strip(init.first_message()))
+    hs.read_message(strip(init.first_record()))
     return hs.write_message(payload), hs
 
 
@@ -144,8 +144,8 @@ def test_responder_without_aesgcm_hardware(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(noise_mod, "_AESGCM_AVAILABLE", False)
     assert available_ciphers() == ("ChaChaPoly",)
     resp = ResponderHandshake(BOB, ciphers=["AESGCM", "ChaChaPoly"])  # allowed, not available
-    resp.read_first(strip(init.first_message()))
-    record, resp_result = resp.second_message()
+    resp.read_first(strip(init.first_record()))
+    record, resp_result = resp.second_record()
     init_result = init.read_second(strip(record))
     assert init_result.cipher_name == resp_result.cipher_name == "ChaChaPoly"
     round_trip(init_result.cipher, resp_result.cipher)
@@ -166,13 +166,13 @@ def test_ciphers_argument_validation() -> None:
 def test_offer_and_choice_on_the_wire() -> None:
     init = InitiatorHandshake(ALICE, BOB.node_id)
     hs = HandshakeState(PROTOCOL_NAME, False, PROLOGUE, s=BOB.x25519_private)
-    assert hs.read_message(strip(init.first_message())) == NODE + OFFER
+    assert hs.read_message(strip(init.first_record())) == NODE + OFFER
     dialer = HandshakeState(
         PROTOCOL_NAME, True, PROLOGUE, s=ALICE.x25519_private, rs=BOB.x25519_public
     )
     resp = ResponderHandshake(BOB)
     resp.read_first(dialer.write_message(NODE + OFFER))
-    record, result = resp.second_message()
+    record, result = resp.second_record()
     assert dialer.read_message(strip(record)) == b"\x01\x01\x02"
     ours = TransportCipher.from_handshake(dialer, "AESGCM")
     round_trip(ours, result.cipher)
@@ -200,7 +200,7 @@ def test_responder_choice(extensions: bytes, cipher: str, choice: bytes) -> None
     )
     resp = ResponderHandshake(BOB)
     resp.read_first(dialer.write_message(NODE + extensions))
-    record, result = resp.second_message()
+    record, result = resp.second_record()
     assert result.cipher_name == cipher
     assert dialer.read_message(strip(record)) == choice
     round_trip(TransportCipher.from_handshake(dialer, cipher), result.cipher)
@@ -216,7 +216,7 @@ def test_responder_rejects_malformed_offer(extensions: bytes) -> None:
     with pytest.raises(HandshakeError):
         resp.read_first(first_message(NODE + extensions))
     with pytest.raises(LocalUsageError):
-        resp.second_message()  # nothing is ever sent after a bad message 1
+        resp.second_record()  # nothing is ever sent after a bad message 1
 
 
 # --- the dialer's side: it only accepts what it offered ---------------------
@@ -283,7 +283,7 @@ def test_dialer_offering_only_chachapoly_rejects_aesgcm(monkeypatch: pytest.Monk
 
 @needs_aesgcm
 def test_tampered_offer_fails_the_handshake() -> None:
-    message = strip(InitiatorHandshake(ALICE, BOB.node_id).first_message())
+    message = strip(InitiatorHandshake(ALICE, BOB.node_id).first_record())
     assert len(message) == 132
     # e (32) | s (48) | payload: node id (32), offer (4) | tag (16)
     offer_and_tag = range(32 + 48 + 32, len(message))
@@ -304,8 +304,8 @@ def test_tampered_choice_fails_the_handshake() -> None:
     def pair() -> tuple[InitiatorHandshake, bytes]:
         init = InitiatorHandshake(ALICE, BOB.node_id)
         resp = ResponderHandshake(BOB)
-        resp.read_first(strip(init.first_message()))
-        return init, strip(resp.second_message()[0])
+        resp.read_first(strip(init.first_record()))
+        return init, strip(resp.second_record()[0])
 
     _, message = pair()
     assert len(message) == 51
@@ -544,8 +544,8 @@ def test_fallback_path_in_a_full_handshake(monkeypatch: pytest.MonkeyPatch) -> N
     for dialer in (None, ["ChaChaPoly"]):
         init = InitiatorHandshake(ALICE, BOB.node_id, ciphers=dialer)
         resp = ResponderHandshake(BOB)
-        resp.read_first(strip(init.first_message()))
-        record, resp_result = resp.second_message()  # the responder uses the lib
+        resp.read_first(strip(init.first_record()))
+        record, resp_result = resp.second_record()  # the responder uses the lib
         with monkeypatch.context() as patch:
             patch.setattr(noise_mod, "_FAST_AEAD", False)
             init_result = init.read_second(strip(record))

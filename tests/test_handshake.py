@@ -33,9 +33,9 @@ from capsock.noise import (
     PROLOGUE,
     PROTOCOL_NAME,
     HandshakeState,
-    RecordReader,
     TransportCipher,
 )
+from capsock.records import RecordReader
 
 ALICE = KeyPair(bytes(range(32)))
 BOB = KeyPair(bytes(range(32, 64)))
@@ -64,8 +64,8 @@ def handshake(
 ) -> tuple[HandshakeResult, HandshakeResult]:
     init = InitiatorHandshake(dialer, listener.node_id)
     resp = ResponderHandshake(listener)
-    assert resp.read_first(strip(init.first_message())) == dialer.node_id
-    record, resp_result = resp.second_message()
+    assert resp.read_first(strip(init.first_record())) == dialer.node_id
+    record, resp_result = resp.second_record()
     init_result = init.read_second(strip(record))
     return init_result, resp_result
 
@@ -140,21 +140,21 @@ def test_message_sizes() -> None:
     # Without a cipher offer: the plain sizes.
     init = InitiatorHandshake(ALICE, BOB.node_id, ciphers=["ChaChaPoly"])
     assert init.offered_ciphers == ()
-    first = init.first_message()
+    first = init.first_record()
     assert len(first) == 2 + FIRST_MESSAGE_LEN
     resp = ResponderHandshake(BOB)
     resp.read_first(strip(first))
-    second, _ = resp.second_message()
+    second, _ = resp.second_record()
     assert len(second) == 2 + SECOND_MESSAGE_LEN
     # Defaults: an offer (and a choice) exactly when AESGCM is available here.
     init = InitiatorHandshake(ALICE, BOB.node_id)
     offering = bool(init.offered_ciphers)
-    first = init.first_message()
+    first = init.first_record()
     assert len(first) == 2 + expected_first_message_len(CIPHER_OFFER_LEN if offering else 0)
     assert len(first) <= 2 + 132 < 1024  # the session's cap on message 1
     resp = ResponderHandshake(BOB)
     resp.read_first(strip(first))
-    second, _ = resp.second_message()
+    second, _ = resp.second_record()
     assert len(second) == 2 + SECOND_MESSAGE_LEN + (CIPHER_CHOICE_LEN if offering else 0)
 
 
@@ -167,7 +167,7 @@ def test_fresh_ephemerals_give_fresh_sessions() -> None:
 def test_fixed_ephemeral_is_deterministic() -> None:
     one = InitiatorHandshake(ALICE, BOB.node_id, ephemeral=bytes(range(1, 33)))
     two = InitiatorHandshake(ALICE, BOB.node_id, ephemeral=bytes(range(1, 33)))
-    assert one.first_message() == two.first_message()
+    assert one.first_record() == two.first_record()
 
 
 def test_no_secrets_in_repr() -> None:
@@ -340,20 +340,20 @@ def test_wrong_remote_key() -> None:
     init = InitiatorHandshake(ALICE, BOB.node_id)
     carol = ResponderHandshake(CAROL)
     with pytest.raises(HandshakeError, match="not made for this node"):
-        carol.read_first(strip(init.first_message()))
+        carol.read_first(strip(init.first_record()))
     with pytest.raises(LocalUsageError):
-        carol.second_message()
+        carol.second_record()
 
 
 def test_impostor_answer_is_peer_authentication_error() -> None:
     """An answer from a node without BOB's key never yields a result."""
     init = InitiatorHandshake(ALICE, BOB.node_id)
-    init.first_message()
+    init.first_record()
     # CAROL pretends: she writes a well-formed IK answer to her own first message.
     other = InitiatorHandshake(ALICE, CAROL.node_id)
     carol = ResponderHandshake(CAROL)
-    carol.read_first(strip(other.first_message()))
-    record, _ = carol.second_message()
+    carol.read_first(strip(other.first_record()))
+    record, _ = carol.second_record()
     with pytest.raises(PeerAuthenticationError, match="did not prove it holds the key"):
         init.read_second(strip(record))
     with pytest.raises(LocalUsageError):
@@ -395,7 +395,7 @@ def test_unknown_extensions_ignored_in_first_message() -> None:
     message = first_message_with_payload(ALICE.node_id.raw + extensions)
     assert len(message) == expected_first_message_len(18)
     assert resp.read_first(message) == ALICE.node_id
-    record, result = resp.second_message()
+    record, result = resp.second_record()
     assert result.peer == ALICE.node_id
     assert result.cipher_name == "ChaChaPoly"
     assert len(strip(record)) == SECOND_MESSAGE_LEN  # no offer: no choice
@@ -405,7 +405,7 @@ def test_unknown_extensions_ignored_in_first_message() -> None:
 def test_unknown_extensions_ignored_in_second_message(extensions: bytes) -> None:
     init = InitiatorHandshake(ALICE, BOB.node_id)
     hs = HandshakeState(PROTOCOL_NAME, False, PROLOGUE, s=BOB.x25519_private)
-    hs.read_message(strip(init.first_message()))
+    hs.read_message(strip(init.first_record()))
     result = init.read_second(hs.write_message(extensions))
     assert result.handshake_hash == hs.handshake_hash
     assert result.cipher_name == "ChaChaPoly"
@@ -419,7 +419,7 @@ def test_malformed_extensions_in_first_message(extensions: bytes) -> None:
     with pytest.raises(HandshakeError, match="extension"):
         resp.read_first(first_message_with_payload(ALICE.node_id.raw + extensions))
     with pytest.raises(LocalUsageError):
-        resp.second_message()
+        resp.second_record()
 
 
 def test_reflection_refused() -> None:
@@ -435,7 +435,7 @@ def test_reflection_refused() -> None:
 
 @pytest.mark.parametrize("point", LOW_ORDER, ids=[p.hex()[:8] for p in LOW_ORDER])
 def test_low_order_ephemeral_in_first_message(point: bytes) -> None:
-    message = strip(InitiatorHandshake(ALICE, BOB.node_id).first_message())
+    message = strip(InitiatorHandshake(ALICE, BOB.node_id).first_record())
     with pytest.raises(HandshakeError, match="low-order"):
         ResponderHandshake(BOB).read_first(point + message[32:])
 
@@ -444,8 +444,8 @@ def test_low_order_ephemeral_in_first_message(point: bytes) -> None:
 def test_low_order_ephemeral_in_second_message(point: bytes) -> None:
     init = InitiatorHandshake(ALICE, BOB.node_id)
     resp = ResponderHandshake(BOB)
-    resp.read_first(strip(init.first_message()))
-    record, _ = resp.second_message()
+    resp.read_first(strip(init.first_record()))
+    record, _ = resp.second_record()
     with pytest.raises(HandshakeError, match="low-order"):
         init.read_second(point + strip(record)[32:])
 
@@ -463,14 +463,14 @@ def test_low_order_static_key_in_first_message() -> None:
 
 
 def test_truncated_first_message() -> None:
-    message = strip(InitiatorHandshake(ALICE, BOB.node_id).first_message())
+    message = strip(InitiatorHandshake(ALICE, BOB.node_id).first_record())
     for size in range(len(message)):
         with pytest.raises(HandshakeError):
             ResponderHandshake(BOB).read_first(message[:size])
 
 
 def test_extended_first_message() -> None:
-    message = strip(InitiatorHandshake(ALICE, BOB.node_id).first_message())
+    message = strip(InitiatorHandshake(ALICE, BOB.node_id).first_record())
     for extra in (b"\x00", b"junk" * 10):
         with pytest.raises(HandshakeError):
             ResponderHandshake(BOB).read_first(message + extra)
@@ -479,7 +479,7 @@ def test_extended_first_message() -> None:
 
 
 def test_bit_flipped_first_message() -> None:
-    message = strip(InitiatorHandshake(ALICE, BOB.node_id).first_message())
+    message = strip(InitiatorHandshake(ALICE, BOB.node_id).first_record())
     for i in range(len(message)):
         for bit in (0x01, 0x80):
             bad = bytearray(message)
@@ -491,8 +491,8 @@ def test_bit_flipped_first_message() -> None:
 def _second_pair() -> tuple[InitiatorHandshake, bytes]:
     init = InitiatorHandshake(ALICE, BOB.node_id)
     resp = ResponderHandshake(BOB)
-    resp.read_first(strip(init.first_message()))
-    record, _ = resp.second_message()
+    resp.read_first(strip(init.first_record()))
+    record, _ = resp.second_record()
     return init, strip(record)
 
 
@@ -524,12 +524,12 @@ def test_out_of_order_calls() -> None:
     init = InitiatorHandshake(ALICE, BOB.node_id)
     with pytest.raises(LocalUsageError):
         init.read_second(bytes(48))
-    init.first_message()
+    init.first_record()
     with pytest.raises(LocalUsageError):
-        init.first_message()
+        init.first_record()
     resp = ResponderHandshake(BOB)
     with pytest.raises(LocalUsageError):
-        resp.second_message()
+        resp.second_record()
 
 
 def test_failed_responder_cannot_continue() -> None:
@@ -537,7 +537,7 @@ def test_failed_responder_cannot_continue() -> None:
     with pytest.raises(HandshakeError):
         resp.read_first(bytes(200))
     with pytest.raises(LocalUsageError):
-        resp.read_first(strip(InitiatorHandshake(ALICE, BOB.node_id).first_message()))
+        resp.read_first(strip(InitiatorHandshake(ALICE, BOB.node_id).first_record()))
 
 
 # --- property tests: random input only ever raises capsock errors ----------
@@ -556,7 +556,7 @@ def test_random_first_message(data: bytes) -> None:
 @given(st.binary(max_size=200) | st.binary(min_size=48, max_size=48))
 def test_random_second_message(data: bytes) -> None:
     init = InitiatorHandshake(ALICE, BOB.node_id)
-    init.first_message()
+    init.first_record()
     with pytest.raises(CapsockError):
         init.read_second(data)
 
@@ -585,3 +585,11 @@ def test_random_records(chunks: list[bytes]) -> None:
     except CapsockError:
         return
     assert total + reader.buffered == sum(map(len, chunks))
+
+
+def test_the_old_record_method_names_still_work() -> None:
+    """``first_message``/``second_message`` were renamed ``first_record``/``second_record``
+    (they return records, while ``read_first``/``read_second`` take messages); the old
+    names stay as aliases of the same methods."""
+    assert InitiatorHandshake.first_message is InitiatorHandshake.first_record
+    assert ResponderHandshake.second_message is ResponderHandshake.second_record

@@ -93,7 +93,7 @@ async def node(anyio_backend: str, request: pytest.FixtureRequest) -> Any:
 
 
 async def test_a_replay_flood_costs_no_public_key_work(node: NodeProcess) -> None:
-    recorded = InitiatorHandshake(KeyPair.generate(), node.uri.node).first_message()
+    recorded = InitiatorHandshake(KeyPair.generate(), node.uri.node).first_record()
     assert await send_first_message(node.host, node.port, recorded)  # genuine the first time
     assert not await send_first_message(node.host, node.port, recorded)  # a replay: dropped
     flood, latencies = await flood_while_probing(node, "replay", str(FLOOD_SECONDS), recorded.hex())

@@ -119,14 +119,14 @@ def payload_of(first_record: bytes, responder: KeyPair = BOB) -> bytes:
 @pytest.mark.parametrize("ciphers", [None, ["ChaChaPoly"]], ids=["default", "chachapoly"])
 def test_dialled_id_on_the_wire(ciphers: list[str] | None) -> None:
     init = InitiatorHandshake(ALICE, BOB.node_id, ciphers=ciphers, dialled_id=True)
-    first = init.first_message()
+    first = init.first_record()
     offer = b"\x01\x02\x02\x01" if init.offered_ciphers else b""
     assert payload_of(first) == ALICE.node_id.raw + offer + b"\x02\x20" + BOB.node_id.raw
     assert EXT_DIALLED_ID == 2 and DIALLED_ID_LEN == 34
     assert len(first) == 2 + FIRST_MESSAGE_LEN + len(offer) + DIALLED_ID_LEN
     resp = ResponderHandshake(BOB)
     assert resp.read_first(first[2:]) == ALICE.node_id
-    record, result = resp.second_message()
+    record, result = resp.second_record()
     assert init.read_second(record[2:]).handshake_hash == result.handshake_hash
 
 
@@ -134,7 +134,7 @@ def test_without_the_flag_message_1_is_byte_for_byte_as_before() -> None:
     """The golden shapes: node id, then the offer when there is one; nothing else."""
     for ciphers in (None, ["ChaChaPoly"]):
         init = InitiatorHandshake(ALICE, BOB.node_id, ciphers=ciphers)
-        first = init.first_message()
+        first = init.first_record()
         offer = b"\x01\x02\x02\x01" if init.offered_ciphers else b""
         assert payload_of(first) == ALICE.node_id.raw + offer
         assert len(first) == 2 + FIRST_MESSAGE_LEN + (CIPHER_OFFER_LEN if offer else 0)
@@ -147,17 +147,17 @@ def test_the_node_refuses_its_twin_before_answering() -> None:
     init = InitiatorHandshake(ALICE, twin, dialled_id=True)
     resp = ResponderHandshake(BOB)
     with pytest.raises(HandshakeError, match="sign bit flipped"):
-        resp.read_first(init.first_message()[2:])
+        resp.read_first(init.first_record()[2:])
     with pytest.raises(LocalUsageError):  # no message 2: nothing is sent
-        resp.second_message()
+        resp.second_record()
 
 
 def test_without_the_dialled_id_the_twin_would_reach_the_node() -> None:
     """Why the extension exists (and what plain Noise dialers still get)."""
     init = InitiatorHandshake(ALICE, BOB.node_id.twin())
     resp = ResponderHandshake(BOB)
-    resp.read_first(init.first_message()[2:])
-    record, _ = resp.second_message()
+    resp.read_first(init.first_record()[2:])
+    record, _ = resp.second_record()
     assert init.read_second(record[2:]).peer == BOB.node_id.twin()
 
 
@@ -180,7 +180,7 @@ def test_malformed_or_wrong_dialled_id(extension: bytes, match: str) -> None:
 def test_type_2_in_message_2_is_an_unknown_extension() -> None:
     init = InitiatorHandshake(ALICE, BOB.node_id, ciphers=["ChaChaPoly"], dialled_id=True)
     hs = HandshakeState(PROTOCOL_NAME, False, PROLOGUE, s=BOB.x25519_private)
-    hs.read_message(init.first_message()[2:])
+    hs.read_message(init.first_record()[2:])
     result = init.read_second(hs.write_message(b"\x02\x00\x02\x01\xff"))
     assert result.peer == BOB.node_id
 

@@ -11,7 +11,7 @@ import capsock
 from capsock.handshake import InitiatorHandshake
 from capsock.keys import KeyPair, NodeId
 from capsock.mux import Mux
-from capsock.noise import RecordReader
+from capsock.records import RecordReader
 from capsock.uri import Capability, TcpHint
 
 from .helpers import echo, read_all
@@ -108,7 +108,7 @@ async def test_responder_waits_for_the_dialer_to_speak_first() -> None:
         hs = InitiatorHandshake(me, server.id)
         sock = await anyio.connect_tcp(hint.host, hint.port)
         async with sock:
-            await sock.send(hs.first_message())
+            await sock.send(hs.first_record())
             reader = RecordReader()
             while (message := reader.next_record()) is None:
                 reader.feed(await sock.receive())

@@ -103,7 +103,7 @@ def test_capsock_initiator_against_plain_noise_responder(ciphers: list[str] | No
     """A responder that ignores extensions answers with an empty payload: ChaChaPoly."""
     init = InitiatorHandshake(ALICE, BOB.node_id, ciphers=ciphers)
     theirs = _their(False, BOB.x25519_private, None)
-    record = init.first_message()
+    record = init.first_record()
     assert int.from_bytes(record[:2], "big") == len(record) - 2
     payload = bytes(theirs.read_message(record[2:]))
     assert payload[:32] == ALICE.node_id.raw  # the dialer's Ed25519 key first
@@ -125,7 +125,7 @@ def test_plain_noise_initiator_against_capsock_responder(ciphers: list[str] | No
     theirs = _their(True, ALICE.x25519_private, BOB.x25519_public)
     resp = ResponderHandshake(BOB, ciphers=ciphers)
     assert resp.read_first(bytes(theirs.write_message(ALICE.node_id.raw))) == ALICE.node_id
-    record, result = resp.second_message()
+    record, result = resp.second_record()
     assert len(record) == 2 + 48
     assert bytes(theirs.read_message(record[2:])) == b""
     assert result.peer == ALICE.node_id
@@ -150,7 +150,7 @@ def _switch_to_aesgcm(conn: NoiseConnection) -> None:
 def test_capsock_initiator_against_extension_aware_noise_responder() -> None:
     init = InitiatorHandshake(ALICE, BOB.node_id)
     theirs = _their(False, BOB.x25519_private, None)
-    payload = bytes(theirs.read_message(init.first_message()[2:]))
+    payload = bytes(theirs.read_message(init.first_record()[2:]))
     assert payload == ALICE.node_id.raw + OFFER
     result = init.read_second(bytes(theirs.write_message(b"\x01\x01\x02")))
     assert result.cipher_name == "AESGCM"
@@ -165,7 +165,7 @@ def test_extension_aware_noise_initiator_against_capsock_responder() -> None:
     resp = ResponderHandshake(BOB)
     message = bytes(theirs.write_message(ALICE.node_id.raw + OFFER))
     assert resp.read_first(message) == ALICE.node_id
-    record, result = resp.second_message()
+    record, result = resp.second_record()
     assert bytes(theirs.read_message(record[2:])) == b"\x01\x01\x02"
     assert result.cipher_name == "AESGCM"
     assert result.handshake_hash == theirs.get_handshake_hash()

@@ -90,10 +90,11 @@ same peer where it grants something to a peer id: a ``peer`` caveat naming
 either spelling admits the holder of that key (:mod:`capsock.store`).
 Dialing either spelling of one's own key is refused.
 
-Records vs messages: ``first_message`` and ``second_message`` return whole
+Records vs messages: ``first_record`` and ``second_record`` return whole
 transport *records* (2-byte length prefix + Noise message); ``read_first`` and
 ``read_second`` take the Noise message without its prefix (as returned by
-:class:`~capsock.records.RecordReader`).
+:class:`~capsock.records.RecordReader`).  ``first_message`` and
+``second_message`` are the deprecated old names of the two record methods.
 """
 
 from __future__ import annotations
@@ -320,7 +321,7 @@ class InitiatorHandshake:
         """The transport ciphers message 1 offers, most preferred first (empty: no offer)."""
         return self._offer
 
-    def first_message(self) -> bytes:
+    def first_record(self) -> bytes:
         """The first record: length prefix + IK message 1 (payload: our node id,
         then the transport-cipher offer if there is one, then the dialled id).
 
@@ -338,6 +339,9 @@ class InitiatorHandshake:
             payload += bytes((EXT_DIALLED_ID, _NODE_ID_LEN)) + self._remote.raw
         return frame_record(self._noise.write_message(payload))
 
+    first_message = first_record
+    """Deprecated name of :meth:`first_record`: it returns a record, not a message."""
+
     def read_second(self, message: bytes) -> HandshakeResult:
         """Process IK message 2 (without its length prefix) and finish.
 
@@ -346,7 +350,7 @@ class InitiatorHandshake:
                 the key of the dialled node id.
             HandshakeError: the message is malformed (size, invalid ephemeral
                 key, extension encoding), or chose a cipher that was not offered.
-            LocalUsageError: called before :meth:`first_message`, or again.
+            LocalUsageError: called before :meth:`first_record`, or again.
         """
         if not self._sent:
             raise LocalUsageError("send the first handshake message before reading the second")
@@ -496,7 +500,7 @@ class ResponderHandshake:
                 return name
         return None  # nothing in common: the empty answer means ChaChaPoly
 
-    def second_message(self) -> tuple[bytes, HandshakeResult]:
+    def second_record(self) -> tuple[bytes, HandshakeResult]:
         """The answering record (length prefix + IK message 2) and the result.
 
         Raises:
@@ -518,6 +522,9 @@ class ResponderHandshake:
             is_initiator=False,
         )
         return record, self._result
+
+    second_message = second_record
+    """Deprecated name of :meth:`second_record`: it returns a record, not a message."""
 
     def __repr__(self) -> str:
         return f"ResponderHandshake(peer={self._peer!r}, done={self._result is not None})"
