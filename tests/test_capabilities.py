@@ -45,7 +45,7 @@ async def _works(client: capsock.Node, cap: Capability | str) -> bool:
 async def test_expiry_boundaries_with_an_injected_clock() -> None:
     clock = Clock(1_000_000.0)
     async with (
-        capsock.Node(listen=["tcp:127.0.0.1:0"], clock=clock) as server,
+        capsock.Node(listen=["tcp:127.0.0.1:0"], wall_clock=clock) as server,
         capsock.Node() as client,
     ):
         listener = await server.listen()

@@ -62,7 +62,7 @@ class OpenDecisions(Admission):
             # the token is checked before anything reveals the listener's state.
             ready = listener is not None and not listener._full()
             verdict = authorize(
-                self._store, token, peer=session.peer, now=self._clock(), consume=ready
+                self._store, token, peer=session.peer, now=self._wall_clock(), consume=ready
             )
             if verdict.allowed and listener is not None and not ready:
                 return self._open_when_room(session, sid, token, listener)
@@ -80,7 +80,7 @@ class OpenDecisions(Admission):
             log.warning("listener is full; refusing a stream from %s", session.peer.short())
             session.reject(sid, ErrorCode.BUSY)
             return
-        verdict = authorize(self._store, token, peer=session.peer, now=self._clock())
+        verdict = authorize(self._store, token, peer=session.peer, now=self._wall_clock())
         self._answer_open(session, sid, token, listener, verdict)
 
     def _answer_open(
@@ -151,7 +151,9 @@ class OpenDecisions(Admission):
             token = Token.decode(voucher)
         except InvalidCapability:
             return False
-        verdict = authorize(self._store, token, peer=session.peer, now=self._clock(), consume=False)
+        verdict = authorize(
+            self._store, token, peer=session.peer, now=self._wall_clock(), consume=False
+        )
         return verdict.allowed
 
     async def _accept_transport(self, session: Session, sid: int, voucher: bytes) -> None:

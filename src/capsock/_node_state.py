@@ -103,7 +103,7 @@ class NodeState:
     _relay_refusals: dict[str, CapabilityRejected]
     _advertise: list[tuple[str, str, int]] | None
     config: NodeConfig
-    _clock: Callable[[], float]
+    _wall_clock: Callable[[], float]
     _listeners: dict[bytes, Listener]
     _all_listeners: set[Listener]
     _sessions: dict[NodeId, Session]

@@ -98,7 +98,10 @@ class Node(Binding, OpenDecisions, Dialing, RelayUpkeep):
             capabilities as ``via=`` hints, so nodes that cannot dial it
             directly (NAT) reach it through the relay.
         config: limits and timeouts.
-        clock: wall clock in unix seconds, for capability expiry (tests inject one).
+        wall_clock: wall clock in unix seconds, for capability expiry (tests
+            inject one; default ``time.time``).  Named apart from the sessions'
+            monotonic clock.
+        clock: deprecated old name of ``wall_clock``.
     """
 
     def __init__(
@@ -110,7 +113,8 @@ class Node(Binding, OpenDecisions, Dialing, RelayUpkeep):
         advertise: Sequence[str] | None = None,
         relays: Sequence[str | Capability] = (),
         config: NodeConfig | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
+        wall_clock: Callable[[], float] | None = None,
     ) -> None:
         if isinstance(listen, str):
             listen = [listen]
@@ -145,7 +149,9 @@ class Node(Binding, OpenDecisions, Dialing, RelayUpkeep):
         self._relay_refusals: dict[str, CapabilityRejected] = {}
         self._advertise = [parse_listen(s) for s in advertise] if advertise is not None else None
         self.config = config or NodeConfig()
-        self._clock = clock
+        if clock is not None and wall_clock is not None:
+            raise LocalUsageError("pass wall_clock only: clock is its deprecated old name")
+        self._wall_clock = wall_clock or clock or time.time
         self._listeners: dict[bytes, Listener] = {}  # the ones accepting, by root id
         self._all_listeners: set[Listener] = set()  # also retired ones not yet closed
         self._sessions: dict[NodeId, Session] = {}
@@ -338,7 +344,7 @@ class Node(Binding, OpenDecisions, Dialing, RelayUpkeep):
         c = cap if isinstance(cap, Capability) else Capability.parse(cap)
         if self._introductions is None or self._introductions._retired:
             self._introductions = await self.forwarding()
-        now = self._clock()
+        now = self._wall_clock()
         self._remember_route(c)
         # Our own capability for the endpoint vouches for the transport streams
         # we open to it (the endpoint accepts them only from peers it has a
@@ -415,7 +421,7 @@ class Node(Binding, OpenDecisions, Dialing, RelayUpkeep):
         root = Capability(self.id, mint_root(entry.root_key, entry.root_id), self._hints)
         cap = root
         if ttl is not None or uses is not None or peer is not None or label is not None:
-            cap = root.attenuate(ttl=ttl, uses=uses, peer=peer, label=label, now=self._clock())
+            cap = root.attenuate(ttl=ttl, uses=uses, peer=peer, label=label, now=self._wall_clock())
         self._store.add_root(entry)
         listener = Listener(self, cap, self.config.listener_backlog)
         tags = chain(entry.root_key, cap.token)
@@ -455,7 +461,7 @@ class Node(Binding, OpenDecisions, Dialing, RelayUpkeep):
 
     async def _expire(self, listener: Listener, at: int) -> None:
         while not listener._retired:
-            delay = at - self._clock()
+            delay = at - self._wall_clock()
             if delay <= 0:
                 log.info("temporary listener %s expired", listener.uri.redacted())
                 listener._retire()
