@@ -17,6 +17,7 @@ No message built here ever contains a capability token or key material.
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import ClassVar
 
 __all__ = [
     "CapabilityRejected",
@@ -70,7 +71,14 @@ class ErrorCode(IntEnum):
 
 
 class CapsockError(Exception):
-    """Base class of every error capsock raises on purpose."""
+    """Base class of every error capsock raises on purpose.
+
+    Classes whose outcome travels on the wire carry their code: ``wire_code``
+    on the class is the default, ``code`` on an instance the one it carries.
+    """
+
+    wire_code: ClassVar[ErrorCode | None] = None
+    """The code this kind of error travels with in REJECT, RESET or GOAWAY (if any)."""
 
 
 class LocalUsageError(CapsockError):
@@ -94,9 +102,11 @@ class CapabilityRejected(CapsockError):
     before answering) are passing conditions, safe to retry.
     """
 
-    def __init__(self, message: str, code: ErrorCode = ErrorCode.REFUSED) -> None:
+    wire_code: ClassVar[ErrorCode | None] = ErrorCode.REFUSED
+
+    def __init__(self, message: str, code: ErrorCode | None = None) -> None:
         super().__init__(message)
-        self.code = code
+        self.code: ErrorCode = code if code is not None else ErrorCode.REFUSED
 
 
 class PeerAuthenticationError(CapsockError):
@@ -114,11 +124,18 @@ class Unreachable(CapsockError):
 
 
 class ProtocolError(CapsockError):
-    """The remote side broke the capsock protocol; the session is closed."""
+    """The remote side broke the capsock protocol; the session is closed.
 
-    def __init__(self, message: str, code: ErrorCode = ErrorCode.PROTOCOL_ERROR) -> None:
+    ``code`` is what the GOAWAY that ends the session carries (the class's
+    ``wire_code`` unless the raiser named another, e.g. ``FLOW_CONTROL_ERROR``).
+    """
+
+    wire_code: ClassVar[ErrorCode | None] = ErrorCode.PROTOCOL_ERROR
+
+    def __init__(self, message: str, code: ErrorCode | None = None) -> None:
         super().__init__(message)
-        self.code = code
+        default = type(self).wire_code
+        self.code: ErrorCode = code if code is not None else (default or ErrorCode.PROTOCOL_ERROR)
 
 
 class HandshakeError(ProtocolError):
@@ -137,16 +154,20 @@ class HandshakeDecryptError(HandshakeError):
 class ResourceLimitExceeded(ProtocolError):
     """The remote side exceeded a configured limit (denial-of-service guard)."""
 
+    wire_code: ClassVar[ErrorCode | None] = ErrorCode.LIMIT_EXCEEDED
+
     def __init__(self, message: str) -> None:
-        super().__init__(message, ErrorCode.LIMIT_EXCEEDED)
+        super().__init__(message)
 
 
 class StreamReset(CapsockError):
     """The stream was reset by the peer or by the session ending; ``code`` says why."""
 
-    def __init__(self, message: str, code: ErrorCode = ErrorCode.INTERNAL_ERROR) -> None:
+    wire_code: ClassVar[ErrorCode | None] = ErrorCode.INTERNAL_ERROR
+
+    def __init__(self, message: str, code: ErrorCode | None = None) -> None:
         super().__init__(message)
-        self.code = code
+        self.code: ErrorCode = code if code is not None else ErrorCode.INTERNAL_ERROR
 
 
 class ConnectionLost(StreamReset):
