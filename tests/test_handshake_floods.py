@@ -23,7 +23,7 @@ import pytest
 
 import capsock
 from capsock import NodeConfig
-from capsock.admission import HalfOpenTable, ReplayCache, SourceBuckets, source_of
+from capsock._admission import HalfOpenTable, ReplayCache, SourceBuckets, source_of
 from capsock.handshake import InitiatorHandshake
 from capsock.keys import KeyPair
 

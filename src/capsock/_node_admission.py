@@ -4,7 +4,7 @@ Every inbound connection (direct, or forwarded to this node) goes through
 :meth:`Admission._admit`: counted while half-open, screened for replays and
 rate before any public-key work, shed oldest-first when full, and pooled only
 once the dialer's first record authenticates (docs/security.md, "What a
-peer's bytes can cost").  The tables themselves are :mod:`capsock.admission`.
+peer's bytes can cost").  The tables themselves are :mod:`capsock._admission`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
 
+from ._admission import source_of
 from ._node_state import HalfOpen, NodeState
-from .admission import source_of
 from .errors import (
     CapsockError,
     HandshakeError,

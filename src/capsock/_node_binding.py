@@ -72,10 +72,10 @@ class Binding(Admission):
             bound = listener.extra(SocketAttribute.local_port)
             if _is_wildcard(host):
                 # The machine's usable addresses with the real port (rules in
-                # capsock.interfaces); an advertise list replaces them anyway.
+                # capsock._interfaces); an advertise list replaces them anyway.
                 hints = []
                 if self._advertise is None:
-                    from . import interfaces
+                    from . import _interfaces as interfaces
 
                     subs = getattr(listener, "listeners", [listener])
                     socks = [sub.extra(SocketAttribute.raw_socket) for sub in subs]

@@ -19,8 +19,8 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from ._admission import HalfOpenTable, ReplayCache, SourceBuckets
 from ._listener import Listener
-from .admission import HalfOpenTable, ReplayCache, SourceBuckets
 from .config import NodeConfig
 from .errors import (
     CapabilityRejected,
