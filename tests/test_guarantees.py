@@ -20,6 +20,7 @@ import anyio
 import pytest
 
 import capsock
+import capsock._uri_token
 import capsock.store
 import capsock.uri
 from capsock import ErrorCode, NodeConfig
@@ -145,7 +146,7 @@ def test_an_allowed_verdict_carries_the_chain_tags() -> None:
 def _count_work(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Count keyed-hash and constant-time-compare calls made by authorize()."""
     counts = {"blake2b": 0, "compare_digest": 0}
-    blake2b, compare = capsock.uri._blake2b, hmac.compare_digest
+    blake2b, compare = capsock._uri_token._blake2b, hmac.compare_digest
 
     def counting_blake2b(*args: object) -> bytes:
         counts["blake2b"] += 1
@@ -155,7 +156,7 @@ def _count_work(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         counts["compare_digest"] += 1
         return compare(a, b)
 
-    monkeypatch.setattr(capsock.uri, "_blake2b", counting_blake2b)
+    monkeypatch.setattr(capsock._uri_token, "_blake2b", counting_blake2b)
     monkeypatch.setattr(hmac, "compare_digest", counting_compare)
     return counts
 
@@ -201,7 +202,9 @@ def _names(node: ast.AST) -> set[str]:
     return out
 
 
-@pytest.mark.parametrize("module", ["store.py", "uri.py", "handshake.py", "forward.py"])
+@pytest.mark.parametrize(
+    "module", ["store.py", "uri.py", "_uri_token.py", "handshake.py", "forward.py"]
+)
 def test_tags_and_secrets_are_compared_in_constant_time_only(module: str) -> None:
     """Breakage: a tag compared with ``==`` / ``!=`` instead of
     ``hmac.compare_digest`` (store.py, uri.py).  A static check: no equality

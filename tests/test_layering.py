@@ -29,8 +29,9 @@ LONG_MODULES: dict[str, str] = {
     "capsock.mux": "the mux engine (h-eng, issue 15 items 1-3 move its rules into tables)",
     "capsock.session": "the anyio session (h-eng, issue 15 item 1 moves its rules into the engine)",
     "capsock.uri": (
-        "one concern (the capability URI) in four parts: caveats, the tag steps, "
-        "the token codec and the URI text; to be split into a package by the lead"
+        "627 lines after the split into _uri_caveats, _uri_token and _uri_hints: 80 are "
+        "the theory of operation; the rest (ViaHint, the compact via codec, Capability, "
+        "the parser) call each other"
     ),
     "capsock.http": "the HTTP adapter; not touched by issue 15",
     "capsock.cli.transfer": "the file-transfer command (cli is h-lib's and h-fric's)",
@@ -52,7 +53,7 @@ KNOWN_TYPE_CYCLES: dict[frozenset[str], str] = {
 }
 
 CORE_NAMES = {"errors", "config", "keys", "uri", "frames", "mux", "handshake", "records"}
-CORE_PREFIXES = ("noise", "engine")
+CORE_PREFIXES = ("noise", "engine", "uri_")
 IO_LIBRARIES = {
     "anyio", "asyncio", "trio", "sniffio", "socket", "selectors", "ssl", "sqlite3",
     "subprocess", "threading",

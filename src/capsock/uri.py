@@ -78,6 +78,10 @@ that is wrong; no message ever contains token text, token bytes or a tag.
 ``repr()`` of a :class:`Token`, :class:`Capability` or :class:`ViaHint` redacts
 every token, and :meth:`Capability.redacted` gives a loggable form.  Log with
 ``redacted()`` or ``%r``, never ``%s``.
+
+**Layout.**  The caveats live in ``_uri_caveats``, the tag steps and the token
+codec in ``_uri_token``, the direct hints in ``_uri_hints``; this module holds
+``via`` hints, :class:`Capability` and the text form, and re-exports the rest.
 """
 
 from __future__ import annotations
@@ -88,18 +92,43 @@ import ipaddress
 import math
 import re
 import time
-import unicodedata
 import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from enum import IntEnum
-from typing import TypeAlias, TypeVar
+from typing import TypeAlias
 
-import nacl.encoding
-import nacl.hash
-
-from .errors import InvalidCapability, LocalUsageError
+from ._uri_caveats import (
+    MAX_CAVEATS,
+    MAX_LABEL_BYTES,
+    Caveat,
+    CaveatKind,
+    Expires,
+    Label,
+    Peer,
+    To,
+    UnknownCaveat,
+    Uses,
+    _check_type,
+    _decode_caveat,
+    encode_caveat,
+)
+from ._uri_hints import MAX_DNS_NAME_LEN, MAX_UNIX_PATH_BYTES, TcpHint, UnixHint, _canonical_host
+from ._uri_token import (
+    _REDACTED,
+    ROOT_ID_LEN,
+    ROOT_KEY_LEN,
+    TAG_LEN,
+    TOKEN_VERSION,
+    Token,
+    chain_tag,
+    mint_root,
+    root_tag,
+)
+from .errors import InvalidCapability
 from .keys import NodeId
+
+# Also importable from here, though this module does not use them itself.
+_REEXPORTED = (MAX_DNS_NAME_LEN, MAX_LABEL_BYTES, MAX_UNIX_PATH_BYTES, ROOT_KEY_LEN, TOKEN_VERSION)
 
 __all__ = [
     "Capability",
@@ -123,485 +152,35 @@ __all__ = [
     "root_tag",
 ]
 
+
 SCHEME = "capsock://"
-TOKEN_VERSION = 1
-ROOT_ID_LEN = 16
-ROOT_KEY_LEN = 32
-TAG_LEN = 32
-MAX_CAVEATS = 32
+
+
 MAX_URI_LEN = 4096
+
+
 MAX_HINTS = 16
+
+
 MAX_VIA_DEPTH = 3
-MAX_UNIX_PATH_BYTES = 107
-MAX_LABEL_BYTES = 64
-MAX_DNS_NAME_LEN = 253
-_MAX_U64 = 2**64 - 1
-_MAX_U32 = 2**32 - 1
-_PERSON_ROOT = b"capsock/1 root"
-_PERSON_CAVEAT = b"capsock/1 caveat"
+
+
 _HINT_KEYS = ("tcp", "unix", "via", "v")
-_REDACTED = "<redacted>"
-# Minimal token: version, root_id, count, tag.
-_MIN_TOKEN_LEN = 1 + ROOT_ID_LEN + 1 + TAG_LEN
+
 
 _B64URL = re.compile(r"[A-Za-z0-9_-]+")
+
+
 _NOT_URI_CHAR = re.compile(r"[^\x21-\x7e]")
+
+
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
 _PORT = re.compile(r"[1-9][0-9]{0,4}")
-_DIGITS_AND_DOTS = re.compile(r"[0-9.]+")
-_LDH_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
 _SHOWABLE_KEY = re.compile(r"[A-Za-z0-9._~-]{1,16}")
-# Control (Cc), format (Cf: bidi overrides, zero-width), surrogate, line and
-# paragraph separator characters would let a label forge or hide log text.
-_FORBIDDEN_LABEL_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
-_T = TypeVar("_T")
-
-
-# --------------------------------------------------------------------------- caveats
-
-
-class CaveatKind(IntEnum):
-    """The caveat kinds this library understands (one byte on the wire)."""
-
-    EXP = 1
-    """Expiry: valid only while the endpoint's clock reads before this unix time."""
-    USES = 2
-    """The capability may be used to open this many streams."""
-    PEER = 3
-    """Only this node may use the capability."""
-    LABEL = 4
-    """A human-readable label for logs; restricts nothing."""
-    TO = 5
-    """A forwarding capability may carry sessions only to this node."""
-
-
-_KNOWN_KINDS = frozenset(int(k) for k in CaveatKind)
-
-
-def _check_int(what: str, value: object, low: int, high: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise InvalidCapability(f"{what} must be an int, not {type(value).__name__}")
-    if not low <= value <= high:
-        raise InvalidCapability(f"{what} must be in {low}..{high}")
-    return value
-
-
-def _check_type(what: str, value: object, kind: type[_T]) -> _T:
-    if not isinstance(value, kind):
-        raise InvalidCapability(f"{what} must be a {kind.__name__}, not {type(value).__name__}")
-    return value
-
-
-def _check_label(text: object) -> bytes:
-    label = _check_type("label caveat", text, str)
-    for ch in label:
-        if unicodedata.category(ch) in _FORBIDDEN_LABEL_CATEGORIES:
-            raise InvalidCapability(f"label caveat contains a control character (U+{ord(ch):04X})")
-    raw = label.encode("utf-8")
-    if not 1 <= len(raw) <= MAX_LABEL_BYTES:
-        raise InvalidCapability(f"label caveat must be 1..{MAX_LABEL_BYTES} bytes (got {len(raw)})")
-    return raw
-
-
-@dataclass(frozen=True, slots=True)
-class Expires:
-    """Caveat ``exp``: valid while ``now < at``.  Raises InvalidCapability if out of range."""
-
-    at: int
-    """Unix time in whole seconds, 0..2**64-1."""
-
-    def __post_init__(self) -> None:
-        _check_int("exp caveat", self.at, 0, _MAX_U64)
-
-
-@dataclass(frozen=True, slots=True)
-class Uses:
-    """Caveat ``uses``: at most this many opens.  Raises InvalidCapability if out of range."""
-
-    count: int
-    """The number of opens allowed (counted by the endpoint), 1..2**32-1."""
-
-    def __post_init__(self) -> None:
-        _check_int("uses caveat", self.count, 1, _MAX_U32)
-
-
-@dataclass(frozen=True, slots=True)
-class Peer:
-    """Caveat ``peer``: only this node may open a stream.  Raises InvalidCapability if no NodeId."""
-
-    node: NodeId
-    """The only node allowed to use the capability."""
-
-    def __post_init__(self) -> None:
-        _check_type("peer caveat", self.node, NodeId)
-
-
-@dataclass(frozen=True, slots=True)
-class To:
-    """Caveat ``to``: a forwarding capability may carry sessions only to this node.
-
-    The forwarder checks it (a ``to`` caveat also forbids registering to be
-    reached through the forwarder); any other endpoint lets it pass.  An
-    introduction's forwarding capability carries one, naming the introduced
-    node.  Raises InvalidCapability if ``node`` is no NodeId.
-    """
-
-    node: NodeId
-    """The only node sessions may be forwarded to."""
-
-    def __post_init__(self) -> None:
-        _check_type("to caveat", self.node, NodeId)
-
-
-@dataclass(frozen=True, slots=True)
-class Label:
-    """Caveat ``label``: a name for logs; restricts nothing.
-
-    Raises:
-        InvalidCapability: ``text`` is not 1..64 bytes of UTF-8, or contains a
-            control, format, surrogate or line/paragraph separator character.
-    """
-
-    text: str
-    """The label."""
-
-    def __post_init__(self) -> None:
-        _check_label(self.text)
-
-
-@dataclass(frozen=True, slots=True)
-class UnknownCaveat:
-    """A caveat of a kind this library does not know, kept verbatim.
-
-    It makes a token minted by newer software parse and round-trip; an endpoint
-    must reject any token that carries one.
-
-    Raises:
-        InvalidCapability: ``kind`` is not in 0..255 or is a known kind, or
-            ``value`` is not bytes of at most 255 bytes.
-    """
-
-    kind: int
-    """The kind byte (never one of :class:`CaveatKind`)."""
-    value: bytes
-    """The raw value, 0..255 bytes."""
-
-    def __post_init__(self) -> None:
-        _check_int("caveat kind", self.kind, 0, 255)
-        if self.kind in _KNOWN_KINDS:
-            raise InvalidCapability(f"caveat kind {self.kind} is known: use its own class")
-        if not isinstance(self.value, bytes) or len(self.value) > 255:
-            raise InvalidCapability("unknown caveat value must be at most 255 bytes")
-
-
-Caveat: TypeAlias = Expires | Uses | Peer | To | Label | UnknownCaveat
-"""Any caveat, known or not."""
-
-
-def encode_caveat(caveat: Caveat) -> bytes:
-    """The exact ``kind | len | value`` bytes of ``caveat`` in a token.
-
-    These are also the bytes hashed into the tag chain.
-
-    Raises:
-        InvalidCapability: ``caveat`` is not a caveat.
-    """
-    if isinstance(caveat, Expires):
-        kind, value = CaveatKind.EXP, caveat.at.to_bytes(8, "big")
-    elif isinstance(caveat, Uses):
-        kind, value = CaveatKind.USES, caveat.count.to_bytes(4, "big")
-    elif isinstance(caveat, Peer):
-        kind, value = CaveatKind.PEER, caveat.node.raw
-    elif isinstance(caveat, To):
-        kind, value = CaveatKind.TO, caveat.node.raw
-    elif isinstance(caveat, Label):
-        kind, value = CaveatKind.LABEL, caveat.text.encode("utf-8")
-    elif isinstance(caveat, UnknownCaveat):
-        return bytes((caveat.kind, len(caveat.value))) + caveat.value
-    else:
-        raise InvalidCapability(f"not a caveat: {type(caveat).__name__}")
-    return bytes((kind, len(value))) + value
-
-
-_EXPECTED_LEN = {CaveatKind.EXP: 8, CaveatKind.USES: 4, CaveatKind.PEER: 32, CaveatKind.TO: 32}
-
-
-def _decode_caveat(kind: int, value: bytes) -> Caveat:
-    if kind not in _KNOWN_KINDS:
-        return UnknownCaveat(kind, value)
-    known = CaveatKind(kind)
-    name = known.name.lower()
-    expected = _EXPECTED_LEN.get(known)
-    if expected is not None and len(value) != expected:
-        raise InvalidCapability(f"{name} caveat value is {len(value)} bytes, expected {expected}")
-    if known is CaveatKind.EXP:
-        return Expires(int.from_bytes(value, "big"))
-    if known is CaveatKind.USES:
-        count = int.from_bytes(value, "big")
-        if count == 0:
-            raise InvalidCapability("uses caveat count is zero")
-        return Uses(count)
-    if known in (CaveatKind.PEER, CaveatKind.TO):
-        try:
-            node = NodeId(value).checked()
-        except InvalidCapability as exc:
-            raise InvalidCapability(f"{name} caveat: {exc}") from None
-        return Peer(node) if known is CaveatKind.PEER else To(node)
-    try:
-        text = value.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidCapability("label caveat is not valid UTF-8") from None
-    return Label(text)
-
-
-def _check_caveats(caveats: object) -> tuple[Caveat, ...]:
-    if not isinstance(caveats, tuple | list):
-        raise InvalidCapability("caveats must be a tuple of caveats")
-    for caveat in caveats:
-        if not isinstance(caveat, Caveat):
-            raise InvalidCapability(f"not a caveat: {type(caveat).__name__}")
-    if len(caveats) > MAX_CAVEATS:
-        raise InvalidCapability(f"too many caveats ({len(caveats)} > {MAX_CAVEATS})")
-    return tuple(caveats)
-
-
-# ----------------------------------------------------------------------- tag chain
-
-
-def _check_bytes(what: str, value: object, length: int, error: type[Exception]) -> bytes:
-    if not isinstance(value, bytes) or len(value) != length:
-        raise error(f"{what} must be exactly {length} bytes")
-    return value
-
-
-def _blake2b(key: bytes, person: bytes, data: bytes) -> bytes:
-    digest: bytes = nacl.hash.blake2b(
-        data, digest_size=TAG_LEN, key=key, person=person, encoder=nacl.encoding.RawEncoder
-    )
-    return digest
-
-
-def root_tag(root_key: bytes, root_id: bytes) -> bytes:
-    """The tag of the root capability: BLAKE2b-256(key=root_key, person="capsock/1 root").
-
-    Raises:
-        LocalUsageError: ``root_key`` is not 32 bytes.
-        InvalidCapability: ``root_id`` is not 16 bytes.
-    """
-    _check_bytes("root key", root_key, ROOT_KEY_LEN, LocalUsageError)
-    _check_bytes("root_id", root_id, ROOT_ID_LEN, InvalidCapability)
-    return _blake2b(root_key, _PERSON_ROOT, root_id)
-
-
-def chain_tag(tag: bytes, caveat: Caveat) -> bytes:
-    """The tag after appending ``caveat`` to a capability whose tag is ``tag``.
-
-    Raises:
-        InvalidCapability: ``tag`` is not 32 bytes or ``caveat`` is not a caveat.
-    """
-    _check_bytes("tag", tag, TAG_LEN, InvalidCapability)
-    return _blake2b(tag, _PERSON_CAVEAT, encode_caveat(caveat))
-
-
-def mint_root(root_key: bytes, root_id: bytes) -> Token:
-    """A root token (no caveats) for ``root_id`` under ``root_key``.
-
-    ``root_key`` must be 32 bytes from a CSPRNG and stays with the endpoint;
-    ``root_id`` is a public 16-byte identifier the endpoint uses to find it.
-
-    Raises:
-        LocalUsageError: ``root_key`` is not 32 bytes.
-        InvalidCapability: ``root_id`` is not 16 bytes.
-    """
-    return Token(root_id, (), root_tag(root_key, root_id))
-
-
-# --------------------------------------------------------------------------- token
-
-
-@dataclass(frozen=True, slots=True)
-class Token:
-    """The secret part of a capability: ``(root_id, caveats, tag)``.
-
-    ``repr()`` shows the caveats but never the root id or the tag.  ``==``
-    compares tags in variable time: authenticate only with :func:`capsock.store.authorize`.
-
-    Raises:
-        InvalidCapability: a field has the wrong type or length, or there are
-            more than 32 caveats.
-    """
-
-    root_id: bytes
-    """Public 16-byte identifier of the root capability (chosen by the endpoint)."""
-    caveats: tuple[Caveat, ...]
-    """The restrictions, in the order they were appended (empty for a root)."""
-    tag: bytes
-    """The 32-byte chained BLAKE2b tag (the secret)."""
-
-    def __post_init__(self) -> None:
-        _check_bytes("root_id", self.root_id, ROOT_ID_LEN, InvalidCapability)
-        object.__setattr__(self, "caveats", _check_caveats(self.caveats))
-        _check_bytes("tag", self.tag, TAG_LEN, InvalidCapability)
-
-    def encode(self) -> bytes:
-        """The binary token (version 1)."""
-        head = bytes((TOKEN_VERSION,)) + self.root_id + bytes((len(self.caveats),))
-        return head + b"".join(encode_caveat(c) for c in self.caveats) + self.tag
-
-    @classmethod
-    def decode(cls, data: bytes | bytearray | memoryview) -> Token:
-        """Decode a binary token; every length must be exactly right.
-
-        Raises:
-            InvalidCapability: wrong version, truncated, trailing bytes, too many
-                caveats, a known caveat with a wrong length or value.
-        """
-        if not isinstance(data, bytes | bytearray | memoryview):
-            raise InvalidCapability(f"a token is bytes, not {type(data).__name__}")
-        data = bytes(data)  # a copy: the caller may mutate a bytearray later
-        if not data:
-            raise InvalidCapability("token is empty")
-        if data[0] != TOKEN_VERSION:
-            raise InvalidCapability(
-                f"unsupported token version {data[0]} (this library reads {TOKEN_VERSION})"
-            )
-        if len(data) < _MIN_TOKEN_LEN:
-            raise InvalidCapability(f"token is truncated ({len(data)} bytes)")
-        root_id = data[1 : 1 + ROOT_ID_LEN]
-        count = data[1 + ROOT_ID_LEN]
-        if count > MAX_CAVEATS:
-            raise InvalidCapability(f"too many caveats ({count} > {MAX_CAVEATS})")
-        pos = 2 + ROOT_ID_LEN
-        caveats: list[Caveat] = []
-        for index in range(1, count + 1):
-            if pos + 2 > len(data):
-                raise InvalidCapability(f"token is truncated in caveat {index}")
-            kind, length = data[pos], data[pos + 1]
-            pos += 2
-            if pos + length > len(data):
-                raise InvalidCapability(f"token is truncated in caveat {index}")
-            try:
-                caveats.append(_decode_caveat(kind, data[pos : pos + length]))
-            except InvalidCapability as exc:
-                raise InvalidCapability(f"caveat {index}: {exc}") from None
-            pos += length
-        rest = len(data) - pos
-        if rest < TAG_LEN:
-            raise InvalidCapability("token is truncated in the tag")
-        if rest > TAG_LEN:
-            raise InvalidCapability(f"token has {rest - TAG_LEN} trailing byte(s) after the tag")
-        return cls(root_id, tuple(caveats), data[pos:])
-
-    def attenuate(self, *caveats: Caveat) -> Token:
-        """A weaker token: ``caveats`` appended, the tag chained over each.
-
-        Raises:
-            InvalidCapability: an argument is not a caveat, or the token would
-                have more than 32 caveats.
-        """
-        combined = _check_caveats(self.caveats + caveats)
-        tag = self.tag
-        for caveat in caveats:
-            tag = chain_tag(tag, caveat)
-        return Token(self.root_id, combined, tag)
-
-    def __repr__(self) -> str:
-        return f"Token({_REDACTED}, caveats={self.caveats!r})"
-
-
-# --------------------------------------------------------------------------- hints
-
-
-def _canonical_host(host: object) -> str:
-    """The canonical text of a tcp host (IP literal or DNS name), or raise."""
-    host = _check_type("tcp hint host", host, str)
-    if not host:
-        raise InvalidCapability("tcp hint host is empty")
-    if not host.isascii():
-        raise InvalidCapability("tcp hint host must be ASCII (write IDNs in 'xn--' form)")
-    if ":" in host:
-        try:
-            addr6 = ipaddress.IPv6Address(host)
-        except ValueError:
-            raise InvalidCapability("tcp hint host is not a valid IPv6 address") from None
-        if addr6.scope_id is not None:
-            raise InvalidCapability("tcp hint host: IPv6 zone ids ('%...') are not supported")
-        if addr6.ipv4_mapped is not None:
-            raise InvalidCapability("tcp hint host: use IPv4, not an IPv4-mapped IPv6 address")
-        return addr6.compressed
-    if _DIGITS_AND_DOTS.fullmatch(host):
-        try:
-            return str(ipaddress.IPv4Address(host))
-        except ValueError:
-            raise InvalidCapability("tcp hint host is not a valid IPv4 address") from None
-    name = host.lower()
-    if len(name) > MAX_DNS_NAME_LEN:
-        raise InvalidCapability(f"tcp hint host name is longer than {MAX_DNS_NAME_LEN} characters")
-    labels = name.split(".")
-    if not all(_LDH_LABEL.fullmatch(label) for label in labels):
-        raise InvalidCapability(
-            "tcp hint host is not a valid DNS name (dot-separated labels of 1..63 letters, "
-            "digits and inner '-'; no trailing dot)"
-        )
-    if labels[-1].isdigit():
-        raise InvalidCapability("tcp hint host: the last label of a DNS name cannot be all digits")
-    return name
-
-
-@dataclass(frozen=True, slots=True)
-class TcpHint:
-    """Route hint ``tcp=HOST:PORT``: try a TCP connection to this address.
-
-    The host is normalised on construction (IP literals to their canonical
-    text, DNS names to lower case).
-
-    Raises:
-        InvalidCapability: the host is not an IPv4/IPv6 literal or a DNS name,
-            or the port is not in 1..65535.
-    """
-
-    host: str
-    """IPv4 dotted quad, IPv6 address (no brackets), or lower-case DNS name."""
-    port: int
-    """TCP port, 1..65535."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "host", _canonical_host(self.host))
-        _check_int("tcp hint port", self.port, 1, 65535)
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"tcp={host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class UnixHint:
-    """Route hint ``unix=/path``: try this Unix-domain socket (filesystem only).
-
-    Raises:
-        InvalidCapability: the path is not absolute, contains NUL, or is longer
-            than 107 bytes of UTF-8.
-    """
-
-    path: str
-    """Absolute filesystem path of the socket."""
-
-    def __post_init__(self) -> None:
-        path = _check_type("unix hint path", self.path, str)
-        if not path.startswith("/"):
-            raise InvalidCapability("unix hint path must be absolute (start with '/')")
-        if "\x00" in path:
-            raise InvalidCapability("unix hint path contains NUL")
-        try:
-            size = len(path.encode("utf-8"))
-        except UnicodeEncodeError:
-            raise InvalidCapability("unix hint path is not encodable as UTF-8") from None
-        if size > MAX_UNIX_PATH_BYTES:
-            limit = MAX_UNIX_PATH_BYTES
-            raise InvalidCapability(f"unix hint path is {size} bytes, at most {limit} allowed")
-
-    def __str__(self) -> str:
-        return "unix=" + urllib.parse.quote(self.path, safe="/")
 
 
 @dataclass(frozen=True, slots=True)
@@ -670,29 +249,21 @@ def _b64decode(what: str, text: str) -> bytes:
     return raw
 
 
-# ------------------------------------------------------------------ compact via hint
-#
-# (see also docs/protocol.md section 4.1)
-# ``v=<base64url>``: a ``via`` hint whose forwarder capability ends with a ``to``
-# caveat naming the outer URI's own node (what a node's relay hints and
-# introductions carry), written without the nested URI text.  Layout::
-#
-#     forwarder node id (32) | root_id (16) | tag (32) | item*
-#     item = 0x00 kind len value     a caveat before the final, elided ``to``
-#          | 0x01 ipv4 (4) port (2)  tcp hint, IPv4
-#          | 0x02 ipv6 (16) port (2) tcp hint, IPv6
-#          | 0x03 len name port (2)  tcp hint, DNS name (canonical text)
-#          | 0x04 len path           unix hint (UTF-8)
-#
-# Caveat items come first, then the hints in their order.  The forwarder's token
-# is ``(root_id, caveats + [To(outer node)], tag)``: the tag is over the whole
-# chain, elided caveat included, so the elision changes the text only.
-
 _ITEM_CAVEAT = 0
+
+
 _ITEM_TCP4 = 1
+
+
 _ITEM_TCP6 = 2
+
+
 _ITEM_TCP_NAME = 3
+
+
 _ITEM_UNIX = 4
+
+
 _COMPACT_HEAD = 32 + ROOT_ID_LEN + TAG_LEN
 
 
@@ -793,9 +364,6 @@ def _decode_compact_via(raw: bytes, outer: NodeId) -> ViaHint:
     if _compact_via(hint, outer) != raw:
         raise InvalidCapability("not in canonical form")
     return hint
-
-
-# ---------------------------------------------------------------------- capability
 
 
 @dataclass(frozen=True, slots=True)
@@ -929,9 +497,6 @@ def parse(text: str) -> Capability:
             URI; the message names the part that is wrong.
     """
     return _parse(text, 0)
-
-
-# ------------------------------------------------------------------------- parsing
 
 
 def _parse(text: object, depth: int) -> Capability:
