@@ -12,6 +12,7 @@ node id in it makes sure you reach the right node.
 
 from __future__ import annotations
 
+from .config import MuxConfig, NodeConfig, SessionConfig
 from .errors import (
     CapabilityRejected,
     CapsockError,
@@ -28,9 +29,7 @@ from .errors import (
 )
 from .keys import KeyPair, NodeId
 from .messages import receive_capability, receive_message, send_capability, send_message
-from .mux import MuxConfig
-from .node import Listener, Node, NodeConfig
-from .session import SessionConfig
+from .node import Listener, Node
 from .stream import CapsockAttribute, Stream
 from .uri import Capability, parse
 
