@@ -206,7 +206,8 @@ def read_capability(text: str, *, stdin_ok: bool = True, what: str = "") -> Capa
 
 def _looks_cut(text: str, error: str) -> str | None:
     """Advice when a malformed URI looks like a paste cut short, else None."""
-    if text.endswith(("?", "&", "=")) or "truncated" in error or "empty" in error:
+    cut = ("truncated", "empty", "padding", "too short", "ends")
+    if text.endswith(("?", "&", "=")) or any(word in error for word in cut):
         return "it looks cut short (a line break or a paste that stopped early?)"
     return None
 
@@ -432,7 +433,7 @@ async def _wait_for_relays(node: Node, names: dict[str, str], limit: float = 15.
         name = names.get(relay, "the relay")
         if status.startswith("refused"):
             raise CliError(
-                f"{name} refused its capability {relay}; ask the relay's operator "
+                f"the relay refused the capability {relay}; ask the relay's operator "
                 "for a current one",
                 Exit.REFUSED,
             )
