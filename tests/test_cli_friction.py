@@ -20,8 +20,6 @@ import pytest
 
 import capsock
 from capsock.cli import Exit, build_parser
-from capsock.cli.completion import fish_script
-from capsock.cli.manual import reference_text, topics
 from capsock.keys import KeyPair, NodeId
 from capsock.uri import Capability, ViaHint
 
@@ -314,6 +312,8 @@ async def test_a_retired_one_shot_is_logged_as_used_up(caplog: pytest.LogCapture
 
 
 def test_help_points_to_a_reference_that_ships_with_the_package(cli: Cli) -> None:
+    from capsock.cli.manual import reference_text
+
     top = cli.run("--help")
     assert top.returncode == 0
     text = " ".join(top.stdout.decode().split())
@@ -334,6 +334,8 @@ def test_help_points_to_a_reference_that_ships_with_the_package(cli: Cli) -> Non
 
 
 def test_help_topics_ignore_headings_inside_code_blocks() -> None:
+    from capsock.cli.manual import topics
+
     sections = topics("## A\ntext\n```bash\n# not a heading\n## nor this\n```\n## B\nmore\n")
     assert list(sections) == ["a", "b"]
     assert "nor this" in sections["a"]
@@ -349,6 +351,8 @@ def test_every_exit_code_is_documented() -> None:
 
 
 def test_fish_completion(cli: Cli, tmp_path: Path) -> None:
+    from capsock.cli.completion import fish_script
+
     script = cli.run("completion", "fish")
     assert script.returncode == 0 and script.stderr == b""
     text = script.stdout.decode()
