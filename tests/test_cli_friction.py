@@ -68,6 +68,7 @@ def test_revoking_a_sturdy_root_and_listening_again_gives_a_new_uri(
     cli.stop(listen)
     revoked = cli.run("revoke", old, "--state-dir", state)
     assert revoked.returncode == 0, revoked.stderr.decode()
+    assert b"prints a new one to hand out" in revoked.stderr
     (tmp_path / "uri").unlink()
     (tmp_path / "yes").write_bytes(b"")
     with (tmp_path / "yes").open("rb") as stdin:
@@ -130,6 +131,17 @@ def test_a_capability_bound_to_another_peer_is_refused_before_dialing(
     result = cli.run("receive", str(both), "--state-dir", "bob")
     assert result.returncode == Exit.REFUSED
     assert "two different nodes" in one_line_error(result.stderr)
+
+
+def test_listen_refuses_an_expired_relay_capability_before_dialing(cli: Cli) -> None:
+    relay = expired(offline_capability())
+    proc = cli.start("listen", "--relay", str(relay))
+    try:
+        _, err = proc.communicate(timeout=30)  # the old code kept trying the relay
+    except subprocess.TimeoutExpired:
+        pytest.fail("listen kept trying an expired relay capability")
+    assert proc.returncode == Exit.REFUSED, err.decode()
+    assert one_line_error(err).startswith("capsock: error: --relay: refused here")
 
 
 # ------------------------------------------------------------------ 6. routes and relays
@@ -203,7 +215,8 @@ def test_a_damaged_node_id_is_a_malformed_uri(cli: Cli, tmp_path: Path) -> None:
 def test_a_uri_cut_short_gets_advice(cli: Cli) -> None:
     text = str(offline_capability())
     q = text.index("?")
-    for cut in [text[: q + 1], text[:q], text[: q + 5], text[: q - 4]]:
+    slash = text.index("/", len("capsock://"))
+    for cut in [text[: q + 1], text[:q], text[: q + 5], text[: q - 4], text[: slash + 1]]:
         result = cli.run("connect", cut)
         assert result.returncode == Exit.USAGE, (cut[q - 10 :], result.stderr.decode())
         assert "looks cut short" in one_line_error(result.stderr), cut[q - 10 :]

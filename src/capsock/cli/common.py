@@ -206,7 +206,7 @@ def read_capability(text: str, *, stdin_ok: bool = True, what: str = "") -> Capa
 
 def _looks_cut(text: str, error: str) -> str | None:
     """Advice when a malformed URI looks like a paste cut short, else None."""
-    cut = ("truncated", "empty", "padding", "too short", "ends")
+    cut = ("truncated", "empty", "padding", "missing")
     if text.endswith(("?", "&", "=")) or any(word in error for word in cut):
         return "it looks cut short (a line break or a paste that stopped early?)"
     return None
@@ -401,6 +401,13 @@ async def listening_node(
         )
     except LocalUsageError as exc:
         raise CliError(str(exc), Exit.USAGE) from None
+    for relay in relays:  # the node dials its relays: the same checks as a dialing command
+        who = f"this node's identity ({node.id.short()}...)"
+        try:
+            check_before_dialing(relay, node.id, who)
+        except CliError as exc:
+            await node.aclose()
+            raise CliError(f"--relay: {exc}", exc.code) from None
     async with node:
         if not relays:
             yield node
