@@ -279,6 +279,8 @@ class Node:
         self._accept_error_logged = -1e9
         self._drop_log = _LimitedLog(log, per_window=20, window=10.0)
         """Lines about dropped connections: a stranger controls how many there are."""
+        self._retired_roots: collections.OrderedDict[bytes, str] = collections.OrderedDict()
+        """Root ids of closed temporary listeners -> why they retired (log only, bounded)."""
         self._session_count = 0  # direct sessions counted against max_sessions
         self._counted: set[Session] = set()  # sessions counted in _session_count
         self._host: anyio.abc.TaskGroup | None = None  # entered by __aenter__
@@ -800,6 +802,8 @@ class Node:
         reason = verdict.reason
         if reason is None and (listener is None or listener._retired):
             reason = "listener closed"
+        if reason == "unknown root" and token is not None:
+            reason = self._retired_roots.get(token.root_id, reason)  # the log says why
         if reason is not None or listener is None or token is None:
             self._counters["opens_refused"] += 1
             self._refusal_log.info("refused a stream from %s: %s", session.peer.short(), reason)
@@ -1230,9 +1234,12 @@ class Node:
                 anyio.BrokenResourceError,
                 anyio.EndOfStream,
             ) as exc:
-                attempts.append((route, str(exc) or type(exc).__name__))
+                why = str(exc) or ("timed out" if isinstance(exc, TimeoutError) else "failed")
+                attempts.append((route, why))
             else:
                 session = self._new_session(transport, result, leftover, route)
+                how = "relayed" if isinstance(hint, ViaHint) else "direct"
+                log.info("reached node %s: %s route, %s", node.short(), how, route)
                 tg.start_soon(self._run_session, session)
                 await session.ready.wait()
                 return session
@@ -1441,7 +1448,16 @@ class Listener(anyio.abc.Listener[Stream]):
         self._retire()
         self._node._all_listeners.discard(self)
         if self._temporary:
-            self._node._store.remove_root(self._uri.token.root_id)
+            node, root_id = self._node, self._uri.token.root_id
+            used_up = self._uses is not None and node._store.uses(self._uses[0]) >= self._uses[1]
+            expired = any(
+                isinstance(c, Expires) and c.at <= node._clock() for c in self._uri.caveats
+            )
+            why = "used up" if used_up else "expired" if expired else "temporary listener closed"
+            node._retired_roots[root_id] = why
+            if len(node._retired_roots) > _MAX_AUTHORIZED_PEERS:
+                node._retired_roots.popitem(last=False)
+            node._store.remove_root(root_id)
         while True:
             try:
                 stream = self._recv.receive_nowait()
