@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import anyio
 from tutorial_client import talk
 from tutorial_server import serve
@@ -33,4 +35,6 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(format="%(name)s: %(message)s")  # log lines go to stderr
+    logging.getLogger("capsock.node").setLevel(logging.INFO)  # the server's reasons
     anyio.run(main)

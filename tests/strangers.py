@@ -8,15 +8,35 @@ clients as the different sources they would be on a real network.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import anyio
 import anyio.abc
 
+import capsock
+from capsock import Capability, NodeConfig
 from capsock.frames import Ping, encode_frame
 from capsock.handshake import InitiatorHandshake
 from capsock.keys import KeyPair, NodeId
 
+from .helpers import read_all
+
 ATTACKER = "127.0.0.2"
+
+
+async def good_client(uri: Capability, size: int = 1024, limit: float = 20.0) -> float:
+    """A fresh node from 127.0.0.1: connect to ``uri``, echo ``size`` random
+    bytes (raises if not served within ``limit``); returns the seconds it took."""
+    start = anyio.current_time()
+    payload = os.urandom(size)
+    with anyio.fail_after(limit):
+        async with capsock.Node(config=NodeConfig(connect_timeout=10)) as client:
+            stream = await client.connect(uri)
+            await stream.send(payload)
+            await stream.send_eof()
+            assert await read_all(stream) == payload
+            await stream.aclose()
+    return anyio.current_time() - start
 
 
 async def _read_record(sock: anyio.abc.SocketStream) -> tuple[bytes, bytes]:

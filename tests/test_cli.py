@@ -699,7 +699,7 @@ def test_errors_are_one_line_with_an_exit_code(cli: Cli, tmp_path: Path) -> None
         (("inspect", "@missing.txt"), 2, "cannot read"),
         (("revoke", closed, "--state-dir", "nobody"), 1, "no identity"),
         (("share", "nowhere"), 2, "not an address"),
-        (("completion", "fish"), 2, "invalid choice"),
+        (("completion", "tcsh"), 2, "invalid choice"),
     ]
     for args, code, text in cases:
         result = cli.run(*args)
@@ -723,7 +723,7 @@ def test_bash_completion(cli: Cli, tmp_path: Path) -> None:
     bash = shutil.which("bash")
     assert bash is not None
     result = subprocess.run([bash, "-c", probe], cwd=tmp_path, capture_output=True, timeout=30)
-    assert result.stdout.decode().splitlines() == ["send", "--output", "bash zsh"]
+    assert result.stdout.decode().splitlines() == ["send", "--output", "bash zsh fish"]
 
 
 def test_zsh_completion(cli: Cli, tmp_path: Path) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,12 +20,10 @@ from typing import Any
 import anyio
 import pytest
 
-import capsock
-from capsock import Capability, NodeConfig
+from capsock import Capability
 from capsock.uri import TcpHint
 
-from .helpers import read_all
-from .strangers import close_all, stranger
+from .strangers import close_all, good_client, stranger
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,18 +82,6 @@ def limited_node(backend: str, soft: int, hard: int) -> Iterator[LimitedNode]:
         node.stop()
 
 
-async def good_client(node: LimitedNode) -> None:
-    """A fresh node from 127.0.0.1: connect and echo (raises if not served)."""
-    payload = os.urandom(1024)
-    with anyio.fail_after(20):
-        async with capsock.Node(config=NodeConfig(connect_timeout=10)) as client:
-            stream = await client.connect(node.uri)
-            await stream.send(payload)
-            await stream.send_eof()
-            assert await read_all(stream) == payload
-            await stream.aclose()
-
-
 async def flood(node: LimitedNode, count: int) -> list[anyio.abc.SocketStream | None]:
     socks: list[anyio.abc.SocketStream | None] = []
     with anyio.fail_after(120):
@@ -111,7 +96,7 @@ async def test_strangers_beyond_the_descriptor_limit_are_shed(anyio_backend: str
     client is served during and after the flood."""
     with limited_node(anyio_backend, 256, 256) as node:
         assert node.soft == 256
-        await good_client(node)
+        await good_client(node.uri)
         socks = await flood(node, 600)
         try:
             assert node.alive()
@@ -124,11 +109,11 @@ async def test_strangers_beyond_the_descriptor_limit_are_shed(anyio_backend: str
                         break
                     await anyio.sleep(0.1)
             assert stats["connections_shed"] > 0
-            await good_client(node)  # while the strangers still hold their sessions
+            await good_client(node.uri)  # while the strangers still hold their sessions
         finally:
             await close_all(socks)
         assert node.alive()
-        await good_client(node)
+        await good_client(node.uri)
 
 
 async def test_accept_failing_with_emfile_does_not_end_the_node(anyio_backend: str) -> None:
@@ -142,14 +127,14 @@ async def test_accept_failing_with_emfile_does_not_end_the_node(anyio_backend: s
             assert hogged > 0
             # Connections now meet EMFILE at accept(): the node sheds the
             # strangers one by one to get descriptors for the newcomers.
-            await good_client(node)
+            await good_client(node.uri)
             stats = node.command("stats")
             assert stats["accept_errors"] > 0, stats
             assert node.alive()
         finally:
             await close_all(socks)
         node.command("free")
-        await good_client(node)
+        await good_client(node.uri)
         assert node.alive()
 
 

@@ -12,7 +12,6 @@ flood is bounded in time and in connections.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,32 +20,16 @@ from typing import Any
 import anyio
 import pytest
 
-import capsock
-from capsock import NodeConfig
 from capsock._admission import HalfOpenTable, ReplayCache, SourceBuckets, source_of
 from capsock.handshake import InitiatorHandshake
 from capsock.keys import KeyPair
 
 from .chaos import NodeProcess, percentile
-from .helpers import read_all
-from .strangers import send_first_message
+from .strangers import good_client, send_first_message
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parent.parent
 FLOOD_SECONDS = 6.0
-
-
-async def good_client(node: NodeProcess) -> float:
-    start = anyio.current_time()
-    payload = os.urandom(256)
-    with anyio.fail_after(10):
-        async with capsock.Node(config=NodeConfig(connect_timeout=10)) as client:
-            stream = await client.connect(node.uri)
-            await stream.send(payload)
-            await stream.send_eof()
-            assert await read_all(stream) == payload
-            await stream.aclose()
-    return anyio.current_time() - start
 
 
 async def flood_while_probing(node: NodeProcess, *args: str) -> tuple[dict[str, Any], list[float]]:
@@ -56,7 +39,7 @@ async def flood_while_probing(node: NodeProcess, *args: str) -> tuple[dict[str, 
     async with await anyio.open_process(argv, cwd=ROOT, stderr=subprocess.DEVNULL) as proc:
         await anyio.sleep(0.5)  # the flood is running
         while proc.returncode is None:
-            latencies.append(await good_client(node))
+            latencies.append(await good_client(node.uri, 256, 10.0))
             with anyio.move_on_after(0.2):
                 await proc.wait()
         assert proc.stdout is not None

@@ -1,13 +1,15 @@
 """Node internals: :class:`Listener`, the streams opened with one root capability.
 
-It needs four things of its node, named by :class:`ListenerHost` (which
+It needs a few things of its node, named by :class:`ListenerHost` (which
 :class:`capsock.Node` satisfies): the tables of listeners, the capability store
-(use counters, temporary roots) and the node's task group.  Public as
+(use counters, temporary roots), the node's task group, its wall clock and
+its record of retired roots.  Public as
 ``capsock.Listener`` and ``capsock.node.Listener``.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -18,11 +20,15 @@ import anyio.abc
 from .errors import CapsockError
 from .store import Store
 from .stream import CapsockAttribute, Stream
-from .uri import Capability
+from .uri import Capability, Expires
 
 __all__ = ["Listener", "ListenerHost"]
 
 log = logging.getLogger("capsock.node")
+
+MAX_RETIRED_ROOTS = 4096
+"""Root ids of closed temporary listeners remembered, with why they retired
+(for the refusal log line only; the oldest go first)."""
 
 
 class ListenerHost(Protocol):
@@ -32,6 +38,8 @@ class ListenerHost(Protocol):
     _all_listeners: set[Listener]
     _store: Store
     _tg: anyio.abc.TaskGroup | None
+    _retired_roots: collections.OrderedDict[bytes, str]
+    _wall_clock: Callable[[], float]
 
 
 class Listener(anyio.abc.Listener[Stream]):
@@ -142,7 +150,16 @@ class Listener(anyio.abc.Listener[Stream]):
         self._retire()
         self._node._all_listeners.discard(self)
         if self._temporary:
-            self._node._store.remove_root(self._uri.token.root_id)
+            node, root_id = self._node, self._uri.token.root_id
+            used_up = self._uses is not None and node._store.uses(self._uses[0]) >= self._uses[1]
+            expired = any(
+                isinstance(c, Expires) and c.at <= node._wall_clock() for c in self._uri.caveats
+            )
+            why = "used up" if used_up else "expired" if expired else "temporary listener closed"
+            node._retired_roots[root_id] = why
+            if len(node._retired_roots) > MAX_RETIRED_ROOTS:
+                node._retired_roots.popitem(last=False)
+            node._store.remove_root(root_id)
         while True:
             try:
                 stream = self._recv.receive_nowait()

@@ -108,9 +108,12 @@ class Dialing(NodeState):
                 anyio.BrokenResourceError,
                 anyio.EndOfStream,
             ) as exc:
-                attempts.append((route, str(exc) or type(exc).__name__))
+                why = str(exc) or ("timed out" if isinstance(exc, TimeoutError) else "failed")
+                attempts.append((route, why))
             else:
                 session = self._new_session(transport, result, leftover, route)
+                how = "relayed" if isinstance(hint, ViaHint) else "direct"
+                log.info("reached node %s: %s route, %s", node.short(), how, route)
                 tg.start_soon(self._run_session, session)
                 await session.ready.wait()
                 return session

@@ -94,6 +94,8 @@ class OpenDecisions(Admission):
         reason = verdict.reason
         if reason is None and (listener is None or listener._retired):
             reason = "listener closed"
+        if reason == "unknown root" and token is not None:
+            reason = self._retired_roots.get(token.root_id, reason)  # the log says why
         if reason is not None or listener is None or token is None:
             self._counters["opens_refused"] += 1
             self._refusal_log.info("refused a stream from %s: %s", session.peer.short(), reason)

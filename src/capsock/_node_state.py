@@ -131,6 +131,7 @@ class NodeState:
     _vouchers: collections.OrderedDict[NodeId, bytes]
     _accept_error_logged: float
     _drop_log: LimitedLog
+    _retired_roots: collections.OrderedDict[bytes, str]
     _session_count: int
     _counted: set[Session]
     _host: anyio.abc.TaskGroup | None

@@ -188,6 +188,8 @@ class Node(Binding, OpenDecisions, Dialing, RelayUpkeep):
         self._accept_error_logged = -1e9
         self._drop_log = LimitedLog(log, per_window=20, window=10.0)
         """Lines about dropped connections: a stranger controls how many there are."""
+        self._retired_roots: collections.OrderedDict[bytes, str] = collections.OrderedDict()
+        """Root ids of closed temporary listeners -> why they retired (log only, bounded)."""
         self._session_count = 0  # direct sessions counted against max_sessions
         self._counted: set[Session] = set()  # sessions counted in _session_count
         self._host: anyio.abc.TaskGroup | None = None  # entered by __aenter__

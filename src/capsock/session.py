@@ -278,7 +278,7 @@ class Session:
         except anyio.EndOfStream:
             reason = "the peer closed the connection"
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-            reason = f"connection lost ({type(exc).__name__})"
+            reason = _lost_reason(exc)
         if self._closed_reason is None:
             self._closed_reason = reason
         if self._tg is not None:
@@ -537,7 +537,7 @@ class Session:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             # What the writer task's failure would do: end the session.
             if self._closed_reason is None:
-                self._closed_reason = f"connection lost ({type(exc).__name__})"
+                self._closed_reason = _lost_reason(exc)
             if self._tg is not None:
                 self._tg.cancel_scope.cancel()
         finally:
@@ -770,6 +770,16 @@ def _rejection(peer: NodeId, code: ErrorCode) -> CapsockError:
         f"node {peer.short()} did not accept the stream ({code.name}); try again later",
         code,
     )
+
+
+def _lost_reason(exc: BaseException) -> str:
+    """Why the connection ended, in words (no class names)."""
+    cause = exc if isinstance(exc, OSError) else exc.__cause__ or exc.__context__
+    if isinstance(cause, OSError) and cause.strerror:
+        return f"connection lost: {cause.strerror.lower()}"
+    if isinstance(exc, anyio.ClosedResourceError):
+        return "connection lost: it was closed on this side"
+    return "connection lost: the other side or the network went away"
 
 
 def _lost_error(peer: NodeId, reason: str) -> BaseException:

@@ -23,7 +23,7 @@ from ..errors import (
     PeerAuthenticationError,
     Unreachable,
 )
-from . import caps, completion, pipes, transfer
+from . import caps, completion, manual, pipes, transfer
 from .common import (
     CliError,
     Exit,
@@ -70,8 +70,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, Commands]:
     parser = _Parser(
         prog="capsock",
         description="Capability-based, end-to-end encrypted byte streams. "
-        "stdout carries only data; messages go to stderr. Reference: docs/cli.md "
-        "in the capsock source.",
+        "stdout carries only data; messages go to stderr. Reference: `capsock help` "
+        "(topics such as `capsock help send` or `capsock help exit-codes`; the same "
+        "text as docs/cli.md, shipped with the package).",
     )
     parser.add_argument("--version", action="version", version=f"capsock {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
@@ -172,7 +173,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, Commands]:
     command("demo", "show the point in a few seconds, on this machine")
 
     p = command("completion", "print a shell completion script")
-    p.add_argument("shell", choices=["bash", "zsh"], metavar="SHELL", help="bash or zsh")
+    p.add_argument(
+        "shell", choices=["bash", "zsh", "fish"], metavar="SHELL", help="bash, zsh or fish"
+    )
+
+    p = command("help", "show the CLI reference, or one topic of it (a command, exit-codes)")
+    p.add_argument(
+        "topic", nargs="?", metavar="TOPIC",
+        help="a command name, exit-codes, conventions, ...; all for everything",
+    )  # fmt: skip
     return parser, commands
 
 
@@ -256,9 +265,15 @@ def _dispatch(args: argparse.Namespace, top: argparse.ArgumentParser, commands: 
         state = args.state_dir or state_home() / "relay"
         return _run(run_relay, args.listen, args.advertise, state)
     if name == "completion":
-        make = completion.bash_script if args.shell == "bash" else completion.zsh_script
+        make = {
+            "bash": completion.bash_script,
+            "zsh": completion.zsh_script,
+            "fish": completion.fish_script,
+        }[args.shell]
         print(make(top, commands), end="", flush=True)
         return Exit.OK
+    if name == "help":
+        return manual.cmd_help(args.topic)
     sync: dict[str, Callable[[argparse.Namespace], int]] = {
         "id": caps.cmd_id,
         "attenuate": caps.cmd_attenuate,

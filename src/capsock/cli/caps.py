@@ -235,6 +235,11 @@ async def cmd_revoke(args: argparse.Namespace) -> int:
         ) from None
     finally:
         await node.aclose()
-    what = "root capability and everything derived from it" if not cap.caveats else "capability"
-    info(f"revoked the {what}; it is refused from the next start of the listener on")
+    if cap.caveats:
+        info("revoked the capability; it is refused from the next start of the listener on")
+    else:
+        info(
+            "revoked the root capability and everything derived from it; the next "
+            "`listen --name`/`share --name` with this name prints a new one to hand out"
+        )
     return Exit.OK

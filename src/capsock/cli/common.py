@@ -14,24 +14,27 @@ import os
 import re
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from enum import IntEnum
 from pathlib import Path
 
 import anyio
 
 from .. import statedir
-from ..errors import ErrorCode, InvalidCapability, LocalUsageError
+from ..errors import ErrorCode, InvalidCapability, LocalUsageError, PeerAuthenticationError
 from ..keys import KeyPair, NodeId
 from ..node import Listener, Node
 from ..stream import Stream
-from ..uri import Capability, TcpHint, UnixHint
+from ..uri import Capability, Expires, Peer, TcpHint, UnixHint, ViaHint
 
 __all__ = [
     "CliError",
     "Exit",
     "announce",
+    "check_before_dialing",
     "dialing_node",
     "info",
     "listening_node",
@@ -183,14 +186,47 @@ def read_capability(text: str, *, stdin_ok: bool = True, what: str = "") -> Capa
             raise CliError(
                 f"{what}cannot read the capability from {source}: {why}", Exit.USAGE
             ) from None
+    text = text.strip()
     try:
-        return Capability.parse(text.strip())
+        cap = Capability.parse(text)
     except InvalidCapability as exc:
+        cut = _looks_cut(text, str(exc))
         raise CliError(
-            f"{what}{source} is not a capsock:// capability ({exc}); copy the whole URI, "
-            "or pass - to read it from stdin or @FILE to read it from a file",
+            f"{what}{source} is not a capsock:// capability ({exc}); "
+            + (f"{cut}; " if cut else "")
+            + "copy the whole URI, or pass - to read it from stdin or @FILE to read it "
+            "from a file",
             Exit.USAGE,
         ) from None
+    damaged = _damaged_node(cap)
+    if damaged is not None:
+        raise CliError(f"{what}{source}: {damaged}", Exit.USAGE)
+    return cap
+
+
+def _looks_cut(text: str, error: str) -> str | None:
+    """Advice when a malformed URI looks like a paste cut short, else None."""
+    cut = ("truncated", "empty", "padding", "missing")
+    if text.endswith(("?", "&", "=")) or any(word in error for word in cut):
+        return "it looks cut short (a line break or a paste that stopped early?)"
+    return None
+
+
+def _damaged_node(cap: Capability) -> str | None:
+    """Why a node id in ``cap`` (or in one of its via hints) cannot be anyone's key.
+
+    Such an id parses (it is canonical base32) but is no Ed25519 point: a
+    changed character, not an unreachable node, so it is a malformed URI."""
+    try:
+        cap.node.x25519()
+    except PeerAuthenticationError as exc:
+        return str(exc)
+    for hint in cap.hints:
+        if isinstance(hint, ViaHint):
+            inner = _damaged_node(hint.capability)
+            if inner is not None:
+                return inner
+    return None
 
 
 # ------------------------------------------------------------------ identity and state
@@ -270,11 +306,63 @@ def dialing_node(args: argparse.Namespace, target: Capability) -> Node:
     with a fresh key.
     """
     key: KeyPair | None = None
+    who = "a fresh identity (--ephemeral)"
     if not args.ephemeral:
         key, _ = load_identity(state_dir(args), create=False)
+        who = f"a fresh identity (there is none in {state_dir(args)})"
         if key is not None and key.node_id == target.node:
             key = None
+            who = "a fresh identity (the capability names this machine's own)"
+        elif key is not None:
+            who = f"the identity in {state_dir(args)} ({key.node_id.short()}...)"
+    if key is None:
+        key = KeyPair.generate()
+    check_before_dialing(target, key.node_id, who)
     return Node(key=key)
+
+
+def check_before_dialing(cap: Capability, me: NodeId, who: str = "this identity") -> None:
+    """Refuse locally what the endpoint would refuse anyway, before anything is dialed.
+
+    An expired capability (by this machine's clock), one bound (``peer``) to
+    another node than ``me``, the identity this command dials with (``who``
+    says which, in words), and one without route hints (a URI cut short at
+    ``?``) cannot work.  The endpoint's refusal would not say why (that is
+    deliberate); the holder can.
+
+    Raises:
+        CliError: exit code 4 (expired, another peer) or 2 (no route hints).
+    """
+    now = time.time()
+    expiries = [c.at for c in cap.caveats if isinstance(c, Expires)]
+    if expiries and now >= min(expiries):
+        when = datetime.fromtimestamp(min(expiries), UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        raise CliError(
+            f"refused here, nothing was dialed: the capability expired at {when} (by this "
+            "machine's clock); ask whoever gave it to you for a new one",
+            Exit.REFUSED,
+        )
+    peers = {c.node for c in cap.caveats if isinstance(c, Peer)}
+    if len(peers) > 1:
+        raise CliError(
+            "refused here, nothing was dialed: the capability is bound to two different "
+            "nodes (peer caveats), so no node can use it; ask for a new one",
+            Exit.REFUSED,
+        )
+    if peers and me not in peers:
+        (bound,) = peers
+        raise CliError(
+            f"refused here, nothing was dialed: the capability is bound to node "
+            f"{bound.short()}..., but this command dials with {who}; pass the --state-dir "
+            "of that node's identity, or ask for a capability bound to yours (`capsock id`)",
+            Exit.REFUSED,
+        )
+    if not cap.hints:
+        raise CliError(
+            "the capability carries no route hints (?tcp=... or ?via=...), so there is "
+            "no way to reach its node: it looks cut short; copy the whole URI",
+            Exit.USAGE,
+        )
 
 
 @asynccontextmanager
@@ -313,10 +401,25 @@ async def listening_node(
         )
     except LocalUsageError as exc:
         raise CliError(str(exc), Exit.USAGE) from None
+    for relay in relays:  # the node dials its relays: the same checks as a dialing command
+        who = f"this node's identity ({node.id.short()}...)"
+        try:
+            check_before_dialing(relay, node.id, who)
+        except CliError as exc:
+            await node.aclose()
+            raise CliError(f"--relay: {exc}", exc.code) from None
     async with node:
-        if args.relay:
-            await _wait_for_relays(node)
-        yield node
+        if not relays:
+            yield node
+            return
+        names = {r.redacted(): f"relay {r.node.short()}..." for r in relays}
+        await _wait_for_relays(node, names)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_watch_relays, node, names)
+            try:
+                yield node
+            finally:
+                tg.cancel_scope.cancel()
 
 
 def _listen_spec(text: str) -> str:
@@ -326,7 +429,7 @@ def _listen_spec(text: str) -> str:
     return f"tcp:{text}"
 
 
-async def _wait_for_relays(node: Node, limit: float = 15.0) -> None:
+async def _wait_for_relays(node: Node, names: dict[str, str], limit: float = 15.0) -> None:
     with anyio.move_on_after(limit):
         # The node exposes the registration state only as a dict: poll it, briefly.
         while not node.relay_status or any(  # noqa: ASYNC110
@@ -334,14 +437,32 @@ async def _wait_for_relays(node: Node, limit: float = 15.0) -> None:
         ):
             await anyio.sleep(0.05)
     for relay, status in node.relay_status.items():
+        name = names.get(relay, "the relay")
         if status.startswith("refused"):
             raise CliError(
                 f"the relay refused the capability {relay}; ask the relay's operator "
                 "for a current one",
                 Exit.REFUSED,
             )
-        if status != "registered":
-            info(f"warning: relay {relay} is not reachable yet ({status}); still trying")
+        if status == "registered":
+            info(f"registered with {name}: reachable through it")
+        else:
+            info(f"warning: {name} is not reachable yet ({status}); still trying")
+
+
+async def _watch_relays(node: Node, names: dict[str, str], period: float = 0.1) -> None:
+    """Say (at the default level) when a relay registration comes back after a loss.
+
+    The node itself warns when it loses a relay; without this line the user
+    would never learn that the URI works again."""
+    seen = dict(node.relay_status)
+    while True:
+        await anyio.sleep(period)
+        for relay, status in list(node.relay_status.items()):
+            before = seen.get(relay)
+            if status == "registered" and before != "registered":
+                info(f"registered again with {names.get(relay, 'the relay')}: reachable again")
+        seen = dict(node.relay_status)
 
 
 async def make_listener(

@@ -1,11 +1,11 @@
-"""``capsock completion bash|zsh``: completion scripts generated from the parser,
+"""``capsock completion bash|zsh|fish``: completion scripts generated from the parser,
 so they never fall behind the options."""
 
 from __future__ import annotations
 
 import argparse
 
-__all__ = ["bash_script", "zsh_script"]
+__all__ = ["bash_script", "fish_script", "zsh_script"]
 
 _PATH_OPTIONS = {"--state-dir": "dir", "-o": "file", "--output": "file", "--uri-file": "file"}
 _PATH_POSITIONALS = {"PATH"}
@@ -149,3 +149,52 @@ else
   compdef _capsock capsock
 fi
 """
+
+
+def _fish_text(text: str | None) -> str:
+    short = (text or "").split(";", 1)[0].strip()
+    return "'" + short.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _fish_option(condition: str, action: argparse.Action) -> str:
+    parts = ["complete -c capsock", f"-n {condition}"]
+    for opt in action.option_strings:
+        parts.append(f"-s {opt[1:]}" if len(opt) == 2 else f"-l {opt[2:]}")
+    if action.nargs != 0:
+        kind = _PATH_OPTIONS.get(action.option_strings[-1])
+        if kind == "dir":
+            parts.append("-r -f -a '(__fish_complete_directories)'")
+        elif kind == "file":
+            parts.append("-r -F")
+        elif action.choices:
+            parts.append("-x -a " + _fish_text(" ".join(str(c) for c in action.choices)))
+        else:
+            parts.append("-x")
+    parts.append(f"-d {_fish_text(action.help)}")
+    return " ".join(parts)
+
+
+def fish_script(
+    top: argparse.ArgumentParser, commands: dict[str, tuple[argparse.ArgumentParser, str]]
+) -> str:
+    """A fish completion script for ``capsock``."""
+    names = " ".join(commands)
+    lines = [
+        "# fish completion for capsock.  Load it with:  capsock completion fish | source",
+        "# or save it as ~/.config/fish/completions/capsock.fish",
+        "complete -c capsock -f",
+    ]
+    first = f"'not __fish_seen_subcommand_from {names}'"
+    lines += [_fish_option(first, a) for a in _options(top)]
+    for name, (_, help_) in commands.items():
+        lines.append(f"complete -c capsock -n {first} -a {name} -d {_fish_text(help_)}")
+    for name, (sub, _) in commands.items():
+        cond = f"'__fish_seen_subcommand_from {name}'"
+        lines += [_fish_option(cond, a) for a in _options(sub)]
+        for pos in _positionals(sub):
+            if pos.choices:
+                words = " ".join(str(c) for c in pos.choices)
+                lines.append(f"complete -c capsock -n {cond} -a {_fish_text(words)}")
+            elif pos.metavar in _PATH_POSITIONALS:
+                lines.append(f"complete -c capsock -n {cond} -F")
+    return "\n".join(lines) + "\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import anyio
@@ -95,6 +96,7 @@ async def run_relay(listen: list[str], advertise: list[str] | None, state_dir: P
     async with Node(state_dir, listen=listen, advertise=advertise, config=config) as node:
         listener = await node.forwarding(name="relay")
         print(listener.uri, flush=True)
-        _say(f"capsock: relay {node.id.short()}... forwarding; hand out the capability above")
+        where = "above" if sys.stdout.isatty() else "written to stdout"
+        _say(f"capsock: relay {node.id.short()}... forwarding; hand out the capability {where}")
         await anyio.sleep_forever()
     return Exit.OK

@@ -164,12 +164,18 @@ async def cmd_listen(args: argparse.Namespace) -> int:
         listener, cap = await make_listener(node, args)
         what = "waiting for one stream" if args.once else "waiting for streams"
         announce(args, cap, f"{what} (Ctrl-C to stop)")
+        served = 0
         while True:
             try:
                 stream = await listener.accept()
             except anyio.ClosedResourceError:
+                if not served:  # as `send` does: an offer nobody took is a failure
+                    raise CliError(
+                        "nobody connected before the capability expired; run `capsock listen` again"
+                    ) from None
                 info("the capability is used up or expired; done")
                 return Exit.OK
+            served += 1
             if args.once:
                 await listener.aclose()
             info(f"stream from {stream.peer}")
