@@ -208,3 +208,24 @@ def test_no_module_is_over_the_size_limit(module: str) -> None:
         assert _lines(module) <= MAX_LINES, (
             f"{module} has {_lines(module)} lines (limit {MAX_LINES}): split it by concern"
         )
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("capsock.cli")))
+def test_the_cli_uses_public_names_only(module: str) -> None:
+    """The command line sits on the public API: no private module or name of capsock
+    (its own siblings in capsock.cli are its business)."""
+    tree = ast.parse(MODULES[module].read_text("utf-8"))
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ImportFrom) or node.level == 1:
+            continue
+        if node.level == 0 and not (node.module or "").startswith("capsock"):
+            continue
+        target = node.module or ""
+        assert not any(p.startswith("_") for p in target.split(".")), (
+            f"{module}:{node.lineno} imports the private module {target}"
+        )
+        for alias in node.names:
+            dunder = alias.name.startswith("__") and alias.name.endswith("__")
+            assert dunder or not alias.name.startswith("_"), (
+                f"{module}:{node.lineno} imports the private name {alias.name} from {target}"
+            )
