@@ -17,11 +17,6 @@ from .helpers import echo, read_all
 pytestmark = pytest.mark.anyio
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="forwarded sessions that never present a capability are not shed: "
-    "squatters holding a stale URI lock relayed clients out",
-)
 async def test_idle_forwarded_strangers_are_shed_for_a_good_relayed_client() -> None:
     """Four nodes holding a stale URI of a relayed endpoint reach it through
     the relay (their OPEN is refused, their sessions stay): with four slots

@@ -9,6 +9,8 @@ peer's bytes can cost").  The tables themselves are :mod:`capsock._admission`.
 
 from __future__ import annotations
 
+import collections
+import functools
 import logging
 
 import anyio
@@ -136,9 +138,10 @@ class Admission(NodeState):
                 # Join the pool the moment the dialer is confirmed, before the
                 # session processes anything that record asks for (a relay
                 # registration answered "ok" must find the session pooled).
-                session.on_confirmed = (
-                    self._confirm_inbound if carrier is None else self._confirm_forwarded
-                )
+                if carrier is None:
+                    session.on_confirmed = self._confirm_inbound
+                else:
+                    session.on_confirmed = functools.partial(self._confirm_forwarded, carrier)
                 self._tg_start(session.run)
                 await session.confirmed.wait()
         finally:
@@ -196,5 +199,29 @@ class Admission(NodeState):
         self._pool_remove(stranger)
         return True
 
-    def _confirm_forwarded(self, session: Session) -> None:
+    def _confirm_forwarded(self, carrier: Session, session: Session) -> None:
         self._pool_add(session, counted=False)
+        self._nested_strangers.setdefault(carrier, collections.OrderedDict())[session] = None
+        self._stranger_carrier[session] = carrier
+
+    def _shed_nested_stranger(self, carrier: Session, *, any_carrier: bool) -> bool:
+        """Shed the oldest forwarded session that never presented a capability:
+        one ``carrier`` carries, else (``any_carrier``) one any carrier does."""
+        candidates = [carrier] if carrier in self._nested_strangers else []
+        if any_carrier:
+            candidates.extend(self._nested_strangers)
+        for owner in candidates:
+            strangers = self._nested_strangers.get(owner)
+            if strangers:
+                stranger, _ = strangers.popitem(last=False)
+                del self._stranger_carrier[stranger]
+                if not strangers:
+                    del self._nested_strangers[owner]
+                log.info(
+                    "shed the idle forwarded session from %s to make room", stranger.peer.short()
+                )
+                self._counters["connections_shed"] += 1
+                stranger.abort()
+                self._pool_remove(stranger)
+                return True
+        return False

@@ -107,6 +107,8 @@ class OpenDecisions(Admission):
         if stream is not None:
             self._counters["streams_accepted"] += 1
             self._strangers.pop(session, None)  # it holds a capability: not shed first
+            if self._stranger_carrier:
+                self._unstrange_nested(session)
             self._authorized_peers[session.peer] = None
             self._authorized_peers.move_to_end(session.peer)
             if len(self._authorized_peers) > MAX_AUTHORIZED_PEERS:
@@ -169,12 +171,23 @@ class OpenDecisions(Admission):
             session.reject(sid, ErrorCode.REFUSED)
             return
         carried = self._nested_by_carrier.get(session, 0)
+        via_relay = any(r.node == session.peer for r in self._relays)
         per_carrier = (
             self.config.max_forwarded_sessions
-            if any(r.node == session.peer for r in self._relays)
+            if via_relay
             else self.config.max_forwarded_per_session
         )
-        if carried >= per_carrier or self._nested_count >= self.config.max_forwarded_sessions:
+        # When full, a forwarded session that never presented a capability
+        # makes room, as a direct stranger does, so squatters cannot lock out
+        # the many clients one relay carries.  A peer that fills its own share
+        # gets BUSY: its sessions are its own to end.
+        if carried >= per_carrier:
+            room = via_relay and self._shed_nested_stranger(session, any_carrier=False)
+        elif self._nested_count >= self.config.max_forwarded_sessions:
+            room = self._shed_nested_stranger(session, any_carrier=True)
+        else:
+            room = True
+        if not room:
             self._counters["forwarded_refused"] += 1
             session.reject(sid, ErrorCode.BUSY)
             return

@@ -127,6 +127,8 @@ class NodeState:
     _strangers: collections.OrderedDict[Session, None]
     _nested_count: int
     _nested_by_carrier: dict[Session, int]
+    _nested_strangers: dict[Session, collections.OrderedDict[Session, None]]
+    _stranger_carrier: dict[Session, Session]
     _authorized_peers: collections.OrderedDict[NodeId, None]
     _vouchers: collections.OrderedDict[NodeId, bytes]
     _accept_error_logged: float
@@ -181,9 +183,19 @@ class NodeState:
 
     def _forget_session(self, session: Session) -> None:
         self._strangers.pop(session, None)
+        if self._stranger_carrier:
+            self._unstrange_nested(session)
         self._sources.pop(session, None)
         self._cut.discard(session)
         self._pool_remove(session)
+
+    def _unstrange_nested(self, session: Session) -> None:
+        owner = self._stranger_carrier.pop(session, None)
+        if owner is not None:
+            strangers = self._nested_strangers[owner]
+            del strangers[session]
+            if not strangers:
+                del self._nested_strangers[owner]
 
     def _pool_add(self, session: Session, *, counted: bool = True) -> None:
         if counted:

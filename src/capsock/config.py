@@ -221,7 +221,9 @@ class NodeConfig:
     max_forwarded_per_session: int = 64
     """Of those, how many one carrying session (one peer) may hold at once; a
     relay this node registered with may carry up to ``max_forwarded_sessions``
-    (it is how every client reaches a node behind NAT)."""
+    (it is how every client reaches a node behind NAT).  When full, the oldest
+    forwarded session that never had a stream accepted is shed (for a relay's
+    share, or the node-wide limit); else the newcomer gets ``BUSY``."""
     relay_backoff: tuple[float, float] = (0.5, 30.0)
     """Reconnect delay to a relay: first and largest (doubling, with jitter)."""
     max_sessions: int = 4096

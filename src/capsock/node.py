@@ -181,6 +181,10 @@ class Node(Binding, OpenDecisions, Dialing, RelayUpkeep):
         the first to be shed when the node is full."""
         self._nested_count = 0
         self._nested_by_carrier: dict[Session, int] = {}
+        self._nested_strangers: dict[Session, collections.OrderedDict[Session, None]] = {}
+        """Per carrying session, the forwarded sessions it carries that never
+        had a stream accepted: the first to be shed when forwarded slots are full."""
+        self._stranger_carrier: dict[Session, Session] = {}
         self._authorized_peers: collections.OrderedDict[NodeId, None] = collections.OrderedDict()
         """Peers that opened a stream with one of our capabilities (bounded)."""
         self._vouchers: collections.OrderedDict[NodeId, bytes] = collections.OrderedDict()
