@@ -183,7 +183,9 @@ class Admission(NodeState):
         if session in self._counted:
             return
         if self._session_count >= self.config.max_sessions and not self._shed_stranger():
-            log.warning("dropping session from %s: max_sessions reached", session.peer.short())
+            self._drop_log.warning(
+                "dropping session from %s: max_sessions reached", session.peer.short()
+            )
             session.abort()
             return
         self._pool_add(session)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import time
 import weakref
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -21,6 +20,7 @@ import anyio.abc
 
 from ._admission import HalfOpenTable, ReplayCache, SourceBuckets
 from ._listener import Listener
+from ._logs import LimitedLog
 from .config import NodeConfig
 from .errors import (
     CapabilityRejected,
@@ -59,33 +59,6 @@ class HalfOpen:
         self.scope.cancel()
         if self.session is not None:
             self.session.abort()
-
-
-class LimitedLog:
-    """At most ``per_window`` lines per ``window`` seconds; the rest are counted
-    and the count is reported with the next line that gets through."""
-
-    def __init__(self, logger: logging.Logger, *, per_window: int, window: float) -> None:
-        self._log = logger
-        self._per_window = per_window
-        self._window = window
-        self._start = -1e9
-        self._lines = 0
-        self._suppressed = 0
-
-    def info(self, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._start >= self._window:
-            self._start, self._lines = now, 0
-        if self._lines >= self._per_window:
-            self._suppressed += 1
-            return
-        self._lines += 1
-        if self._suppressed:
-            msg += " (%d similar lines suppressed)"
-            args = (*args, self._suppressed)
-            self._suppressed = 0
-        self._log.info(msg, *args)
 
 
 class NodeState:

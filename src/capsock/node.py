@@ -42,10 +42,11 @@ import anyio.abc
 from . import statedir
 from ._admission import HalfOpenTable, ReplayCache, SourceBuckets, descriptor_budget
 from ._listener import Listener
+from ._logs import LimitedLog
 from ._node_binding import Binding
 from ._node_dialing import Dialing
 from ._node_opens import OpenDecisions
-from ._node_state import MAX_AUTHORIZED_PEERS, HalfOpen, LimitedLog
+from ._node_state import MAX_AUTHORIZED_PEERS, HalfOpen
 from ._relay_upkeep import RelayUpkeep
 from .config import NodeConfig, parse_listen
 from .errors import (

@@ -29,6 +29,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
+from ._logs import LimitedLog
 from .config import SessionConfig
 from .errors import (
     CapabilityRejected,
@@ -63,6 +64,8 @@ from .uri import Capability
 __all__ = ["Session", "SessionConfig", "accept_handshake", "dial_handshake"]
 
 log = logging.getLogger("capsock.session")
+_peer_log = LimitedLog(log, per_window=20, window=10.0)
+"""Lines about sessions a peer breaks or abandons: a stranger controls how many."""
 
 _LEN = struct.Struct(">H")
 _MAX_FIRST_MESSAGE = 1024
@@ -268,7 +271,7 @@ class Session:
             reason = "the session was closed"
         except ProtocolError as exc:
             reason = f"protocol error: {exc}"
-            log.warning("session with %s closed: %s", self.peer.short(), str(exc))
+            _peer_log.warning("session with %s closed: %s", self.peer.short(), str(exc))
             # Fail the streams first: whatever their tasks do next (aclose, say)
             # must not queue a clean EOF behind the bad record.
             self._fail_all(reason)
@@ -593,7 +596,7 @@ class Session:
             silent = now - self._last_heard
             if silent >= timeout:
                 self._closed_reason = f"no sign of life from the peer for {silent:.0f} s"
-                log.warning("session with %s: %s", self.peer.short(), self._closed_reason)
+                _peer_log.warning("session with %s: %s", self.peer.short(), self._closed_reason)
                 if self._tg is not None:
                     self._tg.cancel_scope.cancel()
                 return
