@@ -16,7 +16,7 @@ import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
 
-from ._node_state import NodeState
+from ._node_state import MAX_ROUTES, NodeState
 from .errors import (
     CapsockError,
     PeerAuthenticationError,
@@ -77,6 +77,10 @@ class Dialing(NodeState):
                 return await self._dial(node, hints)
         finally:
             _DIALING.reset(token)
+            # One lock per node being dialed, not per node ever dialed.
+            idle = not lock.locked() and not lock.statistics().tasks_waiting
+            if idle and self._dial_locks.get(node) is lock:
+                del self._dial_locks[node]
 
     async def _dial(self, node: NodeId, hints: tuple[Hint, ...]) -> Session:
         """Try direct hints (a short head start when forwarding routes exist), then ``via``."""
@@ -165,3 +169,6 @@ class Dialing(NodeState):
         direct = tuple(h for h in cap.hints if not isinstance(h, ViaHint))
         if direct:
             self._routes[cap.node] = direct
+            self._routes.move_to_end(cap.node)
+            if len(self._routes) > MAX_ROUTES:
+                self._routes.popitem(last=False)  # bounded: the least recently seen goes

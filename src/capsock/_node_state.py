@@ -40,6 +40,8 @@ from .uri import (
 log = logging.getLogger("capsock.node")
 
 MAX_AUTHORIZED_PEERS = 4096
+MAX_ROUTES = 4096
+"""Nodes whose direct hints a node remembers for forwarding (least recently seen go first)."""
 """Peers remembered as having opened a stream with a capability (and vouchers kept)."""
 
 
@@ -81,7 +83,7 @@ class NodeState:
     _all_listeners: set[Listener]
     _sessions: dict[NodeId, Session]
     _dial_locks: dict[NodeId, anyio.Lock]
-    _routes: dict[NodeId, tuple[Hint, ...]]
+    _routes: collections.OrderedDict[NodeId, tuple[Hint, ...]]
     forwarder: Forwarder
     _introductions: Listener | None
     _serve_scope: anyio.CancelScope

@@ -157,7 +157,8 @@ class Node(Binding, OpenDecisions, Dialing, RelayUpkeep):
         self._all_listeners: set[Listener] = set()  # also retired ones not yet closed
         self._sessions: dict[NodeId, Session] = {}
         self._dial_locks: dict[NodeId, anyio.Lock] = {}
-        self._routes: dict[NodeId, tuple[Hint, ...]] = {}  # direct hints seen, for forwarding
+        self._routes: collections.OrderedDict[NodeId, tuple[Hint, ...]] = collections.OrderedDict()
+        """Direct hints seen per node (for forwarding), at most MAX_ROUTES."""
         self.forwarder = Forwarder(self, self._open_transport)
         self._introductions: Listener | None = None
         self._serve_scope = anyio.CancelScope()
