@@ -331,7 +331,7 @@ async def test_flood_of_opens_with_bad_tokens(anyio_backend: str) -> None:
                     except (anyio.BrokenResourceError, OSError):
                         break  # the node hung up, as it should
                 with anyio.fail_after(30):
-                    while not any(isinstance(f, GoAway) for f in raw.frames):
+                    while not raw.closed and not any(isinstance(f, GoAway) for f in raw.frames):
                         await anyio.sleep(0.05)
                 elapsed = anyio.current_time() - start
                 tg.cancel_scope.cancel()
@@ -339,18 +339,18 @@ async def test_flood_of_opens_with_bad_tokens(anyio_backend: str) -> None:
             assert "Accept" not in kinds
             assert raw.error is None
             goaways = [f for f in raw.frames if isinstance(f, GoAway)]
-            assert [g.code for g in goaways] == [ErrorCode.LIMIT_EXCEEDED]
-            before = raw.frames[: raw.frames.index(goaways[0])]
-            rejects = [f for f in before if isinstance(f, Reject)]
+            # The node closes a socket that holds records it will not read, so
+            # its RST may discard the GOAWAY at our end; if it arrived, it
+            # says why, and only unchecked SHUTTING_DOWN answers follow it.
+            assert [g.code for g in goaways] in ([ErrorCode.LIMIT_EXCEEDED], [])
+            cut = raw.frames.index(goaways[0]) if goaways else len(raw.frames)
+            rejects = [f for f in raw.frames[:cut] if isinstance(f, Reject)]
             assert {f.code for f in rejects} == {ErrorCode.REFUSED}  # uniform, never BUSY
-            after = raw.frames[raw.frames.index(goaways[0]) + 1 :]
-            # Past the GOAWAY, OPENs above its last id are refused by the mux
-            # unchecked, and nothing else is sent.
             assert all(
                 isinstance(f, Reject)
                 and f.code == ErrorCode.SHUTTING_DOWN
                 and f.stream_id > goaways[0].last_stream_id
-                for f in after
+                for f in raw.frames[cut + 1 :]
             )
         stats = await anyio.to_thread.run_sync(node.stats)
         # Each REJECT answers a checked OPEN; only the budget was checked.

@@ -104,3 +104,38 @@ async def test_fresh_sessions_from_one_source_share_one_budget_of_refusals(
                 async with stream:
                     await stream.send(b"still served")
                     assert await stream.receive() == b"still served"
+
+
+async def test_forged_vouchers_on_transport_streams_share_the_refusal_budget(
+    anyio_backend: str,
+) -> None:
+    """The voucher after a transport stream's ``0x00`` is a capability token
+    the node checks (4.4's work, no use counted): a stranger sending forged
+    vouchers is held to the same refusal budget as forged OPEN tokens."""
+    config = capsock.NodeConfig(refused_open_rate=(10.0, 50.0))
+    async with capsock.Node(listen=["tcp:127.0.0.1:0"], config=config) as server:
+        await server.listen()
+        hint = server.hints[0]
+        assert isinstance(hint, TcpHint)
+        dialer = await RawDialer.connect(hint.host, hint.port, server.id)
+        voucher = b"\x00" + _expensive_garbage_token()
+        sid = 1
+        async with dialer:
+            for _ in range(10):
+                frames = []
+                for _ in range(128):
+                    frames.append(encode_frame(Open(sid, voucher)))
+                    sid += 2
+                try:
+                    await dialer.send(dialer.seal(b"".join(frames)))
+                except (anyio.BrokenResourceError, OSError):
+                    break
+            frames_back = await dialer.read_frames(
+                5.0, until=lambda fs: any(isinstance(f, GoAway) for f in fs)
+            )
+        # The GOAWAY itself may be lost: the node closes a socket holding our
+        # unread records, and the kernel's RST can discard it at our end.
+        assert all(f.code == ErrorCode.LIMIT_EXCEEDED for f in frames_back if isinstance(f, GoAway))
+        stats = server.stats()
+        assert stats["sessions_cut_for_refusals"] == 1
+        assert stats["forwarded_refused"] <= 50 + 10 * 5 + 1

@@ -41,12 +41,12 @@ class OpenDecisions(Admission):
         self, session: Session, sid: int, token_bytes: bytes
     ) -> Coroutine[Any, Any, None] | None:
         """Answer an OPEN at once; return a coroutine when it must wait (full backlog)."""
+        if session in self._cut:  # ending (GOAWAY sent): no check, no answer
+            return None
         voucher = transport_voucher(token_bytes)
         if voucher is not None:
             return self._accept_transport(session, sid, voucher)
         self._counters["opens_received"] += 1
-        if session in self._cut:  # ending (GOAWAY sent): no check, no answer
-            return None
         token: Token | None
         reason: str | None = None
         try:
@@ -166,9 +166,12 @@ class OpenDecisions(Admission):
         Only from peers we have a reason to accept it from, and bounded per
         carrying session and node-wide, apart from the direct sessions.
         """
+        if session in self._cut:
+            return
         if not self._trusts_forwarding(session, voucher):
             self._counters["forwarded_refused"] += 1
             session.reject(sid, ErrorCode.REFUSED)
+            self._charge_refusal(session)  # a voucher is a token to check: same budget
             return
         carried = self._nested_by_carrier.get(session, 0)
         via_relay = any(r.node == session.peer for r in self._relays)
