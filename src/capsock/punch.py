@@ -160,7 +160,7 @@ async def _attempt(
     local_port: int,
     candidates: Sequence[tuple[str, int]],
     *,
-    timeout: float,
+    window: float,
     local_host: str,
     socket_factory: SocketFactory | None,
     errors: dict[tuple[str, int], str],
@@ -187,7 +187,7 @@ async def _attempt(
         tg.cancel_scope.cancel()
 
     try:
-        with anyio.move_on_after(timeout) as scope:
+        with anyio.move_on_after(window) as scope:
             async with anyio.create_task_group() as tg:
                 for candidate in candidates:
                     tg.start_soon(dial, candidate, tg)
@@ -246,7 +246,7 @@ async def simultaneous_open(
         stream = await _attempt(
             local_port,
             unique,
-            timeout=attempt_timeout,
+            window=attempt_timeout,
             local_host=local_host,
             socket_factory=socket_factory,
             errors=errors,
