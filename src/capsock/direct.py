@@ -234,7 +234,7 @@ def decode(data: bytes) -> DirectMessage:
         raise DirectMessageError(f"coordination message larger than {MAX_MESSAGE} bytes")
     try:
         body = msgpack.unpackb(
-            data, raw=False, strict_map_key=True, max_buffer_size=MAX_MESSAGE, use_list=True
+            data, raw=False, strict_map_key=True, use_list=True
         )
     except Exception:  # msgpack raises several unrelated types for junk
         raise DirectMessageError("coordination message is not valid msgpack") from None
