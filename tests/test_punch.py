@@ -61,9 +61,7 @@ async def test_simultaneous_open_returns_the_candidate_that_answers() -> None:
         async with local:
             port = local.extra(SocketAttribute.local_port)
             cands = [("127.0.0.1", _closed_port()), ("127.0.0.1", rport)]
-            stream = await punch.simultaneous_open(
-                port, cands, attempts=1, local_host="127.0.0.1"
-            )
+            stream = await punch.simultaneous_open(port, cands, attempts=1, local_host="127.0.0.1")
             async with stream, await remote.accept() as peer:
                 assert stream.extra(SocketAttribute.remote_port) == rport
                 await peer.send(b"x" * 1000)
@@ -92,8 +90,10 @@ async def test_two_winners_keep_exactly_one_and_close_the_other() -> None:
     b = await punch.shared_listener(0, local_host="127.0.0.1")
     async with a, b:
         before = _fds()
-        cands = [("127.0.0.1", a.extra(SocketAttribute.local_port)),
-                 ("127.0.0.1", b.extra(SocketAttribute.local_port))]
+        cands = [
+            ("127.0.0.1", a.extra(SocketAttribute.local_port)),
+            ("127.0.0.1", b.extra(SocketAttribute.local_port)),
+        ]
         stream = await punch.simultaneous_open(_closed_port(), cands, local_host="127.0.0.1")
         await stream.aclose()
         # Whatever reached the listeners' queues is theirs; on our side nothing stays open.
@@ -108,14 +108,12 @@ async def test_two_winners_keep_exactly_one_and_close_the_other() -> None:
 
 async def test_cancel_mid_punch_leaks_nothing() -> None:
     before = _fds()
-    # 192.0.2.1 (TEST-NET-1) never answers: the dial hangs or fails at once; either way
+    # 203.0.113.x (TEST-NET-3) never answers: the dial hangs or fails at once; either way
     # cancelling it, and cancelling while waiting for `at`, closes every socket.
     with anyio.move_on_after(0.3):
-        await punch.simultaneous_open(0, [("192.0.2.1", 9), ("192.0.2.2", 9)], attempts=3)
+        await punch.simultaneous_open(0, [("203.0.113.1", 9), ("203.0.113.2", 9)], attempts=3)
     with anyio.move_on_after(0.1):
-        await punch.simultaneous_open(
-            0, [("127.0.0.1", 9)], at=anyio.current_time() + 10
-        )
+        await punch.simultaneous_open(0, [("127.0.0.1", 9)], at=anyio.current_time() + 10)
     assert _fds() == before
 
 
@@ -129,7 +127,8 @@ async def test_cancel_mid_punch_leaks_nothing() -> None:
         ((0, [("127.0.0.1", 1)]), {"attempt_timeout": float("nan")}),
     ],
 )
-async def test_bad_arguments_are_value_errors(args: tuple[int, list[tuple[str, int]]],
-                                              kwargs: dict[str, float]) -> None:
+async def test_bad_arguments_are_value_errors(
+    args: tuple[int, list[tuple[str, int]]], kwargs: dict[str, float]
+) -> None:
     with pytest.raises(ValueError):
         await punch.simultaneous_open(*args, **kwargs)  # type: ignore[arg-type]

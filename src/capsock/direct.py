@@ -233,9 +233,7 @@ def decode(data: bytes) -> DirectMessage:
     if len(data) > MAX_MESSAGE:
         raise DirectMessageError(f"coordination message larger than {MAX_MESSAGE} bytes")
     try:
-        body = msgpack.unpackb(
-            data, raw=False, strict_map_key=True, use_list=True
-        )
+        body = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
     except Exception:  # msgpack raises several unrelated types for junk
         raise DirectMessageError("coordination message is not valid msgpack") from None
     if not isinstance(body, dict):

@@ -25,16 +25,19 @@ from __future__ import annotations
 import errno
 import math
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import anyio
 import anyio.abc
 
+from . import interfaces
+
 __all__ = [
     "PunchFailed",
     "SocketFactory",
     "dial_from",
+    "local_candidates",
     "reuse_socket",
     "shared_listener",
     "simultaneous_open",
@@ -149,6 +152,24 @@ async def dial_from(
     except BaseException:
         sock.close()
         raise
+
+
+def local_candidates(
+    local_port: int, families: Collection[int] = (socket.AF_INET,)
+) -> list[tuple[str, int]]:
+    """This machine's interface addresses with ``local_port``: the "local" punch candidates.
+
+    The addresses :mod:`capsock.interfaces` would advertise, minus loopback (useless
+    to a peer elsewhere).  Blocking and cheap (a few ioctls); call it in the network
+    namespace whose interfaces you mean.
+    """
+    chosen = interfaces.select_addresses(
+        interfaces.interface_addresses(),
+        families,
+        preferred=interfaces.default_route_sources(families),
+        limit=MAX_CANDIDATES,
+    )
+    return [(str(a), local_port) for a in chosen if not a.is_loopback]
 
 
 @dataclass
