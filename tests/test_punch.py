@@ -5,8 +5,11 @@ TCP simultaneous open through two NATs is in tests/test_punch_nat.py (network na
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import time
+from collections.abc import Iterator
 
 import anyio
 import anyio.abc
@@ -106,15 +109,67 @@ async def test_two_winners_keep_exactly_one_and_close_the_other() -> None:
         assert _fds() == before
 
 
+class _BlackHole:
+    """A loopback port whose SYNs are dropped: a listener with a full accept queue.
+
+    Deterministic, unlike an unrouted address (this machine may have a default route
+    that answers anything).  Linux drops a SYN while the accept queue is full.
+    """
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(0)
+        self.addr: tuple[str, int] = self.listener.getsockname()
+        self.filler = socket.create_connection(self.addr, timeout=5)
+
+    def close(self) -> None:
+        self.filler.close()
+        self.listener.close()
+
+
+@contextlib.contextmanager
+def _blackhole() -> Iterator[int]:
+    """A loopback port whose accept queue is full: SYNs to it are dropped, dials hang."""
+    listener = socket.socket()
+    fillers: list[socket.socket] = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = int(listener.getsockname()[1])
+        for _ in range(4):
+            filler = socket.socket()
+            fillers.append(filler)
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+        time.sleep(0.1)
+        yield port
+    finally:
+        for sock in (*fillers, listener):
+            sock.close()
+
+
 async def test_cancel_mid_punch_leaks_nothing() -> None:
-    before = _fds()
-    # 203.0.113.x (TEST-NET-3) never answers: the dial hangs or fails at once; either way
-    # cancelling it, and cancelling while waiting for `at`, closes every socket.
-    with anyio.move_on_after(0.3):
-        await punch.simultaneous_open(0, [("203.0.113.1", 9), ("203.0.113.2", 9)], attempts=3)
-    with anyio.move_on_after(0.1):
-        await punch.simultaneous_open(0, [("127.0.0.1", 9)], at=anyio.current_time() + 10)
-    assert _fds() == before
+    with _blackhole() as port:
+        before = _fds()
+        got: anyio.abc.SocketStream | None = None
+        with anyio.move_on_after(0.5) as scope:
+            got = await punch.simultaneous_open(
+                0, [("127.0.0.1", port)] * 2 + [("127.0.0.2", port)], local_host="127.0.0.1"
+            )
+        assert got is None and scope.cancelled_caught  # the dials hung and were cancelled
+        with anyio.move_on_after(0.1):
+            await punch.simultaneous_open(0, [("127.0.0.1", port)], at=anyio.current_time() + 10)
+        assert _fds() == before
+
+
+async def test_timed_out_attempts_leak_nothing() -> None:
+    with _blackhole() as port:
+        before = _fds()
+        with pytest.raises(punch.PunchFailed) as info:
+            await punch.simultaneous_open(0, [("127.0.0.1", port)], attempts=2, attempt_timeout=0.3)
+        assert info.value.errors == {("127.0.0.1", port): "timed out"}
+        assert _fds() == before
 
 
 @pytest.mark.parametrize(
