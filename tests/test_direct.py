@@ -88,13 +88,15 @@ json_like = st.recursive(
 
 @settings(suppress_health_check=[HealthCheck.too_slow])
 @given(
-    st.sampled_from(["obs", "cand", "ping", "pong", "sync", "x"]),
+    st.sampled_from(
+        [*(f"direct/{k}" for k in ("observed", "candidates", "ping", "pong", "sync")), "x"]
+    ),
     st.dictionaries(st.sampled_from(["a", "o", "l", "s", "n", "k", "z"]), json_like, max_size=4),
 )
 def test_decode_structured_junk_only_raises_typed_error(
     kind: str, fields: dict[str, object]
 ) -> None:
-    data = msgpack.packb({"t": kind, **fields}, use_bin_type=True)
+    data = msgpack.packb({"type": kind, **fields}, use_bin_type=True)
     with contextlib.suppress(DirectMessageError):
         direct.decode(data)
 
@@ -103,22 +105,22 @@ def test_decode_structured_junk_only_raises_typed_error(
     "body",
     [
         [1, 2],
-        {"t": "obs"},
-        {"t": "obs", "a": ["203.0.113.5", 0]},
-        {"t": "obs", "a": ["203.0.113.5", 65536]},
-        {"t": "obs", "a": ["203.0.113.5", True]},
-        {"t": "obs", "a": ["example.org", 80]},
-        {"t": "obs", "a": ["0.0.0.0", 80]},
-        {"t": "obs", "a": ["224.0.0.1", 80]},
-        {"t": "obs", "a": ["2001:DB8::1", 80]},  # not canonical
-        {"t": "obs", "a": ["203.0.113.5", 80], "extra": 1},
-        {"t": "cand", "o": [["192.0.2.1", 1]] * 9, "l": []},
-        {"t": "cand", "o": [], "l": [["192.0.2.1"]]},
-        {"t": "ping", "s": -1, "n": b"12345678"},
-        {"t": "ping", "s": 1, "n": b"short"},
-        {"t": "sync", "k": 0},
-        {"t": "sync", "k": 4},
-        {"t": "nope"},
+        {"type": "direct/observed"},
+        {"type": "direct/observed", "a": ["203.0.113.5", 0]},
+        {"type": "direct/observed", "a": ["203.0.113.5", 65536]},
+        {"type": "direct/observed", "a": ["203.0.113.5", True]},
+        {"type": "direct/observed", "a": ["example.org", 80]},
+        {"type": "direct/observed", "a": ["0.0.0.0", 80]},
+        {"type": "direct/observed", "a": ["224.0.0.1", 80]},
+        {"type": "direct/observed", "a": ["2001:DB8::1", 80]},  # not canonical
+        {"type": "direct/observed", "a": ["203.0.113.5", 80], "extra": 1},
+        {"type": "direct/candidates", "o": [["192.0.2.1", 1]] * 9, "l": []},
+        {"type": "direct/candidates", "o": [], "l": [["192.0.2.1"]]},
+        {"type": "direct/ping", "s": -1, "n": b"12345678"},
+        {"type": "direct/ping", "s": 1, "n": b"short"},
+        {"type": "direct/sync", "k": 0},
+        {"type": "direct/sync", "k": 4},
+        {"type": "nope"},
     ],
 )
 def test_bad_fields_are_refused(body: object) -> None:

@@ -5,7 +5,7 @@ punch, and the decisions both must reach alike.  No I/O and no anyio here: bytes
 in, typed messages out; time is a parameter.  The sockets are in
 :mod:`capsock.punch`; the design is in ``docs/direct-paths.md``.
 
-Messages (each one msgpack map, ``"t"`` names the kind; every field checked):
+Messages (each one msgpack map, ``"type"`` names the kind; every field checked):
 
 - ``Observed(addr)``: from a relay or forwarder, the public address it sees the
   node's connection come from (the node's candidate nobody else can tell it).
@@ -195,11 +195,11 @@ def _addrs(value: object, name: str) -> tuple[Address, ...]:
 
 
 _FIELDS: dict[str, frozenset[str]] = {
-    "obs": frozenset({"t", "a"}),
-    "cand": frozenset({"t", "o", "l"}),
-    "ping": frozenset({"t", "s", "n"}),
-    "pong": frozenset({"t", "s", "n"}),
-    "sync": frozenset({"t", "k"}),
+    "direct/observed": frozenset({"type", "a"}),
+    "direct/candidates": frozenset({"type", "o", "l"}),
+    "direct/ping": frozenset({"type", "s", "n"}),
+    "direct/pong": frozenset({"type", "s", "n"}),
+    "direct/sync": frozenset({"type", "k"}),
 }
 _SEQ_MAX = 2**32 - 1
 
@@ -208,18 +208,22 @@ def encode(msg: DirectMessage) -> bytes:
     """The msgpack bytes of ``msg``."""
     body: dict[str, Any]
     if isinstance(msg, Observed):
-        body = {"t": "obs", "a": [msg.addr.host, msg.addr.port]}
+        body = {"type": "direct/observed", "a": [msg.addr.host, msg.addr.port]}
     elif isinstance(msg, Candidates):
         body = {
-            "t": "cand",
+            "type": "direct/candidates",
             "o": [[a.host, a.port] for a in msg.observed],
             "l": [[a.host, a.port] for a in msg.local],
         }
     elif isinstance(msg, Ping | Pong):
         _int(msg.seq, "seq", 0, _SEQ_MAX)
-        body = {"t": "ping" if isinstance(msg, Ping) else "pong", "s": msg.seq, "n": msg.nonce}
+        body = {
+            "type": "direct/ping" if isinstance(msg, Ping) else "direct/pong",
+            "s": msg.seq,
+            "n": msg.nonce,
+        }
     else:
-        body = {"t": "sync", "k": msg.attempt}
+        body = {"type": "direct/sync", "k": msg.attempt}
     out: bytes = msgpack.packb(body, use_bin_type=True)
     return out
 
@@ -238,18 +242,18 @@ def decode(data: bytes) -> DirectMessage:
         raise DirectMessageError("coordination message is not valid msgpack") from None
     if not isinstance(body, dict):
         raise DirectMessageError("coordination message must be a map")
-    kind = body.get("t")
+    kind = body.get("type")
     if not isinstance(kind, str) or kind not in _FIELDS:
         raise DirectMessageError("unknown coordination message kind")
     if set(body) != _FIELDS[kind]:
         raise DirectMessageError(f"{kind}: wrong fields")
-    if kind == "obs":
+    if kind == "direct/observed":
         return Observed(_addr(body["a"]))
-    if kind == "cand":
+    if kind == "direct/candidates":
         return Candidates(_addrs(body["o"], "observed"), _addrs(body["l"], "local"))
-    if kind in ("ping", "pong"):
+    if kind in ("direct/ping", "direct/pong"):
         seq = _int(body["s"], "seq", 0, _SEQ_MAX)
-        cls = Ping if kind == "ping" else Pong
+        cls = Ping if kind == "direct/ping" else Pong
         return cls(seq, _nonce(body["n"]))
     return Sync(_int(body["k"], "attempt", 1, MAX_ATTEMPT))
 
