@@ -52,7 +52,9 @@ KNOWN_TYPE_CYCLES: dict[frozenset[str], str] = {
     ): "rpc's connection, exports, service and remote objects name each other's types",
 }
 
-CORE_NAMES = {"errors", "config", "keys", "uri", "frames", "mux", "handshake", "records"}
+CORE_NAMES = {
+    "errors", "config", "keys", "uri", "frames", "mux", "handshake", "records", "direct", "logs",
+}  # fmt: skip
 CORE_PREFIXES = ("noise", "engine", "uri_")
 IO_LIBRARIES = {
     "anyio", "asyncio", "trio", "sniffio", "socket", "selectors", "ssl", "sqlite3",

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import anyio
 import anyio.abc
 
-from . import interfaces
+from . import _interfaces as interfaces
 
 __all__ = [
     "PunchFailed",
@@ -159,7 +159,7 @@ def local_candidates(
 ) -> list[tuple[str, int]]:
     """This machine's interface addresses with ``local_port``: the "local" punch candidates.
 
-    The addresses :mod:`capsock.interfaces` would advertise, minus loopback (useless
+    The addresses :mod:`capsock._interfaces` would advertise, minus loopback (useless
     to a peer elsewhere).  Blocking and cheap (a few ioctls); call it in the network
     namespace whose interfaces you mean.
     """
