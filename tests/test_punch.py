@@ -187,3 +187,9 @@ async def test_bad_arguments_are_value_errors(
 ) -> None:
     with pytest.raises(ValueError):
         await punch.simultaneous_open(*args, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_candidates_must_be_ip_literals() -> None:
+    """A host name would mean a blocking DNS lookup on the event loop."""
+    with pytest.raises(ValueError, match="not an IP address"):
+        await punch.simultaneous_open(40000, [("localhost", 9)], attempts=1)

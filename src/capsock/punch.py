@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import math
+import ipaddress
 import socket
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -69,7 +70,13 @@ class PunchFailed(OSError):
 
 
 def _family(host: str) -> int:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
+    """The address family of an IP literal; anything else is refused (a name
+    would mean a blocking DNS lookup on the event loop)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"not an IP address: {host!r} (punch candidates are literals)") from None
+    return socket.AF_INET6 if address.version == 6 else socket.AF_INET
 
 
 def _default_factory(family: int) -> socket.socket:
@@ -252,6 +259,8 @@ async def simultaneous_open(
     if not 0 <= local_port <= 65535:
         raise ValueError(f"local_port out of range: {local_port}")
     unique = list(dict.fromkeys((str(h), int(p)) for h, p in remote_candidates))
+    for host, _ in unique:
+        _family(host)  # IP literals only, checked before anything is dialed
     for _, port in unique:
         if not 0 < port <= 65535:
             raise ValueError(f"candidate port out of range: {port}")
