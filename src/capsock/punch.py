@@ -23,8 +23,8 @@ No capsock session logic lives here: this is sockets only.  See
 from __future__ import annotations
 
 import errno
-import math
 import ipaddress
+import math
 import socket
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
