@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import msgpack
 
-from .errors import ProtocolError
+from .errors import DirectMessageError
 
 __all__ = [
     "MAX_CANDIDATES",
@@ -67,10 +67,6 @@ MAX_ATTEMPT = 3
 MAX_RTT = 10.0
 """An RTT above this (seconds) is not trusted for SYNC timing; it is clamped."""
 _NONCE = 8
-
-
-class DirectMessageError(ProtocolError):
-    """A coordination message was malformed (the reason says which field)."""
 
 
 @dataclass(frozen=True, slots=True)

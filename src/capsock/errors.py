@@ -16,6 +16,7 @@ No message built here ever contains a capability token or key material.
 
 from __future__ import annotations
 
+import errno
 from enum import IntEnum
 from typing import ClassVar
 
@@ -23,6 +24,7 @@ __all__ = [
     "CapabilityRejected",
     "CapsockError",
     "ConnectionLost",
+    "DirectMessageError",
     "ErrorCode",
     "HandshakeDecryptError",
     "HandshakeError",
@@ -30,6 +32,7 @@ __all__ = [
     "LocalUsageError",
     "PeerAuthenticationError",
     "ProtocolError",
+    "PunchFailed",
     "ResourceLimitExceeded",
     "StreamReset",
     "Unreachable",
@@ -172,3 +175,21 @@ class StreamReset(CapsockError):
 
 class ConnectionLost(StreamReset):
     """The session carrying the stream ended without an authenticated EOF."""
+
+
+class DirectMessageError(ProtocolError):
+    """A coordination message was malformed (the reason says which field)."""
+
+
+class PunchFailed(OSError):
+    """No candidate connected in any attempt; ``errors`` has the last error per candidate."""
+
+    def __init__(self, errors: dict[tuple[str, int], str], attempts: int) -> None:
+        self.errors = dict(errors)
+        self.attempts = attempts
+        tried = "; ".join(f"{h}:{p}: {e}" for (h, p), e in self.errors.items()) or "none"
+        super().__init__(
+            errno.ETIMEDOUT,
+            f"no direct path after {attempts} attempt(s) (candidates tried: {tried}); "
+            "the session stays on its relay",
+        )

@@ -33,6 +33,7 @@ import anyio
 import anyio.abc
 
 from . import _interfaces as interfaces
+from .errors import PunchFailed
 
 __all__ = [
     "PunchFailed",
@@ -53,20 +54,6 @@ ATTEMPT_TIMEOUT = 2.0
 
 MAX_CANDIDATES = 8
 """At most this many candidates are dialed per attempt (a bound on SYNs sent)."""
-
-
-class PunchFailed(OSError):
-    """No candidate connected in any attempt; ``errors`` has the last error per candidate."""
-
-    def __init__(self, errors: dict[tuple[str, int], str], attempts: int) -> None:
-        self.errors = dict(errors)
-        self.attempts = attempts
-        tried = "; ".join(f"{h}:{p}: {e}" for (h, p), e in self.errors.items()) or "none"
-        super().__init__(
-            errno.ETIMEDOUT,
-            f"no direct path after {attempts} attempt(s) (candidates tried: {tried}); "
-            "the session stays on its relay",
-        )
 
 
 def _family(host: str) -> int:
