@@ -120,14 +120,20 @@ _BAD: dict[str, tuple[Callable[[], object], type[Exception], str]] = {
     "decode-non-canonical-peer": (
         lambda: Token.decode(_HEAD + bytes([1, CaveatKind.PEER, 32]) + b"\xff" * 31 + b"\x7f" + _TAG),
         InvalidCapability,
-        "caveat 1: peer caveat: node id is not a canonical",
+        "caveat 1: peer caveat: node id is not a canonical Ed25519 key encoding (its y coordinate"
+        " is not reduced modulo 2**255 - 19); no node has this id: the URI is damaged or forged",
     ),
     "decode-bad-utf8-label": (
         lambda: Token.decode(_HEAD + bytes([1, CaveatKind.LABEL, 1, 0xFF]) + _TAG),
         InvalidCapability,
         "caveat 1: label caveat is not valid UTF-8",
     ),
-    # cut in a caveat's value: the caveat, not the tag, is named
+    # cut in a caveat's header, then in its value: the caveat, not the tag, is named
+    "decode-cut-in-header": (
+        lambda: Token.decode(_HEAD + bytes([2, CaveatKind.LABEL, 30]) + b"a" * 30 + bytes([200])),
+        InvalidCapability,
+        "token is truncated in caveat 2",
+    ),
     "decode-cut-in-value": (
         lambda: Token.decode(_HEAD + bytes([1, CaveatKind.LABEL, 40]) + bytes(32)),
         InvalidCapability,
@@ -166,4 +172,4 @@ def test_each_bad_caveat_or_token_is_refused_with_its_own_message(case: str) -> 
     with pytest.raises(error) as info:
         make()
     assert type(info.value) is error
-    assert message in str(info.value), str(info.value)
+    assert str(info.value) == message
