@@ -81,44 +81,72 @@ _BAD: dict[str, tuple[Callable[[], object], type[Exception], str]] = {
     "to-type": (lambda: To(b"x"), InvalidCapability, "to caveat must be a NodeId, not bytes"),
     "label-type": (lambda: Label(5), InvalidCapability, "label caveat must be a str, not int"),
     "unknown-kind-type": (
-        lambda: UnknownCaveat("9", b""), InvalidCapability, "caveat kind must be an int, not str",
+        lambda: UnknownCaveat("9", b""),
+        InvalidCapability,
+        "caveat kind must be an int, not str",
     ),
     "unknown-kind-known": (
-        lambda: UnknownCaveat(2, b""), InvalidCapability, "caveat kind 2 is known: use its own class",
+        lambda: UnknownCaveat(2, b""),
+        InvalidCapability,
+        "caveat kind 2 is known: use its own class",
     ),
     "unknown-value-long": (
         lambda: UnknownCaveat(200, bytes(256)),
         InvalidCapability,
         "unknown caveat value must be at most 255 bytes",
     ),
-    "encode-not-a-caveat": (lambda: encode_caveat(object()), InvalidCapability, "not a caveat: object"),
+    "encode-not-a-caveat": (
+        lambda: encode_caveat(object()),
+        InvalidCapability,
+        "not a caveat: object",
+    ),
     # _check_caveats / _check_bytes through Token, root_tag and chain_tag
     "caveats-not-tuple": (
-        lambda: Token(ROOT_ID, "ab", _TAG), InvalidCapability, "caveats must be a tuple of caveats",
+        lambda: Token(ROOT_ID, "ab", _TAG),
+        InvalidCapability,
+        "caveats must be a tuple of caveats",
     ),
     "caveats-not-caveat": (
-        lambda: Token(ROOT_ID, (object(),), _TAG), InvalidCapability, "not a caveat: object",
+        lambda: Token(ROOT_ID, (object(),), _TAG),
+        InvalidCapability,
+        "not a caveat: object",
     ),
     "token-root-id": (
-        lambda: Token(bytes(15), (), _TAG), InvalidCapability, "root_id must be exactly 16 bytes",
+        lambda: Token(bytes(15), (), _TAG),
+        InvalidCapability,
+        "root_id must be exactly 16 bytes",
     ),
     "token-tag": (
-        lambda: Token(ROOT_ID, (), bytes(31)), InvalidCapability, "tag must be exactly 32 bytes",
+        lambda: Token(ROOT_ID, (), bytes(31)),
+        InvalidCapability,
+        "tag must be exactly 32 bytes",
     ),
     "root-key": (
-        lambda: root_tag(bytes(31), ROOT_ID), LocalUsageError, "root key must be exactly 32 bytes",
+        lambda: root_tag(bytes(31), ROOT_ID),
+        LocalUsageError,
+        "root key must be exactly 32 bytes",
     ),
     "root-root-id": (
-        lambda: root_tag(ROOT_KEY, bytes(15)), InvalidCapability, "root_id must be exactly 16 bytes",
+        lambda: root_tag(ROOT_KEY, bytes(15)),
+        InvalidCapability,
+        "root_id must be exactly 16 bytes",
     ),
     "chain-tag": (
-        lambda: chain_tag(bytes(31), Label("a")), InvalidCapability, "tag must be exactly 32 bytes",
+        lambda: chain_tag(bytes(31), Label("a")),
+        InvalidCapability,
+        "tag must be exactly 32 bytes",
     ),
     # Token.decode and _decode_caveat
-    "decode-not-bytes": (lambda: Token.decode("ab"), InvalidCapability, "a token is bytes, not str"),
+    "decode-not-bytes": (
+        lambda: Token.decode("ab"),
+        InvalidCapability,
+        "a token is bytes, not str",
+    ),
     "decode-empty": (lambda: Token.decode(b""), InvalidCapability, "token is empty"),
     "decode-non-canonical-peer": (
-        lambda: Token.decode(_HEAD + bytes([1, CaveatKind.PEER, 32]) + b"\xff" * 31 + b"\x7f" + _TAG),
+        lambda: Token.decode(
+            _HEAD + bytes([1, CaveatKind.PEER, 32]) + b"\xff" * 31 + b"\x7f" + _TAG
+        ),
         InvalidCapability,
         "caveat 1: peer caveat: node id is not a canonical Ed25519 key encoding (its y coordinate"
         " is not reduced modulo 2**255 - 19); no node has this id: the URI is damaged or forged",
