@@ -12,8 +12,9 @@ from collections.abc import Callable
 
 import pytest
 
-from capsock.errors import InvalidCapability, LocalUsageError
+from capsock.errors import ErrorCode, InvalidCapability, LocalUsageError
 from capsock.keys import KeyPair
+from capsock.mux import Event, Mux, MuxConfig, OpenRequested, StreamRejected
 from capsock.store import MemoryStore, RootEntry, authorize
 from capsock.uri import (
     TAG_LEN,
@@ -201,3 +202,37 @@ def test_each_bad_caveat_or_token_is_refused_with_its_own_message(case: str) -> 
         make()
     assert type(info.value) is error
     assert str(info.value) == message
+
+
+# ------------------------------------------------------------------ mux: the pending-open bound
+
+
+def _pump(src: Mux, dst: Mux) -> list[Event]:
+    events: list[Event] = []
+    while (message := src.data_to_send()) is not None:
+        events += dst.receive_message(message)
+    return events
+
+
+@pytest.mark.parametrize("how", ["reject", "reset"])
+def test_a_refused_pending_open_frees_exactly_its_slot(how: str) -> None:
+    """Mutants mux.Mux.reject_stream__mutmut_3/6/7/8 and
+    reset_stream__mutmut_11/12/13/14: refusing (or resetting) a pending open
+    gives back exactly one slot of ``max_pending_opens``: after two are
+    refused, two new opens are pending again and a third is BUSY; refusing a
+    stream that is not pending does nothing."""
+    a, b = Mux(dialer=True), Mux(dialer=False, config=MuxConfig(max_pending_opens=2))
+    first = [a.open_stream(b"t") for _ in range(2)]
+    assert [e.stream_id for e in _pump(a, b) if isinstance(e, OpenRequested)] == first
+    for sid in first:
+        if how == "reject":
+            b.reject_stream(sid)
+        else:
+            b.reset_stream(sid)
+    b.reject_stream(999)  # never opened: ignored
+    _pump(b, a)
+    again = [a.open_stream(b"t") for _ in range(3)]
+    events = _pump(a, b)
+    assert [e.stream_id for e in events if isinstance(e, OpenRequested)] == again[:2]
+    refused = [e for e in _pump(b, a) if isinstance(e, StreamRejected)]
+    assert [(e.stream_id, e.code) for e in refused] == [(again[2], ErrorCode.BUSY)]
