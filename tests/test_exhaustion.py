@@ -354,8 +354,9 @@ async def test_flood_of_opens_with_bad_tokens(anyio_backend: str) -> None:
             )
         stats = await anyio.to_thread.run_sync(node.stats)
         # Each REJECT answers a checked OPEN; only the budget was checked.
-        assert stats["opens_refused"] == len(rejects)
-        assert 200 <= len(rejects) <= 200 + 50 * elapsed + 1, (len(rejects), elapsed)
+        # Answers the RST discarded at our end were still sent: at most as many seen.
+        assert len(rejects) <= stats["opens_refused"]
+        assert 200 <= stats["opens_refused"] <= 200 + 50 * elapsed + 1, (stats, elapsed)
         assert stats["sessions_cut_for_refusals"] == 1
         assert stats["streams_accepted"] >= 1  # the probes (monitored) were served
 
