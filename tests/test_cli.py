@@ -24,7 +24,6 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -134,15 +133,6 @@ class Cli:
             if proc.poll() is None:
                 proc.kill()
             proc.communicate(timeout=20)
-
-
-@pytest.fixture
-def cli(tmp_path: Path) -> Iterator[Cli]:
-    runner = Cli(tmp_path)
-    try:
-        yield runner
-    finally:
-        runner.cleanup()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import getpass
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +29,6 @@ from tests.send_peer import (
 from tests.test_cli import Cli
 
 DATA = os.urandom(200_000)
-
-
-@pytest.fixture
-def cli(tmp_path: Path) -> Iterator[Cli]:
-    runner = Cli(tmp_path)
-    try:
-        yield runner
-    finally:
-        runner.cleanup()
 
 
 @pytest.fixture

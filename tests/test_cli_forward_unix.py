@@ -22,15 +22,6 @@ from tests.test_cli import Cli, EchoServer, read_stderr_until
 
 
 @pytest.fixture
-def cli(tmp_path: Path) -> Iterator[Cli]:
-    runner = Cli(tmp_path)
-    try:
-        yield runner
-    finally:
-        runner.cleanup()
-
-
-@pytest.fixture
 def shared(cli: Cli, tmp_path: Path) -> Iterator[Path]:
     """A running `capsock share` of a TCP echo service; the path of its URI file."""
     echo = EchoServer()

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -27,15 +26,6 @@ from .test_cli import Cli, free_port, offline_capability, one_line_error, read_s
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-
-
-@pytest.fixture
-def cli(tmp_path: Path) -> Iterator[Cli]:
-    runner = Cli(tmp_path)
-    try:
-        yield runner
-    finally:
-        runner.cleanup()
 
 
 def expired(cap: Capability) -> Capability:
