@@ -30,6 +30,7 @@ from .errors import (
 from .keys import KeyPair, NodeId
 from .messages import receive_capability, receive_message, send_capability, send_message
 from .node import Listener, Node
+from .services import forward, share, splice
 from .stream import CapsockAttribute, Stream
 from .uri import Capability, parse
 
@@ -59,9 +60,12 @@ __all__ = [
     "StreamReset",
     "Unreachable",
     "__version__",
+    "forward",
     "parse",
     "receive_capability",
     "receive_message",
     "send_capability",
     "send_message",
+    "share",
+    "splice",
 ]

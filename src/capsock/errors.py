@@ -63,6 +63,10 @@ class ErrorCode(IntEnum):
     """The node is going away (GOAWAY)."""
     TIMEOUT = 9
     """A timer ran out (handshake, keepalive, open)."""
+    UNAVAILABLE = 10
+    """The endpoint took the stream, but the service it stands for could not be
+    reached (``share``'s target refused the connection or is down).  Peers that
+    predate this code read it as INTERNAL_ERROR."""
 
     @classmethod
     def from_wire(cls, value: int) -> ErrorCode:

@@ -156,7 +156,12 @@ class Stream(anyio.abc.ByteStream):
         if self._error is None:
             self._error = StreamResetError(
                 f"stream {self._sid} with {self.peer.short()} was reset by the peer "
-                f"({code.name}): it abandoned the stream; what arrived before was delivered",
+                f"({code.name}): "
+                + (
+                    "the service it shares could not be reached (refused or down)"
+                    if code == ErrorCode.UNAVAILABLE
+                    else "it abandoned the stream; what arrived before was delivered"
+                ),
                 code,
             )
         self._wake_reader()

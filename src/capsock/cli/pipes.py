@@ -9,24 +9,20 @@ both directions ended, like ``nc -N``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import logging
 import os
 import queue
-import socket
-import stat
-import struct
 import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from functools import partial
 
 import anyio
 import anyio.abc
 import anyio.from_thread
 import anyio.lowlevel
 
-from ..errors import CapsockError, ErrorCode
+from ..errors import CapsockError, LocalUsageError
+from ..services import _address, _bridge, forward, share, splice
 from ..stream import Stream
 from .common import (
     CliError,
@@ -205,157 +201,27 @@ async def cmd_connect(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ TCP
 
 
-async def splice(a: anyio.abc.ByteStream, b: anyio.abc.ByteStream) -> None:
-    """Copy both ways between two byte streams, passing each end on as a half-close."""
-
-    async def one_way(src: anyio.abc.ByteStream, dst: anyio.abc.ByteStream) -> None:
-        while True:
-            try:
-                data = await src.receive(_CHUNK)
-            except anyio.EndOfStream:
-                await dst.send_eof()
-                return
-            await dst.send(data)
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(one_way, a, b)
-        tg.start_soon(one_way, b, a)
-
-
-def _tcp_target(text: str, *, any_port: bool = False) -> tuple[str, str, int]:
-    """``tcp:HOST:PORT`` / ``HOST:PORT`` / ``unix:/PATH`` -> (kind, host or path, port)."""
-    if text.startswith("unix:"):
-        path = text[5:]
-        if not path.startswith("/"):
-            raise CliError(f"{text!r}: a unix socket path must be absolute", Exit.USAGE)
-        return "unix", path, 0
-    rest = text.removeprefix("tcp:")
-    host, sep, port = rest.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or not port.isdigit() or not int(port) < 65536:
-        raise CliError(f"{text!r} is not an address: use tcp:HOST:PORT", Exit.USAGE)
-    if int(port) == 0 and not any_port:
-        raise CliError(f"{text!r} is not an address: use tcp:HOST:PORT", Exit.USAGE)
-    return "tcp", host, int(port)
-
-
-async def _connect_target(kind: str, where: str, port: int) -> anyio.abc.ByteStream:
-    if kind == "unix":
-        return await anyio.connect_unix(where)
-    return await anyio.connect_tcp(where, port)
-
-
-def _abort_socket(sock: anyio.abc.ByteStream) -> None:
-    """Make the coming close of a TCP connection abortive (an RST, not a FIN)."""
-    raw = sock.extra(anyio.abc.SocketAttribute.raw_socket, None)
-    if raw is not None and raw.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-
-@asynccontextmanager
-async def _resetting_socket(sock: anyio.abc.ByteStream) -> AsyncIterator[None]:
-    """Close ``sock`` at the end; on failure abortively (TCP RST), so the service
-    or client does not take a cut-off connection for a complete one."""
-    try:
-        yield
-    except BaseException:
-        _abort_socket(sock)
-        raise
-    finally:
-        with anyio.CancelScope(shield=True):
-            await sock.aclose()
+def _error(text: str) -> None:
+    say(f"capsock: error: {text}")
 
 
 async def bridge(stream: Stream, sock: anyio.abc.ByteStream, what: str) -> None:
     """Splice a capsock stream and a socket; a failure on either side resets both."""
-    try:
-        async with resetting(stream), _resetting_socket(sock):
-            await splice(stream, sock)
-    except* _STREAM_ERRORS as group:
-        info(f"{what} ended: {group.exceptions[0]}")
+    await _bridge(stream, sock, what, info)
 
 
 async def cmd_share(args: argparse.Namespace) -> int:
     """Expose a local TCP (or unix) service: every stream becomes a new connection to it."""
-    kind, where, port = _tcp_target(args.target)
-    shown = f"unix:{where}" if kind == "unix" else f"tcp:{where}:{port}"
-
-    async def handle(stream: Stream) -> None:
-        peer = stream.peer.short()
-        try:
-            service = await _connect_target(kind, where, port)
-        except OSError as exc:
-            say(f"capsock: error: stream from {peer}: cannot connect to {shown}: {exc}")
-            stream.reset(ErrorCode.CANCELLED)
-            return
-        info(f"stream from {stream.peer} -> {shown}")
-        await bridge(stream, service, f"stream from {peer}")
-
+    try:
+        shown = str(_address(args.target))
+    except LocalUsageError as exc:
+        raise CliError(str(exc), Exit.USAGE) from None
     async with listening_node(args) as node:
         listener, cap = await make_listener(node, args)
         announce(args, cap, f"sharing {shown} (Ctrl-C to stop)")
-        await listener.serve(handle)
+        await share(node, args.target, listener=listener, on_info=info, on_error=_error)
     info("the capability is used up or expired; done")
     return Exit.OK
-
-
-async def _unix_listener(path: str) -> tuple[anyio.abc.SocketListener, int]:
-    """A listening unix socket at ``path``, mode 0600 from the start; and its inode.
-
-    A stale socket (nobody accepts on it) is replaced; anything else at ``path``
-    (a live socket, a regular file, a symbolic link, a directory) is refused.
-
-    Raises:
-        CliError: ``path`` is taken, or the socket cannot be created.
-    """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        st = None
-    except OSError as exc:
-        raise CliError(f"cannot listen on unix:{path}: {exc.strerror}") from None
-    if st is not None:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise CliError(
-                f"cannot listen on unix:{path}: something that is not a socket is there; "
-                "capsock replaces only a stale socket: remove it or choose another path"
-            )
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError:
-            live = False
-        else:
-            live = True
-        finally:
-            probe.close()
-        if live:
-            raise CliError(f"cannot listen on unix:{path}: another process accepts on it")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    # bind() creates the socket file with 0777 & ~umask: no moment with a wider mode.
-    old = os.umask(0o177)
-    try:
-        sock.bind(path)
-    except OSError as exc:
-        sock.close()
-        raise CliError(f"cannot listen on unix:{path}: {exc.strerror}") from None
-    finally:
-        os.umask(old)
-    inode = os.lstat(path).st_ino
-    sock.listen(128)
-    sock.setblocking(False)
-    return await anyio.abc.SocketListener.from_socket(sock), inode
-
-
-def _remove_socket(path: str, inode: int) -> None:
-    """Remove the socket file at ``path`` if it is still the one this process bound."""
-    with contextlib.suppress(OSError):
-        st = os.lstat(path)
-        if stat.S_ISSOCK(st.st_mode) and st.st_ino == inode:
-            os.unlink(path)
 
 
 async def cmd_forward(args: argparse.Namespace) -> int:
@@ -363,38 +229,21 @@ async def cmd_forward(args: argparse.Namespace) -> int:
     opened with the capability."""
     cap = read_capability(args.uri)
     spec = args.listen if ":" in args.listen else f"127.0.0.1:{args.listen}"
-    kind, host, port = _tcp_target(spec, any_port=True)
-    async with dialing_node(args, cap) as node:
-
-        async def handle(client: anyio.abc.SocketStream) -> None:
-            try:
-                stream = await node.connect(cap)
-            except (CapsockError, TimeoutError, OSError) as exc:
-                say(f"capsock: error: {' '.join(str(exc).split()) or type(exc).__name__}")
-                _abort_socket(client)
-                await client.aclose()
-                return
-            await bridge(stream, client, "a forwarded connection")
-
-        if kind == "unix":
-            local, inode = await _unix_listener(host)
-            try:
-                async with local:
-                    info(f"forwarding unix:{host} to node {cap.node} (Ctrl-C to stop)")
-                    await local.serve(handle)
-            finally:
-                _remove_socket(host, inode)
-            return Exit.OK
+    try:
+        _address(spec, any_port=True)
+    except LocalUsageError as exc:
+        raise CliError(str(exc), Exit.USAGE) from None
+    async with dialing_node(args, cap) as node, anyio.create_task_group() as tg:
         try:
-            tcp = await anyio.create_tcp_listener(local_host=host, local_port=port)
+            where = await tg.start(partial(forward, node, cap, spec, on_error=_error))
         except OSError as exc:
-            raise CliError(f"cannot listen on {host}:{port}: {exc}") from None
-        async with tcp:
-            bound = tcp.extra(anyio.abc.SocketAttribute.local_port)
+            raise CliError(str(exc)) from None
+        if where.startswith("unix:"):
+            info(f"forwarding {where} to node {cap.node} (Ctrl-C to stop)")
+        else:
             info(
-                f"forwarding tcp:{host}:{bound} to node {cap.node} (Ctrl-C to stop); "
+                f"forwarding {where} to node {cap.node} (Ctrl-C to stop); "
                 "whoever can connect to this port uses the capability (on loopback: every "
                 "local user and process): use --listen unix:/PATH on a shared machine"
             )
-            await tcp.serve(handle)
     return Exit.OK
