@@ -194,9 +194,93 @@ Event = (
 
 
 class _State(Enum):
+    """Where a stream is, as seen by the frames it may still receive."""
+
     OPENING = "opening"
     PENDING = "pending"
     OPEN = "open"
+    EOF_SENT = "EOF sent"
+    EOF_RECEIVED = "EOF received"
+    FORGOTTEN = "forgotten"
+    NEVER_OPENED = "never opened"
+
+
+class _Input(Enum):
+    """A received frame that names a stream (DATA, WINDOW and the lifecycle)."""
+
+    ACCEPT = "ACCEPT"
+    REJECT = "REJECT"
+    DATA = "DATA"
+    WINDOW = "WINDOW"
+    EOF = "EOF"
+    RESET = "RESET"
+
+
+class _Action(Enum):
+    """What the engine does with a received frame (see :data:`TRANSITIONS`)."""
+
+    ERROR = "error"
+    IGNORE = "ignore"
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    DELIVER = "deliver"
+    DISCARD = "discard, return session credit"
+    CREDIT = "credit"
+    EOF = "eof"
+    RESET = "reset"
+
+
+def _build_table() -> dict[tuple[_State, _Input], tuple[_Action, _State]]:
+    # One row per received frame, one cell per state in _State's order:
+    # (action, next state), None meaning "stays where it is".
+    st, inp, act = _State, _Input, _Action
+    err: tuple[_Action, _State | None] = (act.ERROR, None)
+    ign: tuple[_Action, _State | None] = (act.IGNORE, None)
+    gone = st.FORGOTTEN
+    credit: tuple[_Action, _State | None] = (act.CREDIT, None)
+    deliver: tuple[_Action, _State | None] = (act.DELIVER, None)
+    reset: tuple[_Action, _State | None] = (act.RESET, gone)
+    rows: dict[_Input, tuple[tuple[_Action, _State | None], ...]] = {
+        # opening, pending, open, EOF sent, EOF received, forgotten, never opened
+        inp.ACCEPT: ((act.ACCEPTED, st.OPEN), err, err, err, err, ign, err),
+        inp.REJECT: ((act.REJECTED, gone), err, err, err, err, ign, err),
+        inp.DATA: (err, err, deliver, deliver, err, (act.DISCARD, None), err),
+        inp.WINDOW: (credit, credit, credit, credit, credit, ign, err),
+        inp.EOF: (err, err, (act.EOF, st.EOF_RECEIVED), (act.EOF, gone), err, ign, err),
+        inp.RESET: (reset, reset, reset, reset, reset, ign, err),
+    }
+    table: dict[tuple[_State, _Input], tuple[_Action, _State]] = {}
+    for frame, cells in rows.items():
+        for state, (action, nxt) in zip(_State, cells, strict=True):
+            table[state, frame] = (action, state if nxt is None else nxt)
+    return table
+
+
+TRANSITIONS = _build_table()
+"""The stream lifecycle, ``(state, received frame) -> (action, next state)``:
+docs/protocol.md section 6.3 is this table in prose, and a test checks that
+the two agree.  Local actions move a stream too (:meth:`Mux.accept_stream`:
+pending to open; :meth:`Mux.send_eof`: open to EOF sent, EOF received to
+forgotten), as do REJECT/RESET sent and a GOAWAY received."""
+
+_LIVE = frozenset(
+    {_State.OPENING, _State.PENDING, _State.OPEN, _State.EOF_SENT, _State.EOF_RECEIVED}
+)
+_SENDING = frozenset({_State.OPEN, _State.EOF_RECEIVED})
+
+
+def _error_text(inp: _Input, state: _State, sid: int) -> str:
+    if state is _State.NEVER_OPENED:
+        if inp is _Input.DATA:
+            return f"DATA on stream {sid}, which was never opened"
+        return f"frame for stream {sid}, which was never opened"
+    if inp is _Input.DATA:
+        if state is _State.EOF_RECEIVED:
+            return f"DATA on stream {sid} after its EOF"
+        return f"DATA on stream {sid} before it was accepted"
+    if inp is _Input.EOF:
+        return f"unexpected EOF on stream {sid}"
+    return f"{inp.value} for stream {sid}, which is not opening"
 
 
 class _Stream:
@@ -204,15 +288,13 @@ class _Stream:
     application holds (delivered, not acknowledged) is always the configured
     stream window, so what it holds needs no counter of its own."""
 
-    __slots__ = ("local_eof", "recv_unacked", "recv_window", "remote_eof", "send_credit", "state")
+    __slots__ = ("recv_unacked", "recv_window", "send_credit", "state")
 
     def __init__(self, state: _State, recv_window: int) -> None:
         self.state = state
         self.send_credit = INITIAL_STREAM_WINDOW
         self.recv_window = recv_window
         self.recv_unacked = 0
-        self.local_eof = False
-        self.remote_eof = False
 
 
 class _Chunk:
@@ -268,14 +350,14 @@ class Mux:
     def send_credit(self, stream_id: int) -> int:
         """How many bytes :meth:`send_data` would take right now on ``stream_id``."""
         st = self._streams.get(stream_id)
-        if st is None or st.state is not _State.OPEN or st.local_eof:
+        if st is None or st.state not in _SENDING:
             return 0
         return max(0, min(st.send_credit, self._send_session_credit, self._send_room()))
 
     def stream_send_credit(self, stream_id: int) -> int:
         """The credit the peer left ``stream_id`` itself (0 if not open for sending)."""
         st = self._streams.get(stream_id)
-        if st is None or st.state is not _State.OPEN or st.local_eof:
+        if st is None or st.state not in _SENDING:
             return 0
         return st.send_credit
 
@@ -383,10 +465,10 @@ class Mux:
             LocalUsageError: the stream is unknown, not open, or already half-closed.
         """
         st = self._streams.get(stream_id)
-        if st is None or st.state is not _State.OPEN:
+        if st is None or st.state not in _SENDING:
+            if st is not None and st.state is _State.EOF_SENT:
+                raise LocalUsageError(f"stream {stream_id} was half-closed (send_eof) already")
             raise LocalUsageError(f"stream {stream_id} is not open")
-        if st.local_eof:
-            raise LocalUsageError(f"stream {stream_id} was half-closed (send_eof) already")
         n = min(len(data), st.send_credit, self._send_session_credit, self._send_room())
         if n <= 0:
             return 0
@@ -404,14 +486,15 @@ class Mux:
             LocalUsageError: the stream is not open or was half-closed already.
         """
         st = self._streams.get(stream_id)
-        if st is None or st.state is not _State.OPEN:
+        if st is None or st.state not in _SENDING:
+            if st is not None and st.state is _State.EOF_SENT:
+                raise LocalUsageError(f"stream {stream_id} was half-closed already")
             raise LocalUsageError(f"stream {stream_id} is not open")
-        if st.local_eof:
-            raise LocalUsageError(f"stream {stream_id} was half-closed already")
-        st.local_eof = True
         self._queue(encode_frame(Eof(stream_id)))
-        if st.remote_eof:
+        if st.state is _State.EOF_RECEIVED:
             self._forget(stream_id, st)
+        else:
+            st.state = _State.EOF_SENT
 
     def reset_stream(self, stream_id: int, code: ErrorCode = ErrorCode.CANCELLED) -> None:
         """Abort a stream in both directions; a forgotten stream is ignored.
@@ -475,7 +558,7 @@ class Mux:
                 return
             unacked = window - recv_window
         # After the peer's EOF no stream credit is returned any more.
-        if unacked >= config.half_stream_window and not st.remote_eof:
+        if unacked >= config.half_stream_window and st.state is not _State.EOF_RECEIVED:
             self._grant(stream_id, unacked)
             st.recv_window = recv_window + unacked
             st.recv_unacked = 0
@@ -637,17 +720,10 @@ class Mux:
             )
         self._recv_session_window -= n
         self.bytes_received += n
-        st = self._streams.get(sid)
-        if st is None:
-            if self._was_opened(sid):
-                # A stream we forgot (reset, closed): return the session credit now.
-                self._return_session_credit(n)
-                return
-            raise ProtocolError(f"DATA on stream {sid}, which was never opened")
-        if st.state is not _State.OPEN:
-            raise ProtocolError(f"DATA on stream {sid} before it was accepted")
-        if st.remote_eof:
-            raise ProtocolError(f"DATA on stream {sid} after its EOF")
+        st, _, _ = self._step(sid, _Input.DATA)
+        if st is None:  # DISCARD: a stream we forgot (reset, closed)
+            self._return_session_credit(n)
+            return
         if n > st.recv_window:
             raise ProtocolError(
                 f"peer sent more than stream {sid}'s window", ErrorCode.FLOW_CONTROL_ERROR
@@ -665,7 +741,7 @@ class Mux:
                     raise ProtocolError("session credit overflow", ErrorCode.FLOW_CONTROL_ERROR)
                 events.append(CreditGranted(0))
             case Window(sid, inc):
-                st = self._known(sid)
+                st, _, _ = self._step(sid, _Input.WINDOW)
                 if st is not None:
                     st.send_credit += inc
                     if st.send_credit > MAX_WINDOW:
@@ -674,33 +750,18 @@ class Mux:
                         )
                     events.append(CreditGranted(sid))
             case Accept(sid):
-                st = self._known(sid)
-                if st is not None:
-                    if st.state is not _State.OPENING:
-                        raise ProtocolError(f"ACCEPT for stream {sid}, which is not opening")
-                    st.state = _State.OPEN
+                if self._step(sid, _Input.ACCEPT)[1] is _Action.ACCEPTED:
                     events.append(StreamAccepted(sid))
             case Reject(sid, code):
-                st = self._known(sid)
-                if st is not None:
-                    if st.state is not _State.OPENING:
-                        raise ProtocolError(f"REJECT for stream {sid}, which is not opening")
-                    del self._streams[sid]
+                if self._step(sid, _Input.REJECT)[1] is _Action.REJECTED:
                     events.append(StreamRejected(sid, ErrorCode.from_wire(code)))
             case Eof(sid):
-                st = self._known(sid)
-                if st is not None:
-                    if st.state is not _State.OPEN or st.remote_eof:
-                        raise ProtocolError(f"unexpected EOF on stream {sid}")
-                    st.remote_eof = True
+                if self._step(sid, _Input.EOF)[1] is _Action.EOF:
                     events.append(EofReceived(sid))
-                    if st.local_eof:
-                        self._forget(sid, st)
             case Reset(sid, code):
-                st = self._known(sid)
-                if st is not None:
-                    self._forget(sid, st)
-                    if st.state is _State.PENDING:
+                _, action, before = self._step(sid, _Input.RESET)
+                if action is _Action.RESET:
+                    if before is _State.PENDING:
                         self._pending_opens -= 1
                     events.append(ResetReceived(sid, ErrorCode.from_wire(code)))
             case Ping(opaque):
@@ -776,12 +837,26 @@ class Mux:
             return sid < self._next_local
         return sid <= self._highest_remote
 
-    def _known(self, sid: int) -> _Stream | None:
-        """The live stream, None for a forgotten one; never-opened ids are an error."""
+    def _step(self, sid: int, inp: _Input) -> tuple[_Stream | None, _Action, _State]:
+        """Drive :data:`TRANSITIONS` for a received frame: raise for an error,
+        move the stream, and return it (None unless live), the action and the
+        state it was in."""
         st = self._streams.get(sid)
-        if st is None and not self._was_opened(sid):
-            raise ProtocolError(f"frame for stream {sid}, which was never opened")
-        return st
+        if st is not None:
+            state = st.state
+        elif self._was_opened(sid):
+            state = _State.FORGOTTEN
+        else:
+            state = _State.NEVER_OPENED
+        action, nxt = TRANSITIONS[state, inp]
+        if action is _Action.ERROR:
+            raise ProtocolError(_error_text(inp, state, sid))
+        if st is not None and nxt is not state:
+            if nxt is _State.FORGOTTEN:
+                self._forget(sid, st)
+            else:
+                st.state = nxt
+        return st, action, state
 
     def _pending(self, sid: int) -> _Stream:
         st = self._streams.get(sid)
