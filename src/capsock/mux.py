@@ -339,6 +339,10 @@ class Mux:
         self._orphans: dict[int, int] | None = None
         self.goaway_sent = False
         self.goaway_received = False
+        # The error that ended input (h11's rule): once a record broke the
+        # protocol, possibly after earlier frames of it changed state, every
+        # later receive_message raises it again and reads nothing.
+        self._error: ProtocolError | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
         extra = self.config.session_window - INITIAL_SESSION_WINDOW
@@ -699,18 +703,33 @@ class Mux:
         Raises:
             ProtocolError: the peer broke the protocol; close the session.
             ResourceLimitExceeded: the peer is abusive (does not read its answers).
+
+        After either, the engine is poisoned: every later call raises the same
+        error at once and processes nothing (:attr:`error`); only the output
+        side (:meth:`abort`, :meth:`data_to_send`) still works.
         """
+        if self._error is not None:
+            raise self._error.with_traceback(None)  # no growing chain of old frames
         events: list[Event] = []
-        for frame in decode_frames(message):
-            if type(frame) is Data:
-                self._on_data(frame.stream_id, frame.data, events)
-            else:
-                self._on_frame(frame, events)
-        if self._queued_control > self.config.max_queued_control:
-            raise ResourceLimitExceeded(
-                "peer does not read the session's answers (control queue full)"
-            )
+        try:
+            for frame in decode_frames(message):
+                if type(frame) is Data:
+                    self._on_data(frame.stream_id, frame.data, events)
+                else:
+                    self._on_frame(frame, events)
+            if self._queued_control > self.config.max_queued_control:
+                raise ResourceLimitExceeded(
+                    "peer does not read the session's answers (control queue full)"
+                )
+        except ProtocolError as exc:
+            self._error = exc
+            raise
         return events
+
+    @property
+    def error(self) -> ProtocolError | None:
+        """The protocol error that poisoned input, or None while input is good."""
+        return self._error
 
     def _on_data(self, sid: int, data: bytes | memoryview, events: list[Event]) -> None:
         n = len(data)
