@@ -283,12 +283,46 @@ def _error_text(inp: _Input, state: _State, sid: int) -> str:
     return f"{inp.value} for stream {sid}, which is not opening"
 
 
-class _Stream:
-    """One stream's state.  ``recv_window + recv_unacked`` plus the bytes the
-    application holds (delivered, not acknowledged) is always the configured
-    stream window, so what it holds needs no counter of its own."""
+class _RecvWindow:
+    """Receive-side credit of one window (the session's, or a stream's).
 
-    __slots__ = ("recv_unacked", "recv_window", "send_credit", "state")
+    ``recv_window`` is what the peer may still send; ``recv_unacked`` what the
+    application consumed and this side has not yet given back.  Credit goes
+    back in batches: :meth:`release` returns the increment to send in one
+    WINDOW frame once ``threshold`` bytes are due (half the window), else 0.
+    """
+
+    __slots__ = ("recv_unacked", "recv_window")
+
+    def __init__(self, window: int) -> None:
+        self.recv_window = window
+        self.recv_unacked = 0
+
+    def take(self, n: int) -> bool:
+        """Count ``n`` received bytes; False (and nothing counted) if over the window."""
+        if n > self.recv_window:
+            return False
+        self.recv_window -= n
+        return True
+
+    def release(self, n: int, threshold: int) -> int:
+        """``n`` bytes were consumed: the increment to grant now (0: batched)."""
+        unacked = self.recv_unacked + n
+        if unacked >= threshold:
+            self.recv_window += unacked
+            self.recv_unacked = 0
+            return unacked
+        self.recv_unacked = unacked
+        return 0
+
+
+class _Stream(_RecvWindow):
+    """One stream's state (its receive window is the base class).
+    ``recv_window + recv_unacked`` plus the bytes the application holds
+    (delivered, not acknowledged) is always the configured stream window, so
+    what it holds needs no counter of its own."""
+
+    __slots__ = ("send_credit", "state")
 
     def __init__(self, state: _State, recv_window: int) -> None:
         self.state = state
@@ -316,8 +350,7 @@ class Mux:
         self._highest_remote = 0
         self._pending_opens = 0
         self._send_session_credit = INITIAL_SESSION_WINDOW
-        self._recv_session_window = self.config.session_window
-        self._recv_session_unacked = 0
+        self._recv_session = _RecvWindow(self.config.session_window)
         # Ordered frames: bytes (a complete frame) or a _Chunk of DATA.
         self._fifo: deque[bytes | _Chunk] = deque()
         # Frames that may overtake the FIFO: WINDOW (coalesced), PING, PONG.
@@ -393,8 +426,8 @@ class Mux:
             "streams": len(self._streams),
             "pending_opens": self._pending_opens,
             "send_session_credit": self._send_session_credit,
-            "recv_session_window": self._recv_session_window,
-            "recv_unacked": self._recv_session_unacked,
+            "recv_session_window": self._recv_session.recv_window,
+            "recv_unacked": self._recv_session.recv_unacked,
             "queued_data": self._queued_data,
             "queued_control": self._queued_control,
             "bytes_sent": self.bytes_sent,
@@ -562,19 +595,11 @@ class Mux:
                 return
             unacked = window - recv_window
         # After the peer's EOF no stream credit is returned any more.
-        if unacked >= config.half_stream_window and st.state is not _State.EOF_RECEIVED:
-            self._grant(stream_id, unacked)
-            st.recv_window = recv_window + unacked
-            st.recv_unacked = 0
-        else:
+        if st.state is _State.EOF_RECEIVED:
             st.recv_unacked = unacked
-        session = self._recv_session_unacked + amount
-        if session >= config.half_session_window:
-            self._grant(0, session)
-            self._recv_session_window += session
-            self._recv_session_unacked = 0
-        else:
-            self._recv_session_unacked = session
+        elif grant := st.release(amount, config.half_stream_window):
+            self._grant(stream_id, grant)
+        self._return_session_credit(amount)
 
     def _acknowledge_forgotten(self, stream_id: int, amount: int) -> None:
         orphans = self._orphans
@@ -590,11 +615,8 @@ class Mux:
         self._return_session_credit(amount)
 
     def _return_session_credit(self, amount: int) -> None:
-        self._recv_session_unacked += amount
-        if self._recv_session_unacked >= self.config.session_window // 2:
-            self._grant(0, self._recv_session_unacked)
-            self._recv_session_window += self._recv_session_unacked
-            self._recv_session_unacked = 0
+        if grant := self._recv_session.release(amount, self.config.half_session_window):
+            self._grant(0, grant)
 
     def ping(self, opaque: bytes) -> None:
         """Queue a PING with 8 opaque bytes; the peer answers with a PONG."""
@@ -733,21 +755,19 @@ class Mux:
 
     def _on_data(self, sid: int, data: bytes | memoryview, events: list[Event]) -> None:
         n = len(data)
-        if n > self._recv_session_window:
+        if not self._recv_session.take(n):
             raise ProtocolError(
                 "peer sent more than the session window", ErrorCode.FLOW_CONTROL_ERROR
             )
-        self._recv_session_window -= n
         self.bytes_received += n
         st, _, _ = self._step(sid, _Input.DATA)
         if st is None:  # DISCARD: a stream we forgot (reset, closed)
             self._return_session_credit(n)
             return
-        if n > st.recv_window:
+        if not st.take(n):
             raise ProtocolError(
                 f"peer sent more than stream {sid}'s window", ErrorCode.FLOW_CONTROL_ERROR
             )
-        st.recv_window -= n
         events.append(DataReceived(sid, data))
 
     def _on_frame(self, frame: object, events: list[Event]) -> None:
