@@ -92,7 +92,7 @@ def test_every_state_and_action_is_used() -> None:
     assert {action for action, _ in TABLE.values()} == set(Action)
 
 
-@pytest.mark.parametrize(("state", "inp"), sorted(TABLE, key=lambda k: (k[0].value, k[1].value)))
+@pytest.mark.parametrize(("state", "inp"), sorted(TABLE, key=lambda k: (k[0], k[1])))
 def test_real_mux_follows_the_table(state: State, inp: Input) -> None:
     action, nxt = TABLE[state, inp]
     m, sid = _mux_in(state)
@@ -131,7 +131,7 @@ def _doc_cell(inp: Input, state: State, action: Action, nxt: State) -> str:
         return "credit added"
     if nxt is State.FORGOTTEN:
         return "forgotten"
-    return f"becomes {nxt.value}"
+    return f"becomes {nxt.label}"
 
 
 def _doc_table() -> dict[tuple[str, str], str]:
@@ -152,7 +152,7 @@ def _doc_table() -> dict[tuple[str, str], str]:
 
 def test_protocol_md_states_the_same_table() -> None:
     from_code = {
-        (inp.value, state.value): _doc_cell(inp, state, *TABLE[state, inp])
+        (inp.name, state.label): _doc_cell(inp, state, *TABLE[state, inp])
         for state in State
         for inp in Input
     }

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, IntEnum
 
 from .config import (
     INITIAL_SESSION_WINDOW,
@@ -193,27 +193,35 @@ Event = (
 # ---------------------------------------------------------------- streams
 
 
-class _State(Enum):
-    """Where a stream is, as seen by the frames it may still receive."""
+class _State(IntEnum):
+    """Where a stream is, as seen by the frames it may still receive.
 
-    OPENING = "opening"
-    PENDING = "pending"
-    OPEN = "open"
-    EOF_SENT = "EOF sent"
-    EOF_RECEIVED = "EOF received"
-    FORGOTTEN = "forgotten"
-    NEVER_OPENED = "never opened"
+    IntEnum, not Enum: a table key hashes in C (Enum's hash is Python code),
+    which the per-frame lookup in :meth:`Mux._step` notices."""
+
+    OPENING = 0
+    PENDING = 1
+    OPEN = 2
+    EOF_SENT = 3
+    EOF_RECEIVED = 4
+    FORGOTTEN = 5
+    NEVER_OPENED = 6
+
+    @property
+    def label(self) -> str:
+        """The state's name in docs/protocol.md section 6.3."""
+        return self.name.lower().replace("_", " ").replace("eof", "EOF")
 
 
-class _Input(Enum):
+class _Input(IntEnum):
     """A received frame that names a stream (DATA, WINDOW and the lifecycle)."""
 
-    ACCEPT = "ACCEPT"
-    REJECT = "REJECT"
-    DATA = "DATA"
-    WINDOW = "WINDOW"
-    EOF = "EOF"
-    RESET = "RESET"
+    ACCEPT = 0
+    REJECT = 1
+    DATA = 2
+    WINDOW = 3
+    EOF = 4
+    RESET = 5
 
 
 class _Action(Enum):
@@ -267,6 +275,11 @@ _LIVE = frozenset(
     {_State.OPENING, _State.PENDING, _State.OPEN, _State.EOF_SENT, _State.EOF_RECEIVED}
 )
 _SENDING = frozenset({_State.OPEN, _State.EOF_RECEIVED})
+# TRANSITIONS indexed [input][state] (both are small ints): what _step reads.
+_BY_INPUT = tuple(tuple(TRANSITIONS[s, i] for s in _State) for i in _Input)
+# The live states in which received DATA is delivered: the hot path's shortcut
+# through the table (read from it, so the two cannot disagree).
+_DELIVERING = frozenset(s for s in _State if TRANSITIONS[s, _Input.DATA] == (_Action.DELIVER, s))
 
 
 def _error_text(inp: _Input, state: _State, sid: int) -> str:
@@ -280,7 +293,7 @@ def _error_text(inp: _Input, state: _State, sid: int) -> str:
         return f"DATA on stream {sid} before it was accepted"
     if inp is _Input.EOF:
         return f"unexpected EOF on stream {sid}"
-    return f"{inp.value} for stream {sid}, which is not opening"
+    return f"{inp.name} for stream {sid}, which is not opening"
 
 
 class _RecvWindow:
@@ -760,10 +773,12 @@ class Mux:
                 "peer sent more than the session window", ErrorCode.FLOW_CONTROL_ERROR
             )
         self.bytes_received += n
-        st, _, _ = self._step(sid, _Input.DATA)
-        if st is None:  # DISCARD: a stream we forgot (reset, closed)
-            self._return_session_credit(n)
-            return
+        st = self._streams.get(sid)
+        if st is None or st.state not in _DELIVERING:
+            st, _, _ = self._step(sid, _Input.DATA)
+            if st is None:  # DISCARD: a stream we forgot (reset, closed)
+                self._return_session_credit(n)
+                return
         if not st.take(n):
             raise ProtocolError(
                 f"peer sent more than stream {sid}'s window", ErrorCode.FLOW_CONTROL_ERROR
@@ -887,7 +902,7 @@ class Mux:
             state = _State.FORGOTTEN
         else:
             state = _State.NEVER_OPENED
-        action, nxt = TRANSITIONS[state, inp]
+        action, nxt = _BY_INPUT[inp][state]
         if action is _Action.ERROR:
             raise ProtocolError(_error_text(inp, state, sid))
         if st is not None and nxt is not state:
