@@ -47,7 +47,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, IntEnum
 
 from .config import (
     INITIAL_SESSION_WINDOW,
@@ -193,26 +193,155 @@ Event = (
 # ---------------------------------------------------------------- streams
 
 
-class _State(Enum):
-    OPENING = "opening"
-    PENDING = "pending"
-    OPEN = "open"
+class _State(IntEnum):
+    """Where a stream is, as seen by the frames it may still receive.
+
+    IntEnum, not Enum: a table key hashes in C (Enum's hash is Python code),
+    which the per-frame lookup in :meth:`Mux._step` notices."""
+
+    OPENING = 0
+    PENDING = 1
+    OPEN = 2
+    EOF_SENT = 3
+    EOF_RECEIVED = 4
+    FORGOTTEN = 5
+    NEVER_OPENED = 6
+
+    @property
+    def label(self) -> str:
+        """The state's name in docs/protocol.md section 6.3."""
+        return self.name.lower().replace("_", " ").replace("eof", "EOF")
 
 
-class _Stream:
-    """One stream's state.  ``recv_window + recv_unacked`` plus the bytes the
-    application holds (delivered, not acknowledged) is always the configured
-    stream window, so what it holds needs no counter of its own."""
+class _Input(IntEnum):
+    """A received frame that names a stream (DATA, WINDOW and the lifecycle)."""
 
-    __slots__ = ("local_eof", "recv_unacked", "recv_window", "remote_eof", "send_credit", "state")
+    ACCEPT = 0
+    REJECT = 1
+    DATA = 2
+    WINDOW = 3
+    EOF = 4
+    RESET = 5
+
+
+class _Action(Enum):
+    """What the engine does with a received frame (see :data:`TRANSITIONS`)."""
+
+    ERROR = "error"
+    IGNORE = "ignore"
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    DELIVER = "deliver"
+    DISCARD = "discard, return session credit"
+    CREDIT = "credit"
+    EOF = "eof"
+    RESET = "reset"
+
+
+def _build_table() -> dict[tuple[_State, _Input], tuple[_Action, _State]]:
+    # One row per received frame, one cell per state in _State's order:
+    # (action, next state), None meaning "stays where it is".
+    st, inp, act = _State, _Input, _Action
+    err: tuple[_Action, _State | None] = (act.ERROR, None)
+    ign: tuple[_Action, _State | None] = (act.IGNORE, None)
+    gone = st.FORGOTTEN
+    credit: tuple[_Action, _State | None] = (act.CREDIT, None)
+    deliver: tuple[_Action, _State | None] = (act.DELIVER, None)
+    reset: tuple[_Action, _State | None] = (act.RESET, gone)
+    rows: dict[_Input, tuple[tuple[_Action, _State | None], ...]] = {
+        # opening, pending, open, EOF sent, EOF received, forgotten, never opened
+        inp.ACCEPT: ((act.ACCEPTED, st.OPEN), err, err, err, err, ign, err),
+        inp.REJECT: ((act.REJECTED, gone), err, err, err, err, ign, err),
+        inp.DATA: (err, err, deliver, deliver, err, (act.DISCARD, None), err),
+        inp.WINDOW: (credit, credit, credit, credit, credit, ign, err),
+        inp.EOF: (err, err, (act.EOF, st.EOF_RECEIVED), (act.EOF, gone), err, ign, err),
+        inp.RESET: (reset, reset, reset, reset, reset, ign, err),
+    }
+    table: dict[tuple[_State, _Input], tuple[_Action, _State]] = {}
+    for frame, cells in rows.items():
+        for state, (action, nxt) in zip(_State, cells, strict=True):
+            table[state, frame] = (action, state if nxt is None else nxt)
+    return table
+
+
+TRANSITIONS = _build_table()
+"""The stream lifecycle, ``(state, received frame) -> (action, next state)``:
+docs/protocol.md section 6.3 is this table in prose, and a test checks that
+the two agree.  Local actions move a stream too (:meth:`Mux.accept_stream`:
+pending to open; :meth:`Mux.send_eof`: open to EOF sent, EOF received to
+forgotten), as do REJECT/RESET sent and a GOAWAY received."""
+
+_LIVE = frozenset(
+    {_State.OPENING, _State.PENDING, _State.OPEN, _State.EOF_SENT, _State.EOF_RECEIVED}
+)
+_SENDING = frozenset({_State.OPEN, _State.EOF_RECEIVED})
+# TRANSITIONS indexed [input][state] (both are small ints): what _step reads.
+_BY_INPUT = tuple(tuple(TRANSITIONS[s, i] for s in _State) for i in _Input)
+# The live states in which received DATA is delivered: the hot path's shortcut
+# through the table (read from it, so the two cannot disagree).
+_DELIVERING = frozenset(s for s in _State if TRANSITIONS[s, _Input.DATA] == (_Action.DELIVER, s))
+
+
+def _error_text(inp: _Input, state: _State, sid: int) -> str:
+    if state is _State.NEVER_OPENED:
+        if inp is _Input.DATA:
+            return f"DATA on stream {sid}, which was never opened"
+        return f"frame for stream {sid}, which was never opened"
+    if inp is _Input.DATA:
+        if state is _State.EOF_RECEIVED:
+            return f"DATA on stream {sid} after its EOF"
+        return f"DATA on stream {sid} before it was accepted"
+    if inp is _Input.EOF:
+        return f"unexpected EOF on stream {sid}"
+    return f"{inp.name} for stream {sid}, which is not opening"
+
+
+class _RecvWindow:
+    """Receive-side credit of one window (the session's, or a stream's).
+
+    ``recv_window`` is what the peer may still send; ``recv_unacked`` what the
+    application consumed and this side has not yet given back.  Credit goes
+    back in batches: :meth:`release` returns the increment to send in one
+    WINDOW frame once ``threshold`` bytes are due (half the window), else 0.
+    """
+
+    __slots__ = ("recv_unacked", "recv_window")
+
+    def __init__(self, window: int) -> None:
+        self.recv_window = window
+        self.recv_unacked = 0
+
+    def take(self, n: int) -> bool:
+        """Count ``n`` received bytes; False (and nothing counted) if over the window."""
+        if n > self.recv_window:
+            return False
+        self.recv_window -= n
+        return True
+
+    def release(self, n: int, threshold: int) -> int:
+        """``n`` bytes were consumed: the increment to grant now (0: batched)."""
+        unacked = self.recv_unacked + n
+        if unacked >= threshold:
+            self.recv_window += unacked
+            self.recv_unacked = 0
+            return unacked
+        self.recv_unacked = unacked
+        return 0
+
+
+class _Stream(_RecvWindow):
+    """One stream's state (its receive window is the base class).
+    ``recv_window + recv_unacked`` plus the bytes the application holds
+    (delivered, not acknowledged) is always the configured stream window, so
+    what it holds needs no counter of its own."""
+
+    __slots__ = ("send_credit", "state")
 
     def __init__(self, state: _State, recv_window: int) -> None:
         self.state = state
         self.send_credit = INITIAL_STREAM_WINDOW
         self.recv_window = recv_window
         self.recv_unacked = 0
-        self.local_eof = False
-        self.remote_eof = False
 
 
 class _Chunk:
@@ -234,8 +363,7 @@ class Mux:
         self._highest_remote = 0
         self._pending_opens = 0
         self._send_session_credit = INITIAL_SESSION_WINDOW
-        self._recv_session_window = self.config.session_window
-        self._recv_session_unacked = 0
+        self._recv_session = _RecvWindow(self.config.session_window)
         # Ordered frames: bytes (a complete frame) or a _Chunk of DATA.
         self._fifo: deque[bytes | _Chunk] = deque()
         # Frames that may overtake the FIFO: WINDOW (coalesced), PING, PONG.
@@ -257,6 +385,10 @@ class Mux:
         self._orphans: dict[int, int] | None = None
         self.goaway_sent = False
         self.goaway_received = False
+        # The error that ended input (h11's rule): once a record broke the
+        # protocol, possibly after earlier frames of it changed state, every
+        # later receive_message raises it again and reads nothing.
+        self._error: ProtocolError | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
         extra = self.config.session_window - INITIAL_SESSION_WINDOW
@@ -268,14 +400,14 @@ class Mux:
     def send_credit(self, stream_id: int) -> int:
         """How many bytes :meth:`send_data` would take right now on ``stream_id``."""
         st = self._streams.get(stream_id)
-        if st is None or st.state is not _State.OPEN or st.local_eof:
+        if st is None or st.state not in _SENDING:
             return 0
         return max(0, min(st.send_credit, self._send_session_credit, self._send_room()))
 
     def stream_send_credit(self, stream_id: int) -> int:
         """The credit the peer left ``stream_id`` itself (0 if not open for sending)."""
         st = self._streams.get(stream_id)
-        if st is None or st.state is not _State.OPEN or st.local_eof:
+        if st is None or st.state not in _SENDING:
             return 0
         return st.send_credit
 
@@ -307,8 +439,8 @@ class Mux:
             "streams": len(self._streams),
             "pending_opens": self._pending_opens,
             "send_session_credit": self._send_session_credit,
-            "recv_session_window": self._recv_session_window,
-            "recv_unacked": self._recv_session_unacked,
+            "recv_session_window": self._recv_session.recv_window,
+            "recv_unacked": self._recv_session.recv_unacked,
             "queued_data": self._queued_data,
             "queued_control": self._queued_control,
             "bytes_sent": self.bytes_sent,
@@ -383,10 +515,10 @@ class Mux:
             LocalUsageError: the stream is unknown, not open, or already half-closed.
         """
         st = self._streams.get(stream_id)
-        if st is None or st.state is not _State.OPEN:
+        if st is None or st.state not in _SENDING:
+            if st is not None and st.state is _State.EOF_SENT:
+                raise LocalUsageError(f"stream {stream_id} was half-closed (send_eof) already")
             raise LocalUsageError(f"stream {stream_id} is not open")
-        if st.local_eof:
-            raise LocalUsageError(f"stream {stream_id} was half-closed (send_eof) already")
         n = min(len(data), st.send_credit, self._send_session_credit, self._send_room())
         if n <= 0:
             return 0
@@ -404,14 +536,15 @@ class Mux:
             LocalUsageError: the stream is not open or was half-closed already.
         """
         st = self._streams.get(stream_id)
-        if st is None or st.state is not _State.OPEN:
+        if st is None or st.state not in _SENDING:
+            if st is not None and st.state is _State.EOF_SENT:
+                raise LocalUsageError(f"stream {stream_id} was half-closed already")
             raise LocalUsageError(f"stream {stream_id} is not open")
-        if st.local_eof:
-            raise LocalUsageError(f"stream {stream_id} was half-closed already")
-        st.local_eof = True
         self._queue(encode_frame(Eof(stream_id)))
-        if st.remote_eof:
+        if st.state is _State.EOF_RECEIVED:
             self._forget(stream_id, st)
+        else:
+            st.state = _State.EOF_SENT
 
     def reset_stream(self, stream_id: int, code: ErrorCode = ErrorCode.CANCELLED) -> None:
         """Abort a stream in both directions; a forgotten stream is ignored.
@@ -475,19 +608,11 @@ class Mux:
                 return
             unacked = window - recv_window
         # After the peer's EOF no stream credit is returned any more.
-        if unacked >= config.half_stream_window and not st.remote_eof:
-            self._grant(stream_id, unacked)
-            st.recv_window = recv_window + unacked
-            st.recv_unacked = 0
-        else:
+        if st.state is _State.EOF_RECEIVED:
             st.recv_unacked = unacked
-        session = self._recv_session_unacked + amount
-        if session >= config.half_session_window:
-            self._grant(0, session)
-            self._recv_session_window += session
-            self._recv_session_unacked = 0
-        else:
-            self._recv_session_unacked = session
+        elif grant := st.release(amount, config.half_stream_window):
+            self._grant(stream_id, grant)
+        self._return_session_credit(amount)
 
     def _acknowledge_forgotten(self, stream_id: int, amount: int) -> None:
         orphans = self._orphans
@@ -503,11 +628,8 @@ class Mux:
         self._return_session_credit(amount)
 
     def _return_session_credit(self, amount: int) -> None:
-        self._recv_session_unacked += amount
-        if self._recv_session_unacked >= self.config.session_window // 2:
-            self._grant(0, self._recv_session_unacked)
-            self._recv_session_window += self._recv_session_unacked
-            self._recv_session_unacked = 0
+        if grant := self._recv_session.release(amount, self.config.half_session_window):
+            self._grant(0, grant)
 
     def ping(self, opaque: bytes) -> None:
         """Queue a PING with 8 opaque bytes; the peer answers with a PONG."""
@@ -616,43 +738,51 @@ class Mux:
         Raises:
             ProtocolError: the peer broke the protocol; close the session.
             ResourceLimitExceeded: the peer is abusive (does not read its answers).
+
+        After either, the engine is poisoned: every later call raises the same
+        error at once and processes nothing (:attr:`error`); only the output
+        side (:meth:`abort`, :meth:`data_to_send`) still works.
         """
+        if self._error is not None:
+            raise self._error.with_traceback(None)  # no growing chain of old frames
         events: list[Event] = []
-        for frame in decode_frames(message):
-            if type(frame) is Data:
-                self._on_data(frame.stream_id, frame.data, events)
-            else:
-                self._on_frame(frame, events)
-        if self._queued_control > self.config.max_queued_control:
-            raise ResourceLimitExceeded(
-                "peer does not read the session's answers (control queue full)"
-            )
+        try:
+            for frame in decode_frames(message):
+                if type(frame) is Data:
+                    self._on_data(frame.stream_id, frame.data, events)
+                else:
+                    self._on_frame(frame, events)
+            if self._queued_control > self.config.max_queued_control:
+                raise ResourceLimitExceeded(
+                    "peer does not read the session's answers (control queue full)"
+                )
+        except ProtocolError as exc:
+            self._error = exc
+            raise
         return events
+
+    @property
+    def error(self) -> ProtocolError | None:
+        """The protocol error that poisoned input, or None while input is good."""
+        return self._error
 
     def _on_data(self, sid: int, data: bytes | memoryview, events: list[Event]) -> None:
         n = len(data)
-        if n > self._recv_session_window:
+        if not self._recv_session.take(n):
             raise ProtocolError(
                 "peer sent more than the session window", ErrorCode.FLOW_CONTROL_ERROR
             )
-        self._recv_session_window -= n
         self.bytes_received += n
         st = self._streams.get(sid)
-        if st is None:
-            if self._was_opened(sid):
-                # A stream we forgot (reset, closed): return the session credit now.
+        if st is None or st.state not in _DELIVERING:
+            st, _, _ = self._step(sid, _Input.DATA)
+            if st is None:  # DISCARD: a stream we forgot (reset, closed)
                 self._return_session_credit(n)
                 return
-            raise ProtocolError(f"DATA on stream {sid}, which was never opened")
-        if st.state is not _State.OPEN:
-            raise ProtocolError(f"DATA on stream {sid} before it was accepted")
-        if st.remote_eof:
-            raise ProtocolError(f"DATA on stream {sid} after its EOF")
-        if n > st.recv_window:
+        if not st.take(n):
             raise ProtocolError(
                 f"peer sent more than stream {sid}'s window", ErrorCode.FLOW_CONTROL_ERROR
             )
-        st.recv_window -= n
         events.append(DataReceived(sid, data))
 
     def _on_frame(self, frame: object, events: list[Event]) -> None:
@@ -665,7 +795,7 @@ class Mux:
                     raise ProtocolError("session credit overflow", ErrorCode.FLOW_CONTROL_ERROR)
                 events.append(CreditGranted(0))
             case Window(sid, inc):
-                st = self._known(sid)
+                st, _, _ = self._step(sid, _Input.WINDOW)
                 if st is not None:
                     st.send_credit += inc
                     if st.send_credit > MAX_WINDOW:
@@ -674,33 +804,18 @@ class Mux:
                         )
                     events.append(CreditGranted(sid))
             case Accept(sid):
-                st = self._known(sid)
-                if st is not None:
-                    if st.state is not _State.OPENING:
-                        raise ProtocolError(f"ACCEPT for stream {sid}, which is not opening")
-                    st.state = _State.OPEN
+                if self._step(sid, _Input.ACCEPT)[1] is _Action.ACCEPTED:
                     events.append(StreamAccepted(sid))
             case Reject(sid, code):
-                st = self._known(sid)
-                if st is not None:
-                    if st.state is not _State.OPENING:
-                        raise ProtocolError(f"REJECT for stream {sid}, which is not opening")
-                    del self._streams[sid]
+                if self._step(sid, _Input.REJECT)[1] is _Action.REJECTED:
                     events.append(StreamRejected(sid, ErrorCode.from_wire(code)))
             case Eof(sid):
-                st = self._known(sid)
-                if st is not None:
-                    if st.state is not _State.OPEN or st.remote_eof:
-                        raise ProtocolError(f"unexpected EOF on stream {sid}")
-                    st.remote_eof = True
+                if self._step(sid, _Input.EOF)[1] is _Action.EOF:
                     events.append(EofReceived(sid))
-                    if st.local_eof:
-                        self._forget(sid, st)
             case Reset(sid, code):
-                st = self._known(sid)
-                if st is not None:
-                    self._forget(sid, st)
-                    if st.state is _State.PENDING:
+                _, action, before = self._step(sid, _Input.RESET)
+                if action is _Action.RESET:
+                    if before is _State.PENDING:
                         self._pending_opens -= 1
                     events.append(ResetReceived(sid, ErrorCode.from_wire(code)))
             case Ping(opaque):
@@ -776,12 +891,26 @@ class Mux:
             return sid < self._next_local
         return sid <= self._highest_remote
 
-    def _known(self, sid: int) -> _Stream | None:
-        """The live stream, None for a forgotten one; never-opened ids are an error."""
+    def _step(self, sid: int, inp: _Input) -> tuple[_Stream | None, _Action, _State]:
+        """Drive :data:`TRANSITIONS` for a received frame: raise for an error,
+        move the stream, and return it (None unless live), the action and the
+        state it was in."""
         st = self._streams.get(sid)
-        if st is None and not self._was_opened(sid):
-            raise ProtocolError(f"frame for stream {sid}, which was never opened")
-        return st
+        if st is not None:
+            state = st.state
+        elif self._was_opened(sid):
+            state = _State.FORGOTTEN
+        else:
+            state = _State.NEVER_OPENED
+        action, nxt = _BY_INPUT[inp][state]
+        if action is _Action.ERROR:
+            raise ProtocolError(_error_text(inp, state, sid))
+        if st is not None and nxt is not state:
+            if nxt is _State.FORGOTTEN:
+                self._forget(sid, st)
+            else:
+                st.state = nxt
+        return st, action, state
 
     def _pending(self, sid: int) -> _Stream:
         st = self._streams.get(sid)
