@@ -345,7 +345,9 @@ async def test_flood_of_opens_with_bad_tokens(anyio_backend: str) -> None:
             assert [g.code for g in goaways] in ([ErrorCode.LIMIT_EXCEEDED], [])
             cut = raw.frames.index(goaways[0]) if goaways else len(raw.frames)
             rejects = [f for f in raw.frames[:cut] if isinstance(f, Reject)]
-            assert {f.code for f in rejects} == {ErrorCode.REFUSED}  # uniform, never BUSY
+            # Uniform, never BUSY (the RST may have discarded every one of them:
+            # the node's own count below says they were sent).
+            assert {f.code for f in rejects} <= {ErrorCode.REFUSED}
             assert all(
                 isinstance(f, Reject)
                 and f.code == ErrorCode.SHUTTING_DOWN
