@@ -17,7 +17,7 @@ import anyio
 import pytest
 
 import capsock
-from capsock.forward import register
+from capsock.forwarding import register
 from capsock.frames import Control, Data, GoAway, Open, Ping, Window
 from capsock.mux import MuxConfig
 from capsock.stream import Stream

@@ -17,7 +17,7 @@ import pytest
 
 import capsock
 from capsock import CapabilityRejected, ErrorCode, NodeConfig
-from capsock.forward import TRANSPORT_TOKEN
+from capsock.forwarding import TRANSPORT_TOKEN
 from capsock.frames import Ping, encode_frame
 from capsock.keys import KeyPair
 from capsock.session import Session, dial_handshake

@@ -26,7 +26,7 @@ import pytest
 
 import capsock
 import capsock.testing
-from capsock.forward import UNREACHABLE_REASON
+from capsock.forwarding import UNREACHABLE_REASON
 from capsock.frames import GoAway, encode_frame
 from capsock.keys import KeyPair
 from capsock.mux import Mux
@@ -216,7 +216,7 @@ async def test_an_unreachable_target_gets_one_generic_answer_without_addresses(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Forwarder privacy: the requester learns nothing about the target's addresses."""
-    caplog.set_level(logging.INFO, logger="capsock.forward")
+    caplog.set_level(logging.INFO, logger="capsock.forwarding")
     dead = socket.socket()
     dead.bind(("127.0.0.1", 0))
     port = dead.getsockname()[1]

@@ -22,7 +22,7 @@ from .errors import (
     PeerAuthenticationError,
     Unreachable,
 )
-from .forward import open_via, transport_token
+from .forwarding import open_via, transport_token
 from .keys import NodeId
 from .session import Session, dial_handshake
 from .stream import Stream

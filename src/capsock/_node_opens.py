@@ -1,7 +1,7 @@
 """Node internals, part 4: the OPEN decisions.
 
 Every inbound OPEN is decided here: a transport stream (a session forwarded
-to this node, :mod:`capsock.forward`) or a capability checked with
+to this node, :mod:`capsock.forwarding`) or a capability checked with
 :func:`capsock.store.authorize`, the same work for every token; a full
 listener gets ``backlog_wait`` seconds, and refusals are charged to their
 source (``refused_open_rate``).
@@ -23,7 +23,7 @@ from .errors import (
     ErrorCode,
     InvalidCapability,
 )
-from .forward import transport_voucher
+from .forwarding import transport_voucher
 from .session import Session
 from .store import Verdict, authorize
 from .uri import (

@@ -26,7 +26,7 @@ from .errors import (
     CapabilityRejected,
     LocalUsageError,
 )
-from .forward import Forwarder
+from .forwarding import Forwarder
 from .handshake import HandshakeResult
 from .keys import KeyPair, NodeId
 from .session import Session

@@ -4,7 +4,7 @@ A node given relays keeps one registration stream open with each (reconnect
 with backoff and jitter; a refused capability is given up for good) and
 reports each relay's status.  It depends only on :class:`RelayHost`, a small
 protocol that :class:`capsock.Node` satisfies; registering is
-:func:`capsock.forward.register`.
+:func:`capsock.forwarding.register`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .errors import (
     CapsockError,
     ErrorCode,
 )
-from .forward import register as forward_register
+from .forwarding import register as forward_register
 from .keys import NodeId
 from .stream import Stream
 from .uri import (

@@ -19,7 +19,7 @@ its other concerns lives in a private module, as one part ``Node`` inherits:
 - ``_listener``: :class:`Listener`.
 
 Imports run one way: those modules import nothing of this one, and
-:mod:`capsock.forward` depends on :class:`~capsock.forward.ForwardingHost`,
+:mod:`capsock.forwarding` depends on :class:`~capsock.forwarding.ForwardingHost`,
 which ``Node`` satisfies, not on ``Node``.
 """
 
@@ -55,7 +55,7 @@ from .errors import (
     InvalidCapability,
     LocalUsageError,
 )
-from .forward import Forwarder
+from .forwarding import Forwarder
 from .keys import KeyPair, NodeId
 from .session import Session
 from .store import MemoryStore, RootEntry, SqliteStore, Store, chain

@@ -59,7 +59,7 @@ __all__ = [
     "transport_voucher",
 ]
 
-log = logging.getLogger("capsock.forward")
+log = logging.getLogger("capsock.forwarding")
 
 TRANSPORT_TOKEN = b"\x00"
 """The OPEN token of a transport stream (never a valid capability token).
