@@ -110,7 +110,7 @@ async def dial_handshake(
         LocalUsageError: ``remote`` is this node's own id.
     """
     hs = InitiatorHandshake(local, remote, dialled_id=True)  # the exact id: never its twin
-    await transport.send(hs.first_message())
+    await transport.send(hs.first_record())
     buf = bytearray()
     try:
         message = await _read_handshake_record(transport, buf, 65535)
@@ -148,7 +148,7 @@ async def accept_handshake(
     hs.read_first(message)
     if buf:
         raise HandshakeError("dialer sent data before the handshake finished")
-    record, result = hs.second_message()
+    record, result = hs.second_record()
     await transport.send(record)
     return result, bytes(buf)
 
@@ -230,6 +230,7 @@ class Session:
         if result.is_initiator:
             self.confirmed.set()
         self._tg: anyio.abc.TaskGroup | None = None
+        self._ending = False  # _end() was called
         self._timer_wake: anyio.Event | None = None
         self._armed = math.inf  # the deadline the timer sleeps until
         self._open_slots = anyio.Semaphore(self.config.max_concurrent_opens)
@@ -274,8 +275,11 @@ class Session:
                     if pushed is not None:
                         self._transport = self._read_transport = pushed
                 self.ready.set()
+                if engine.phase is Phase.CLOSED:  # closed before it ran (close_now)
+                    self._end()
                 await self._guard(self._reading)
         finally:
+            self._tg = None
             engine.connection_lost("the session was closed")  # keeps an earlier reason
             self._fail_all(engine.reason or "the session was closed")
             with anyio.CancelScope(shield=True):
@@ -312,9 +316,20 @@ class Session:
         self._end()
 
     def _end(self) -> None:
-        """The engine is CLOSED (or the transport ended): stop every task."""
-        if self._tg is not None:
-            self._tg.cancel_scope.cancel()
+        """The engine is CLOSED (or the transport ended): stop every task, one
+        event-loop turn from now.  The turn lets a read the loop already
+        scheduled complete first: cancelling anyio's asyncio Unix-socket
+        receive while its readiness callback is queued raises InvalidStateError
+        in that callback."""
+        tg = self._tg
+        if tg is not None and not self._ending:
+            self._ending = True
+            tg.start_soon(self._cancel_after_a_turn, tg)
+
+    @staticmethod
+    async def _cancel_after_a_turn(tg: anyio.abc.TaskGroup) -> None:
+        await anyio.lowlevel.checkpoint()
+        tg.cancel_scope.cancel()
 
     def end(self, code: ErrorCode, reason: str) -> None:
         """End the session for the peer's behaviour: fail its streams, send
