@@ -54,6 +54,7 @@ KNOWN_TYPE_CYCLES: dict[frozenset[str], str] = {
 
 CORE_NAMES = {
     "errors", "config", "keys", "uri", "frames", "mux", "handshake", "records", "direct", "logs",
+    "session_engine",
 }  # fmt: skip
 CORE_PREFIXES = ("noise", "engine", "uri_")
 IO_LIBRARIES = {

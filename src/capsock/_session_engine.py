@@ -143,6 +143,7 @@ class SessionEngine:
     __slots__ = (
         "_arrival",
         "_cipher",
+        "_confirmed",
         "_drain_deadline",
         "_held",
         "_idle",
@@ -179,6 +180,7 @@ class SessionEngine:
         """The protocol error that poisoned the engine, if one did."""
         self.busy = False
         """Whether the driver holds streams or pending opens (see :meth:`set_busy`)."""
+        self._confirmed = dialer
         self._cipher = cipher
         self._reader = RecordReader()
         self._held: bytes | bytearray | None = None  # the first record, held past PeerConfirmed
@@ -200,8 +202,9 @@ class SessionEngine:
 
     @property
     def confirmed(self) -> bool:
-        """Whether this side may speak (the dialer always; the responder once confirmed)."""
-        return self.phase is not Phase.UNCONFIRMED
+        """Whether the dialer spoke (the dialer's own side: always); until then the
+        responder may say nothing."""
+        return self._confirmed
 
     @property
     def is_usable(self) -> bool:
@@ -269,7 +272,8 @@ class SessionEngine:
                 self._last_heard = self._arrival
                 self._pinged = False
                 if self.phase is Phase.UNCONFIRMED:
-                    self.phase = Phase.OPEN
+                    self._confirmed = True
+                    self.phase = Phase.GOING_AWAY if self.mux.goaway_sent else Phase.OPEN
                     self._held = plaintext
                     return [PeerConfirmed()]  # before anything the record asks for
             else:
