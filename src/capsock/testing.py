@@ -427,9 +427,8 @@ class EnginePair:
 
     def next_deadline(self) -> float | None:
         """The earlier of the two engines' next deadlines."""
-        deadlines = [
-            d for d in (self.dialer.next_deadline(), self.responder.next_deadline()) if d is not None
-        ]
+        both = (self.dialer.next_deadline(), self.responder.next_deadline())
+        deadlines = [d for d in both if d is not None]
         return min(deadlines) if deadlines else None
 
     def advance(self, seconds: float) -> list[tuple[str, TimerEvent]]:
@@ -438,7 +437,12 @@ class EnginePair:
         or ``"responder"``."""
         end = self.clock.now + seconds
         fired: list[tuple[str, TimerEvent]] = []
+        stalled = 0
         while (deadline := self.next_deadline()) is not None and deadline <= end:
+            if deadline <= self.clock.now:
+                stalled += 1
+                if stalled > 100:
+                    raise RuntimeError(f"a deadline at {deadline} keeps firing without effect")
             self.clock.now = max(self.clock.now, deadline)
             for side, engine in (("dialer", self.dialer), ("responder", self.responder)):
                 fired += [(side, ev) for ev in engine.handle_timer(self.clock.now)]
