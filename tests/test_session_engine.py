@@ -311,3 +311,19 @@ def test_the_layering_test_counts_the_engine_as_core() -> None:
 
     assert is_core("capsock._session_engine")
     assert "_session_engine" in SANS_IO
+
+
+@pytest.mark.parametrize("start", [0.1, 32767.910032258096, 16380.21784861311, 8188.085168335446])
+def test_a_timer_woken_at_the_deadline_finds_it_due(start: float) -> None:
+    """``now - last >= interval`` can be False at ``now = last + interval``
+    (floating point): a driver woken at next_deadline() would spin."""
+    pair = EnginePair(
+        SessionConfig(keepalive_interval=15.0, keepalive_timeout=45.0, idle_timeout=300.0),
+        clock=FakeClock(start),
+    )
+    pair.pump()
+    engine = pair.dialer
+    for _ in range(2):  # the PING, then the dead-peer end
+        deadline = engine.next_deadline()
+        assert deadline is not None
+        assert engine.handle_timer(deadline) != [], f"nothing due at the deadline {deadline!r}"

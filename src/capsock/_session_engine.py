@@ -399,16 +399,18 @@ class SessionEngine:
                 self.phase = Phase.CLOSED
                 return [DrainExpired()]
             return []
-        if self._idle and self._idle_since is not None and now - self._idle_since >= self._idle:
+        # Each test is the very sum next_deadline() returned: a timer woken at
+        # that deadline always finds it due (now - t >= d can be False there).
+        if self._idle and self._idle_since is not None and now >= self._idle_since + self._idle:
             self.close(ErrorCode.NO_ERROR, "the session was idle", now, Ending.IDLE)
             return [IdleExpired()]
         if not self._interval:
             return []
         silent = now - self._last_heard
-        if silent >= self._timeout:
+        if now >= self._last_heard + self._timeout:
             self.close_now(f"no sign of life from the peer for {silent:.0f} s", Ending.PEER_SILENT)
             return [PeerSilent(silent)]
-        if silent >= self._interval and not self._pinged:
+        if now >= self._last_heard + self._interval and not self._pinged:
             self._pinged = True
             self.mux.ping(os.urandom(8))
             return [PingQueued()]

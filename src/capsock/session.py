@@ -694,6 +694,7 @@ class Session:
                 if not scope.cancelled_caught:
                     continue  # the deadline moved: sleep again
             self._on_timer(engine.handle_timer(clock()))
+            await anyio.lowlevel.checkpoint()  # never a busy loop, whatever the clock does
 
     def _on_timer(self, events: list[TimerEvent]) -> None:
         engine = self._engine
