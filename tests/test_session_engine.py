@@ -327,3 +327,20 @@ def test_a_timer_woken_at_the_deadline_finds_it_due(start: float) -> None:
         deadline = engine.next_deadline()
         assert deadline is not None
         assert engine.handle_timer(deadline) != [], f"nothing due at the deadline {deadline!r}"
+
+
+def test_has_output_and_data_to_send_agree_in_every_phase() -> None:
+    """A writer loops while has_output(): if data_to_send() then gave nothing,
+    it would spin and starve the event loop (a CLOSED engine with frames queued)."""
+    pair = EnginePair(CFG)
+    engine = pair.responder  # UNCONFIRMED first
+    engine.mux.ping(b"abcdefgh")
+    assert not engine.has_output() and engine.data_to_send() is None
+    pair.pump()
+    for close in (lambda e: e.close_now("x"), lambda e: e.connection_lost("y")):
+        pair = EnginePair(CFG)
+        pair.pump()
+        pair.dialer.mux.ping(b"abcdefgh")
+        close(pair.dialer)
+        assert pair.dialer.phase is Phase.CLOSED
+        assert pair.dialer.has_output() == (pair.dialer.data_to_send() is not None)

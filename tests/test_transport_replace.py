@@ -77,7 +77,7 @@ async def tcp_pair() -> AsyncIterator[tuple[anyio.abc.ByteStream, anyio.abc.Byte
         async with anyio.create_task_group() as tg:
             tg.start_soon(listener.serve, take)
             client = await anyio.connect_tcp("127.0.0.1", port)
-            while not accepted:  # noqa: ASYNC110 - a few loop turns at most
+            while not accepted:
                 await anyio.sleep(0.001)
             tg.cancel_scope.cancel()
         yield client, accepted[0]

@@ -308,8 +308,9 @@ class SessionEngine:
     # ---------------------------------------------------------- output
 
     def has_output(self) -> bool:
-        """Whether :meth:`data_to_send` has something (never before confirmation)."""
-        return self.phase is not Phase.UNCONFIRMED and self.mux.has_output()
+        """Whether :meth:`data_to_send` has something (never before confirmation,
+        never once CLOSED: the two answer alike, or a writer would spin)."""
+        return Phase.UNCONFIRMED < self.phase < Phase.CLOSED and self.mux.has_output()
 
     def data_to_send(self, limit: int = WRITE_BATCH) -> bytes | bytearray | None:
         """Encrypted records (prefix included) for about ``limit`` plaintext bytes, or None."""
