@@ -3,11 +3,13 @@
 Theory of operation
 -------------------
 :func:`dial_handshake` / :func:`accept_handshake` run the IK handshake over any
-anyio byte stream.  A :class:`Session` then owns the transport and runs two
-tasks: the *reader* decrypts records and feeds the sans-IO :class:`~capsock.mux.Mux`,
-handing the events to :class:`~capsock.stream.Stream` objects; the *writer*
-drains the mux, encrypts, and writes.  The reader never waits for the writer,
-so two peers that both write a lot cannot deadlock each other; what the reader
+anyio byte stream.  A :class:`Session` then drives the sans-IO
+:class:`~capsock._session_engine.SessionEngine` (which decides who speaks
+first, keepalive, idle, GOAWAY and drain, the abort on a protocol error) and
+runs three tasks: the *reader* feeds received bytes to the engine, handing the
+events to :class:`~capsock.stream.Stream` objects; the *writer* sends what
+the engine encrypted; the *timer* sleeps until the engine's one deadline.
+The reader never waits for the writer, so two peers that both write a lot cannot deadlock each other; what the reader
 queues for the writer (WINDOW, PONG, REJECT) is bounded by the mux.
 
 When the transport ends without a GOAWAY, or anything arrives that fails
