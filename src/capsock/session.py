@@ -9,8 +9,9 @@ first, keepalive, idle, GOAWAY and drain, the abort on a protocol error) and
 runs three tasks: the *reader* feeds received bytes to the engine, handing the
 events to :class:`~capsock.stream.Stream` objects; the *writer* sends what
 the engine encrypted; the *timer* sleeps until the engine's one deadline.
-The reader never waits for the writer, so two peers that both write a lot cannot deadlock each other; what the reader
-queues for the writer (WINDOW, PONG, REJECT) is bounded by the mux.
+The reader never waits for the writer, so two peers that both write a lot
+cannot deadlock each other; what the reader queues for the writer (WINDOW,
+PONG, REJECT) is bounded by the mux.
 
 When the transport ends without a GOAWAY, or anything arrives that fails
 authentication or the protocol, every open stream fails with
