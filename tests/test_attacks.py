@@ -827,7 +827,8 @@ async def test_no_secret_in_logs_reprs_or_exceptions(
                     client.stats(), intro.stats(), intro.relay_status):  # fmt: skip
             texts.append(repr(obj))
         for session in [*client._sessions.values(), *intro._sessions.values()]:
-            texts += [repr(session), repr(session._cipher), repr(session._reader)]
+            engine = session._engine
+            texts += [repr(session), repr(engine), repr(engine._cipher), repr(engine._reader)]
         for cap in caps:
             texts += [repr(cap), repr(cap.token), cap.redacted()]
         for obj in (via, hello, to_intro, from_hidden, lost):

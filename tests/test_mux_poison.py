@@ -35,7 +35,7 @@ def test_a_record_failing_halfway_poisons_input() -> None:
     assert m.stats() == before
     assert not m.has_output()
     # The output side still works, so the session can send its GOAWAY.
-    m.abort(first.value.code)
+    m.fail_with_goaway(first.value.code)
     out = m.data_to_send()
     assert out is not None
     assert [type(f) for f in decode_frames(out)] == [GoAway]

@@ -15,7 +15,7 @@ PKG = ROOT / "src" / "capsock"
 SANS_IO = [
     "errors", "frames", "handshake", "keys", "mux", "noise", "uri",
     "records", "config", "_noise_crypto", "_noise_handshake", "_noise_transport",
-    "_uri_caveats", "_uri_hints", "_uri_token", "direct", "_logs",
+    "_uri_caveats", "_uri_hints", "_uri_token", "direct", "_logs", "_session_engine",
 ]  # fmt: skip
 FORBIDDEN = {"anyio", "trio", "asyncio", "socket", "selectors", "sniffio"}
 

@@ -152,7 +152,7 @@ class Admission(NodeState):
                         "dropped inbound session from %s: the dialer never spoke", origin
                     )
                     self._counters["handshakes_failed"] += 1
-                    session.abort()
+                    session.close_now()
                 if scope.cancelled_caught and session is None:
                     self._counters["handshakes_failed"] += 1
                     self._drop_log.info(
@@ -186,7 +186,7 @@ class Admission(NodeState):
             self._drop_log.warning(
                 "dropping session from %s: max_sessions reached", session.peer.short()
             )
-            session.abort()
+            session.close_now()
             return
         self._pool_add(session)
         self._strangers[session] = None
@@ -197,7 +197,7 @@ class Admission(NodeState):
         stranger, _ = self._strangers.popitem(last=False)
         log.info("shed the idle session from %s to make room", stranger.peer.short())
         self._counters["connections_shed"] += 1
-        stranger.abort()
+        stranger.close_now()
         self._pool_remove(stranger)
         return True
 
@@ -223,7 +223,7 @@ class Admission(NodeState):
                     "shed the idle forwarded session from %s to make room", stranger.peer.short()
                 )
                 self._counters["connections_shed"] += 1
-                stranger.abort()
+                stranger.close_now()
                 self._pool_remove(stranger)
                 return True
         return False

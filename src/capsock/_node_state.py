@@ -60,7 +60,7 @@ class HalfOpen:
         self.was_shed = True
         self.scope.cancel()
         if self.session is not None:
-            self.session.abort()
+            self.session.close_now()
 
 
 class NodeState:

@@ -45,6 +45,7 @@ Everything the remote side can do wrong raises :class:`~capsock.errors.ProtocolE
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum, IntEnum
@@ -650,7 +651,7 @@ class Mux:
         self.goaway_sent = True
         self._queue(encode_frame(GoAway(self._highest_remote, code)))
 
-    def abort(self, code: ErrorCode) -> None:
+    def fail_with_goaway(self, code: ErrorCode) -> None:
         """The session is failing: drop everything queued, forget every stream,
         and queue only a GOAWAY carrying ``code``.  Nothing a stream does later
         can put an EOF (a clean end) on the wire."""
@@ -665,6 +666,12 @@ class Mux:
         self._pending_opens = 0
         self.goaway_sent = False
         self.goaway(code)
+
+    def abort(self, code: ErrorCode) -> None:
+        """Deprecated name of :meth:`fail_with_goaway` (``abort`` also meant two
+        other things in capsock)."""
+        warnings.warn("Mux.abort() is now Mux.fail_with_goaway()", DeprecationWarning, stacklevel=2)
+        self.fail_with_goaway(code)
 
     # ------------------------------------------------------------ output
 
@@ -741,7 +748,7 @@ class Mux:
 
         After either, the engine is poisoned: every later call raises the same
         error at once and processes nothing (:attr:`error`); only the output
-        side (:meth:`abort`, :meth:`data_to_send`) still works.
+        side (:meth:`fail_with_goaway`, :meth:`data_to_send`) still works.
         """
         if self._error is not None:
             raise self._error.with_traceback(None)  # no growing chain of old frames

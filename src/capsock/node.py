@@ -500,7 +500,7 @@ class Node(Binding, OpenDecisions, Dialing, RelayUpkeep):
         tag = c.token.tag
         for stream, tags in list(self._stream_tags.items()):
             if tag in tags:
-                stream._abort(ErrorCode.REFUSED, "its capability was revoked")
+                stream._reset_locally(ErrorCode.REFUSED, "its capability was revoked")
 
     async def connect(self, uri: str | Capability) -> Stream:
         """Open a stream to the endpoint named by ``uri``.

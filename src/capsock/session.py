@@ -3,12 +3,15 @@
 Theory of operation
 -------------------
 :func:`dial_handshake` / :func:`accept_handshake` run the IK handshake over any
-anyio byte stream.  A :class:`Session` then owns the transport and runs two
-tasks: the *reader* decrypts records and feeds the sans-IO :class:`~capsock.mux.Mux`,
-handing the events to :class:`~capsock.stream.Stream` objects; the *writer*
-drains the mux, encrypts, and writes.  The reader never waits for the writer,
-so two peers that both write a lot cannot deadlock each other; what the reader
-queues for the writer (WINDOW, PONG, REJECT) is bounded by the mux.
+anyio byte stream.  A :class:`Session` then drives the sans-IO
+:class:`~capsock._session_engine.SessionEngine` (which decides who speaks
+first, keepalive, idle, GOAWAY and drain, the abort on a protocol error) and
+runs three tasks: the *reader* feeds received bytes to the engine, handing the
+events to :class:`~capsock.stream.Stream` objects; the *writer* sends what
+the engine encrypted; the *timer* sleeps until the engine's one deadline.
+The reader never waits for the writer, so two peers that both write a lot
+cannot deadlock each other; what the reader queues for the writer (WINDOW,
+PONG, REJECT) is bounded by the mux.
 
 When the transport ends without a GOAWAY, or anything arrives that fails
 authentication or the protocol, every open stream fails with
@@ -20,8 +23,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import struct
+import warnings
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -30,6 +33,16 @@ import anyio.abc
 import anyio.lowlevel
 
 from ._logs import LimitedLog
+from ._session_engine import (
+    DRAIN_LIMIT,
+    Ending,
+    IdleExpired,
+    PeerConfirmed,
+    PeerSilent,
+    Phase,
+    SessionEngine,
+    TimerEvent,
+)
 from .config import SessionConfig
 from .errors import (
     CapabilityRejected,
@@ -49,14 +62,12 @@ from .mux import (
     EofReceived,
     Event,
     GoAwayReceived,
-    Mux,
     OpenRequested,
     PongReceived,
     ResetReceived,
     StreamAccepted,
     StreamRejected,
 )
-from .noise import RecordReader
 from .pushio import PushTransport, adopt
 from .stream import ConnectionLostError, Stream
 from .uri import Capability
@@ -69,7 +80,6 @@ _peer_log = LimitedLog(log, per_window=20, window=10.0)
 
 _LEN = struct.Struct(">H")
 _MAX_FIRST_MESSAGE = 1024
-_WRITE_BATCH = 1024 * 1024
 _READ_SIZE = 1024 * 1024
 _INLINE_YIELD_EVERY = 16
 
@@ -103,7 +113,7 @@ async def dial_handshake(
         LocalUsageError: ``remote`` is this node's own id.
     """
     hs = InitiatorHandshake(local, remote, dialled_id=True)  # the exact id: never its twin
-    await transport.send(hs.first_message())
+    await transport.send(hs.first_record())
     buf = bytearray()
     try:
         message = await _read_handshake_record(transport, buf, 65535)
@@ -141,7 +151,7 @@ async def accept_handshake(
     hs.read_first(message)
     if buf:
         raise HandshakeError("dialer sent data before the handshake finished")
-    record, result = hs.second_message()
+    record, result = hs.second_record()
     await transport.send(record)
     return result, bytes(buf)
 
@@ -161,7 +171,14 @@ OpenHandler = Callable[["Session", int, bytes], Coroutine[Any, Any, None] | None
 
 
 class Session:
-    """One authenticated, encrypted connection to one peer, carrying many streams."""
+    """One authenticated, encrypted connection to one peer, carrying many streams.
+
+    The anyio driver of a :class:`~capsock._session_engine.SessionEngine`: the
+    engine decides (who speaks first, keepalive, idle, GOAWAY and drain, the
+    abort on a protocol error); the session moves bytes between the engine
+    and the transport, arms one timer at :meth:`SessionEngine.next_deadline`,
+    and hands the mux's events to its :class:`~capsock.stream.Stream` objects.
+    """
 
     def __init__(
         self,
@@ -172,21 +189,31 @@ class Session:
         route: str,
         config: SessionConfig | None = None,
         on_open: OpenHandler | None = None,
-        clock: Callable[[], float] = anyio.current_time,
+        monotonic_clock: Callable[[], float] = anyio.current_time,
+        clock: Callable[[], float] | None = None,
     ) -> None:
+        if clock is not None:
+            warnings.warn(
+                "Session(clock=) is now Session(monotonic_clock=)", DeprecationWarning, stacklevel=2
+            )
+            monotonic_clock = clock
         self.config = config or SessionConfig()
         self.peer: NodeId = result.peer
         self.handshake_hash: bytes = result.handshake_hash
         self.route = route
         self.dialer = result.is_initiator
+        # Records are written to _transport and read from _read_transport (the
+        # same object, except while _replace_transport moves them).
         self._transport: anyio.abc.ByteStream | PushTransport = transport
-        self._cipher = result.cipher
-        self._reader = RecordReader()
-        if leftover:
-            self._reader.feed(leftover)
-        self._mux = Mux(dialer=result.is_initiator, config=self.config.mux)
+        self._read_transport: anyio.abc.ByteStream | PushTransport = transport
+        self._next_read: anyio.abc.ByteStream | PushTransport | None = None
+        self._next_write: anyio.abc.ByteStream | PushTransport | None = None
+        self._engine = SessionEngine(
+            result.cipher, dialer=result.is_initiator, config=self.config, leftover=leftover
+        )
+        self._mux = self._engine.mux
         self._on_open = on_open
-        self._clock = clock
+        self._clock = monotonic_clock
         self._streams: dict[int, Stream] = {}
         self._opening: dict[int, _OpenWaiter] = {}
         self._wake: anyio.Event | None = None
@@ -198,21 +225,18 @@ class Session:
         # OPENs answered by a task of their own (_answer_later), by stream id.
         self._answering: dict[int, anyio.CancelScope] | None = None
         self._control_logged = False
-        self._peer_spoke = anyio.Event()
         self.on_confirmed: Callable[[Session], None] | None = None
         """Called synchronously when the dialer's first record authenticated."""
-        self.confirmed = self._peer_spoke
+        self.confirmed = anyio.Event()
         """Set once the dialer's first transport record authenticated (at once
         for the dialer's own side): until then the handshake may be a replay."""
         if result.is_initiator:
-            self._peer_spoke.set()
-        self._draining: anyio.Event | None = None
-        self._closed_reason: str | None = None
+            self.confirmed.set()
         self._tg: anyio.abc.TaskGroup | None = None
-        self._last_heard = 0.0
-        self._idle_since: float | None = None
+        self._ending = False  # _end() was called
+        self._timer_wake: anyio.Event | None = None
+        self._armed = math.inf  # the deadline the timer sleeps until
         self._open_slots = anyio.Semaphore(self.config.max_concurrent_opens)
-        self._pinged = False
         self.ready = anyio.Event()
         self.finished = anyio.Event()
 
@@ -224,11 +248,12 @@ class Session:
     @property
     def is_usable(self) -> bool:
         """Whether new streams may be opened on this session."""
-        return (
-            self._closed_reason is None
-            and not self._mux.goaway_received
-            and not self._mux.goaway_sent
-        )
+        return self._engine.is_usable
+
+    @property
+    def _closed_reason(self) -> str | None:
+        """Why the session ended or is ending (the engine's word), None while it runs."""
+        return self._engine.reason
 
     def stats(self) -> dict[str, int]:
         """Streams, bytes, buffered bytes and windows of this session."""
@@ -241,109 +266,192 @@ class Session:
 
     async def run(self) -> None:
         """Pump the session until the transport ends or :meth:`aclose` is called."""
+        engine = self._engine
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                self._last_heard = self._clock()
-                if self.dialer and not self._mux.has_output():
-                    self._mux.ping(os.urandom(8))  # the dialer speaks first, at once
+                engine.start(self._clock())
                 tg.start_soon(self._guard, self._writer)
-                tg.start_soon(self._guard, self._keepalive)
-                pushed = None
+                tg.start_soon(self._guard, self._timer)
                 if self.config.push_reads and not isinstance(self._transport, PushTransport):
                     pushed = adopt(self._transport)
+                    if pushed is not None:
+                        self._transport = self._read_transport = pushed
                 self.ready.set()
-                if pushed is None:
-                    await self._guard(self._read_loop)
-                else:
-                    self._transport = pushed
-                    await self._guard(lambda: self._push_loop(pushed))
+                if engine.phase is Phase.CLOSED:  # closed before it ran (close_now)
+                    self._end()
+                await self._guard(self._reading)
         finally:
-            self._fail_all(self._closed_reason or "the session was closed")
+            self._tg = None
+            engine.connection_lost("the session was closed")  # keeps an earlier reason
+            self._fail_all(engine.reason or "the session was closed")
             with anyio.CancelScope(shield=True):
-                await self._transport.aclose()
+                closed: list[object] = []
+                for t in (self._read_transport, self._transport, self._next_read, self._next_write):
+                    if t is not None and not any(t is c for c in closed):
+                        closed.append(t)
+                        await t.aclose()
             self.finished.set()
 
     async def _guard(self, task: Callable[[], Awaitable[None]]) -> None:
-        """Run one of the session's tasks; whatever ends it ends the session."""
+        """Run one of the session's tasks; whatever ends it is mapped here, once."""
+        engine = self._engine
         try:
             await task()
             reason = "the session was closed"
         except ProtocolError as exc:
-            reason = f"protocol error: {exc}"
             _peer_log.warning("session with %s closed: %s", self.peer.short(), str(exc))
-            # Fail the streams first: whatever their tasks do next (aclose, say)
-            # must not queue a clean EOF behind the bad record.
-            self._fail_all(reason)
-            self._mux.abort(exc.code)
-            if self._peer_spoke.is_set():  # else the writer may not send anything
-                await self._drain(1.0)
+            if engine.error is None:
+                engine.fail(exc, self._clock())
+            self._fail_all(engine.reason or f"protocol error: {exc}")
+            if engine.phase is Phase.DRAINING:
+                # The engine queued its GOAWAY: the writer sends it, the timer
+                # bounds the wait, and either ends the session.
+                self._kick()
+                self._rearm()
+                return
+            reason = f"protocol error: {exc}"
         except anyio.EndOfStream:
             reason = "the peer closed the connection"
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             reason = _lost_reason(exc)
-        if self._closed_reason is None:
-            self._closed_reason = reason
-        if self._tg is not None:
-            self._tg.cancel_scope.cancel()
+        engine.connection_lost(reason)
+        self._end()
+
+    def _end(self) -> None:
+        """The engine is CLOSED (or the transport ended): stop every task, one
+        event-loop turn from now.  The turn lets a read the loop already
+        scheduled complete first: cancelling anyio's asyncio Unix-socket
+        receive while its readiness callback is queued raises InvalidStateError
+        in that callback."""
+        tg = self._tg
+        if tg is not None and not self._ending:
+            self._ending = True
+            tg.start_soon(self._cancel_after_a_turn, tg)
+
+    @staticmethod
+    async def _cancel_after_a_turn(tg: anyio.abc.TaskGroup) -> None:
+        await anyio.lowlevel.checkpoint()
+        tg.cancel_scope.cancel()
 
     def end(self, code: ErrorCode, reason: str) -> None:
         """End the session for the peer's behaviour: fail its streams, send
         what is queued and ``GOAWAY(code)`` (a bounded wait), then close.  The
         caller ignores the OPENs still in the record being processed; later
         ones are refused ``SHUTTING_DOWN`` by the mux, without a check."""
-        if self._closed_reason is not None or self._tg is None:
+        if self._engine.reason is not None or self._tg is None:
             return
-        self._closed_reason = reason
+        self._engine.close(code, reason, self._clock(), Ending.PEER_BEHAVIOUR)
         self._fail_all(reason)
-        self._mux.goaway(code)
-        tg = self._tg
+        self._after_close()
 
-        async def drain_then_close() -> None:
-            await self._drain(1.0)
-            tg.cancel_scope.cancel()
-
-        tg.start_soon(drain_then_close)
+    def close_now(self) -> None:
+        """Close at once, without GOAWAY or grace (unconfirmed or unwanted sessions)."""
+        self._engine.close_now("the session was dropped")
+        self._end()
 
     def abort(self) -> None:
-        """Close at once, without GOAWAY or grace (unconfirmed or unwanted sessions)."""
-        if self._closed_reason is None:
-            self._closed_reason = "the session was dropped"
-        if self._tg is not None:
-            self._tg.cancel_scope.cancel()
+        """Deprecated name of :meth:`close_now`."""
+        warnings.warn(
+            "Session.abort() is now Session.close_now()", DeprecationWarning, stacklevel=2
+        )
+        self.close_now()
 
     async def aclose(self, grace: float = 0.0) -> None:
         """Send GOAWAY, let open streams finish for up to ``grace`` seconds, then close."""
-        if self._closed_reason is not None or self.finished.is_set():
+        engine = self._engine
+        if engine.reason is not None or self.finished.is_set():
             return
-        self._mux.goaway(ErrorCode.NO_ERROR)
+        engine.go_away(ErrorCode.NO_ERROR)
         self._kick()
         if grace > 0:
             with anyio.move_on_after(grace):
                 while self._streams or self._opening:  # noqa: ASYNC110 - cheap poll, shutdown only
                     await anyio.sleep(0.05)
-        await self._drain(1.0)
-        if self._closed_reason is None:
-            self._closed_reason = "this node closed the session"
-        if self._tg is not None:
-            self._tg.cancel_scope.cancel()
-        with anyio.move_on_after(1.0):
+        if engine.close(ErrorCode.NO_ERROR, "this node closed the session", self._clock()):
+            self._after_close()
+        with anyio.move_on_after(DRAIN_LIMIT + 1.0):
             await self.finished.wait()
 
-    async def _drain(self, limit: float) -> None:
-        """Wait (bounded) until the writer has sent everything queued."""
-        self._draining = anyio.Event()
-        self._kick()
-        with anyio.move_on_after(limit):
-            await self._draining.wait()
+    def _after_close(self) -> None:
+        """The engine started to drain (or closed at once): let the writer and the timer see it."""
+        if self._engine.phase is Phase.CLOSED:
+            self._end()
+        else:
+            self._kick()
+            self._rearm()
 
-    async def _read_loop(self) -> None:
-        transport = self._transport
-        assert not isinstance(transport, PushTransport)
-        feed = self._reader.feed
+    def _replace_transport(self, new: anyio.abc.ByteStream) -> None:
+        """Move the session's records to ``new``, between two records, both ways.
+
+        The writer finishes the write in progress (records already taken from
+        the engine), half-closes the old transport, and writes every later
+        record to ``new``.  The reader reads the old transport up to its end
+        (the peer's half-close, when the peer moved too), then reads ``new``:
+        it switches at the point where the peer's writer switched, so no record
+        is lost, duplicated or reordered.  Synchronous, so a caller reacting
+        to a record switches before the reader reads anything further.  What
+        agrees on the switch with the peer is not the session's business.
+        """
+        target: anyio.abc.ByteStream | PushTransport = new
+        if self.config.push_reads:
+            pushed = adopt(new)
+            if pushed is not None:
+                target = pushed
+        self._next_read = target
+        self._next_write = target
+        if not self._send_busy:
+            self._switch_writer()
+
+    def _switch_writer(self) -> None:
+        new = self._next_write
+        if new is None:
+            return
+        self._next_write = None
+        old, self._transport = self._transport, new
+        if self._tg is not None:
+            self._tg.start_soon(self._half_close, old)
+        self._kick()
+
+    async def _half_close(self, old: anyio.abc.ByteStream | PushTransport) -> None:
+        with (
+            anyio.CancelScope(shield=True),
+            contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError),
+        ):
+            send_eof = getattr(old, "send_eof", None)
+            if send_eof is not None:
+                await send_eof()
+            else:  # the asyncio fast path writes through an asyncio transport
+                raw = getattr(old, "_transport", None)
+                if raw is not None and raw.can_write_eof():
+                    raw.write_eof()
+
+    async def _reading(self) -> None:
+        """Read the transport until it ends; at a replaced transport's end,
+        go on with the new one."""
+        while True:
+            transport = self._read_transport
+            try:
+                if isinstance(transport, PushTransport):
+                    await self._push_loop(transport)
+                else:
+                    await self._read_loop(transport)
+            except anyio.EndOfStream:
+                new = self._next_read
+                if new is None:
+                    raise
+                self._next_read = None
+                self._read_transport = new
+                if transport is not self._transport:
+                    with anyio.CancelScope(shield=True):
+                        await transport.aclose()
+
+    async def _read_loop(self, transport: anyio.abc.ByteStream) -> None:
+        receive = self._engine.receive_data
+        clock = self._clock
         while True:
             self._consume_records()
-            feed(await transport.receive(_READ_SIZE))
+            receive(await transport.receive(_READ_SIZE), clock())
 
     async def _push_loop(self, transport: PushTransport) -> None:
         """The read loop of the asyncio fast path (:mod:`capsock.pushio`): records
@@ -351,13 +459,14 @@ class Session:
         end and raises it here, where :meth:`_guard` turns it into the reason."""
         ended = anyio.Event()
         outcome: list[BaseException] = []
-        feed = self._reader.feed
+        receive = self._engine.receive_data
+        clock = self._clock
 
         def on_data(data: bytes) -> None:
             if outcome:
                 return
             try:
-                feed(data)
+                receive(data, clock())
                 self._consume_records()
             except Exception as exc:  # the same exceptions the read loop would raise
                 outcome.append(exc)
@@ -378,28 +487,25 @@ class Session:
         raise outcome[0]
 
     def _consume_records(self) -> None:
-        """Decrypt and dispatch every complete record received so far."""
-        reader = self._reader
-        decrypt = self._cipher.decrypt
-        receive = self._mux.receive_message
-        heard = False
-        while (record := reader.next_record()) is not None:
-            plaintext = decrypt(record)
-            heard = True
-            if not self._peer_spoke.is_set():
-                self._peer_spoke.set()
-                if self.on_confirmed is not None:
-                    self.on_confirmed(self)  # before anything the record asks for
-            events = receive(plaintext)
-            if events:
-                self._dispatch(events)
-        if heard:
-            # Only an authenticated record is a sign of life: raw bytes are
-            # not (a desynchronised stream, or an attacker trickling bytes,
-            # must not keep a dead session open).
-            self._last_heard = self._clock()
-            self._pinged = False
-        if self._mux.has_output():
+        """Dispatch the events of every complete record received so far."""
+        engine = self._engine
+        next_events = engine.next_events
+        try:
+            while (events := next_events()) is not None:
+                if not events:
+                    continue
+                if type(events[0]) is PeerConfirmed:
+                    self.confirmed.set()
+                    if self.on_confirmed is not None:
+                        self.on_confirmed(self)  # before anything the record asks for
+                    continue
+                self._dispatch(events)  # type: ignore[arg-type]
+        except ProtocolError:
+            # Fail the streams first: whatever their tasks do next (aclose, say)
+            # must not queue a clean EOF behind the bad record.
+            self._fail_all(engine.reason or "protocol error")
+            raise
+        if engine.has_output():
             self._kick()
 
     def _dispatch(self, events: list[Event]) -> None:
@@ -437,11 +543,13 @@ class Session:
                         streams[sid] = st
                         waiter.outcome = st
                         waiter.event.set()
+                        self._note_busy()
                 case StreamRejected(sid, code):
                     waiter = self._opening.pop(sid, None)
                     if waiter is not None:
                         waiter.outcome = _rejection(self.peer, code)
                         waiter.event.set()
+                        self._note_busy()
                 case EofReceived(sid):
                     st = streams.get(sid)
                     if st is not None:
@@ -460,6 +568,7 @@ class Session:
                     if waiter is not None:
                         waiter.outcome = _rejection(self.peer, code)
                         waiter.event.set()
+                        self._note_busy()
                     st = streams.get(sid)
                     if st is not None:
                         st._on_reset(code)
@@ -503,34 +612,41 @@ class Session:
         st = self._streams.get(sid)
         if st is not None and st._closed and not self._mux.is_open(sid):
             del self._streams[sid]
+            self._note_busy()
 
     async def _writer(self) -> None:
-        # DESIGN §4.3: the first handshake message is replayable, so the
-        # responder sends nothing until the dialer has sent a transport record.
-        await self._peer_spoke.wait()
-        mux = self._mux
+        # DESIGN §4.3: the engine has no output for an unconfirmed responder
+        # (the first handshake message is replayable), so it waits here.
+        engine = self._engine
         while True:
-            while self._send_busy or not mux.has_output():
-                if self._draining is not None and not self._send_busy:
-                    self._draining.set()
+            while self._send_busy or not engine.has_output():
+                draining = not self._send_busy and engine.phase is Phase.DRAINING
+                if draining and engine.output_flushed():
+                    self._end()
                 event = self._wake = anyio.Event()
                 await event.wait()
             self._send_busy = True
             try:
                 await self._flush_once()
             finally:
-                self._send_busy = False
+                self._write_done()
+
+    def _write_done(self) -> None:
+        self._send_busy = False
+        if self._next_write is not None:
+            self._switch_writer()  # between two writes: see _replace_transport
 
     async def flush_inline(self) -> None:
         """Write what is queued from the calling task, if no write is in progress.
 
         Saves the hop to the writer task (an event-loop turn each way) for
         small messages.  The write is shielded from the caller's cancellation:
-        records taken from the mux carry nonces, so one cut short would break
+        records taken from the engine carry nonces, so one cut short would break
         the session; a write that cannot finish ends with the transport (the
         session closes it when it dies).  Otherwise the writer task is woken.
         """
-        if self._send_busy or self._closed_reason is not None or not self._peer_spoke.is_set():
+        engine = self._engine
+        if self._send_busy or engine.reason is not None or not engine.confirmed:
             self._kick()
             return
         self._send_busy = True
@@ -539,13 +655,11 @@ class Session:
                 await self._flush_once()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             # What the writer task's failure would do: end the session.
-            if self._closed_reason is None:
-                self._closed_reason = _lost_reason(exc)
-            if self._tg is not None:
-                self._tg.cancel_scope.cancel()
+            engine.connection_lost(_lost_reason(exc))
+            self._end()
         finally:
-            self._send_busy = False
-        if self._mux.has_output() or self._draining is not None:
+            self._write_done()
+        if engine.has_output() or engine.phase is Phase.DRAINING:
             self._kick()
         # The asyncio fast path writes without yielding, and a sender of many
         # small messages would otherwise hold the event loop until its credit
@@ -556,54 +670,64 @@ class Session:
             await anyio.lowlevel.cancel_shielded_checkpoint()
 
     async def _flush_once(self) -> None:
-        mux = self._mux
-        records: list[list[bytes | memoryview]] = []
-        size = 0
-        while size < _WRITE_BATCH and (parts := mux.data_to_send_parts()) is not None:
-            records.append(parts)
-            size += sum(len(p) for p in parts)
-        if records:
-            if self._send_waiters and not mux.send_buffer_full:
+        data = self._engine.data_to_send()
+        if data is not None:
+            if self._send_waiters and not self._mux.send_buffer_full:
                 self._wake_senders()  # room again in the send buffer
             # A fresh buffer per write: the transport may keep a reference to it.
-            await self._transport.send(self._cipher.encrypt_records(records))  # type: ignore[arg-type]
+            await self._transport.send(data)  # type: ignore[arg-type]
 
-    async def _keepalive(self) -> None:
-        """Ping a silent peer, declare a dead one, and close an idle session."""
-        interval = self.config.keepalive_interval
-        timeout = self.config.keepalive_timeout
-        idle = self.config.idle_timeout
-        periods = [p for p in (interval, timeout, idle) if math.isfinite(p) and p > 0]
-        if not periods:
-            return
+    async def _timer(self) -> None:
+        """The one timer: sleep until the engine's next deadline (woken when it
+        moves earlier, see :meth:`_rearm`), then let the engine act."""
+        engine = self._engine
+        clock = self._clock
         while True:
-            await anyio.sleep(min(periods) / 3)
-            now = self._clock()
-            if self._streams or self._opening:
-                self._idle_since = None
-            elif self._idle_since is None:
-                self._idle_since = now
-            elif 0 < idle <= now - self._idle_since:
-                log.info("closing idle session with %s", self.peer.short())
-                self._mux.goaway(ErrorCode.NO_ERROR)
-                await self._drain(1.0)
-                self._closed_reason = "the session was idle"
-                if self._tg is not None:
-                    self._tg.cancel_scope.cancel()
-                return
-            if not (math.isfinite(interval) and interval > 0):
+            deadline = engine.next_deadline()
+            wake = self._timer_wake = anyio.Event()
+            if deadline is None:
+                self._armed = math.inf
+                await wake.wait()
                 continue
-            silent = now - self._last_heard
-            if silent >= timeout:
-                self._closed_reason = f"no sign of life from the peer for {silent:.0f} s"
-                _peer_log.warning("session with %s: %s", self.peer.short(), self._closed_reason)
-                if self._tg is not None:
-                    self._tg.cancel_scope.cancel()
-                return
-            if silent >= interval and not self._pinged:
-                self._pinged = True
-                self._mux.ping(os.urandom(8))
-                self._kick()
+            self._armed = deadline
+            delay = deadline - clock()
+            if delay > 0:
+                with anyio.move_on_after(delay) as scope:
+                    await wake.wait()
+                if not scope.cancelled_caught:
+                    continue  # the deadline moved: sleep again
+            self._on_timer(engine.handle_timer(clock()))
+            await anyio.lowlevel.checkpoint()  # never a busy loop, whatever the clock does
+
+    def _on_timer(self, events: list[TimerEvent]) -> None:
+        engine = self._engine
+        for ev in events:
+            if type(ev) is IdleExpired:
+                log.info("closing idle session with %s", self.peer.short())
+            elif type(ev) is PeerSilent:
+                _peer_log.warning("session with %s: %s", self.peer.short(), engine.reason)
+        if engine.phase is Phase.CLOSED:
+            self._end()
+        elif engine.has_output() or engine.phase is Phase.DRAINING:
+            self._kick()
+
+    def _rearm(self) -> None:
+        """Wake the timer if the engine's next deadline moved before the armed one."""
+        wake = self._timer_wake
+        if wake is not None:
+            deadline = self._engine.next_deadline()
+            if deadline is not None and deadline < self._armed:
+                self._armed = deadline
+                wake.set()
+
+    def _note_busy(self) -> None:
+        """Tell the engine whether streams or opens are held (its idle rule)."""
+        busy = bool(self._streams or self._opening)
+        engine = self._engine
+        if busy is not engine.busy:
+            engine.set_busy(busy, self._clock())
+            if not busy:
+                self._rearm()
 
     def _kick(self) -> None:
         if self._wake is not None:
@@ -611,8 +735,6 @@ class Session:
             self._wake = None
 
     def _fail_all(self, reason: str) -> None:
-        if self._closed_reason is None:
-            self._closed_reason = reason
         for st in list(self._streams.values()):
             st._on_lost(reason)
         self._streams.clear()
@@ -632,16 +754,17 @@ class Session:
             TimeoutError: no answer within ``open_timeout``.
         """
         if not self.is_usable:
-            raise _lost_error(self.peer, self._closed_reason or "the session is going away")
+            raise _lost_error(self.peer, self._engine.reason or "the session is going away")
         async with self._open_slots:
             return await self._open_stream(token, capability)
 
     async def _open_stream(self, token: bytes, capability: Capability | None) -> Stream:
         if not self.is_usable:
-            raise _lost_error(self.peer, self._closed_reason or "the session is going away")
+            raise _lost_error(self.peer, self._engine.reason or "the session is going away")
         sid = self._mux.open_stream(token)
         waiter = _OpenWaiter(capability)
         self._opening[sid] = waiter
+        self._note_busy()
         self._kick()
         try:
             with anyio.fail_after(self.config.open_timeout):
@@ -649,7 +772,8 @@ class Session:
         except BaseException:
             self._opening.pop(sid, None)
             st = self._streams.pop(sid, None)
-            if st is not None or self._mux.is_open(sid):
+            self._note_busy()
+            if self._engine.reason is None and (st is not None or self._mux.is_open(sid)):
                 self._mux.reset_stream(sid, ErrorCode.CANCELLED)
                 self._kick()
             raise
@@ -661,11 +785,12 @@ class Session:
 
     def accept(self, sid: int, capability: Capability | None) -> Stream | None:
         """Accept a pending OPEN; None if the peer gave up meanwhile."""
-        if not self._mux.is_open(sid) or self._closed_reason is not None:
+        if not self._mux.is_open(sid) or self._engine.reason is not None:
             return None
         self._mux.accept_stream(sid)
         st = Stream(self, sid, capability)
         self._streams[sid] = st
+        self._note_busy()
         self._kick()
         return st
 
@@ -707,7 +832,7 @@ class Session:
 
     def send_data(self, sid: int, data: memoryview, *, kick: bool = True) -> int:
         """Queue what the credit allows; ``kick=False``: the caller flushes."""
-        if self._closed_reason is not None:
+        if self._engine.reason is not None:
             return 0
         n = self._mux.send_data(sid, data)
         if n and kick:
@@ -715,14 +840,14 @@ class Session:
         return n
 
     def consumed(self, sid: int, amount: int) -> None:
-        if self._closed_reason is not None:
+        if self._engine.reason is not None:
             return
         self._mux.acknowledge_received_data(sid, amount)
         if self._mux.has_output():
             self._kick()
 
     def send_eof(self, sid: int) -> None:
-        if self._closed_reason is not None:
+        if self._engine.reason is not None:
             return
         try:
             self._mux.send_eof(sid)
@@ -736,17 +861,18 @@ class Session:
 
         What the stream held unread is discarded and its session credit goes
         back to the peer (the mux knows how much; see Mux.reset_stream)."""
-        if self._closed_reason is not None:
+        if self._engine.reason is not None:
             return
         self._mux.reset_stream(sid, code)
-        self._streams.pop(sid, None)
+        if self._streams.pop(sid, None) is not None:
+            self._note_busy()
         self._kick()
 
     def close_stream(self, sid: int, *, send_eof: bool, reset: bool) -> None:
         """The application closed the stream: what it held unread is discarded
         (its session credit returned, also when the peer had forgotten the
         stream already), then EOF and, if asked, RESET."""
-        if self._closed_reason is not None:
+        if self._engine.reason is not None:
             self._streams.pop(sid, None)
             return
         mux = self._mux
@@ -757,8 +883,8 @@ class Session:
                     mux.send_eof(sid)
             if reset:
                 mux.reset_stream(sid, ErrorCode.CANCELLED)
-        if not mux.is_open(sid):
-            self._streams.pop(sid, None)
+        if not mux.is_open(sid) and self._streams.pop(sid, None) is not None:
+            self._note_busy()
         self._kick()
 
 

@@ -181,9 +181,9 @@ class Stream(anyio.abc.ByteStream):
         """Abort the stream in both directions at once (RESET): the peer's
         reads and writes fail with :class:`capsock.StreamReset` instead of
         seeing a clean end; data not yet delivered is dropped.  Idempotent."""
-        self._abort(code, "reset by this side")
+        self._reset_locally(code, "reset by this side")
 
-    def _abort(self, code: ErrorCode, why: str) -> None:
+    def _reset_locally(self, code: ErrorCode, why: str) -> None:
         """Reset the stream from this side (e.g. its capability was revoked)."""
         if self._closed or self._error is not None:
             return

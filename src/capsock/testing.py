@@ -5,6 +5,12 @@
   pair, in the spirit of trio's ``check_two_way_stream`` and
   ``check_half_closeable_stream``.  capsock runs it against every kind of stream
   it makes; run it against your own wrappers too.
+* Pumps for the sans-IO layers, with a :class:`FakeClock` instead of real time
+  (no event loop, no sockets, no sleeps): :func:`handshake_pair` (two
+  completed handshakes), :class:`MuxPair` (two muxes whose frames are moved by
+  :meth:`MuxPair.pump`) and :class:`EnginePair` (two session engines whose
+  records are moved by :meth:`EnginePair.pump`, and whose keepalive, dead-peer,
+  idle and drain deadlines fire when :meth:`EnginePair.advance` moves the clock).
 
 The suite asserts the contract capsock promises and anyio code relies on:
 bytes arrive once, in order, within ``max_bytes``; ``send_eof`` half-closes
@@ -29,10 +35,26 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
+from ._session_engine import SessionEngine, TimerEvent
+from .config import MuxConfig, SessionConfig
+from .handshake import HandshakeResult, InitiatorHandshake, ResponderHandshake
+from .keys import KeyPair
+from .mux import Event, Mux
 from .node import Listener, Node
+from .records import PREFIX_LEN
 from .stream import Stream
 
-__all__ = ["StreamMaker", "check_byte_stream", "echo", "read_to_eof", "stream_pair"]
+__all__ = [
+    "EnginePair",
+    "FakeClock",
+    "MuxPair",
+    "StreamMaker",
+    "check_byte_stream",
+    "echo",
+    "handshake_pair",
+    "read_to_eof",
+    "stream_pair",
+]
 
 StreamMaker = Callable[
     [], AbstractAsyncContextManager[tuple[anyio.abc.ByteStream, anyio.abc.ByteStream]]
@@ -264,3 +286,166 @@ async def check_byte_stream(
                 await check(make)
         except AssertionError as exc:
             raise AssertionError(f"{check.__name__.removeprefix('_check_')}: {exc}") from exc
+
+
+# ------------------------------------------------------------------ sans-IO pumps
+
+
+class FakeClock:
+    """Monotonic seconds that move only when told (:meth:`advance`); callable like
+    ``anyio.current_time``."""
+
+    def __init__(self, start: float = 0.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> float:
+        """Move the clock forward by ``seconds``; returns the new time."""
+        if seconds < 0:
+            raise ValueError("a monotonic clock does not go back")
+        self.now += seconds
+        return self.now
+
+    def __repr__(self) -> str:
+        return f"FakeClock({self.now!r})"
+
+
+def handshake_pair(
+    dialer: KeyPair | None = None, responder: KeyPair | None = None
+) -> tuple[HandshakeResult, HandshakeResult]:
+    """Run a complete IK handshake in memory: ``(dialer's result, responder's result)``.
+
+    Fresh key pairs unless given.  The results' ciphers talk to each other."""
+    dialer = dialer or KeyPair.generate()
+    responder = responder or KeyPair.generate()
+    init = InitiatorHandshake(dialer, responder.node_id)
+    resp = ResponderHandshake(responder)
+    resp.read_first(init.first_record()[PREFIX_LEN:])
+    record, responder_result = resp.second_record()
+    return init.read_second(record[PREFIX_LEN:]), responder_result
+
+
+class MuxPair:
+    """Two connected :class:`~capsock.mux.Mux` objects: ``dialer`` and ``responder``.
+
+    :meth:`pump` moves what each queued to the other, message by message, until
+    both are quiet, and returns the events each side received."""
+
+    def __init__(
+        self, config: MuxConfig | None = None, *, responder_config: MuxConfig | None = None
+    ) -> None:
+        self.dialer = Mux(dialer=True, config=config)
+        self.responder = Mux(dialer=False, config=responder_config or config)
+
+    def pump(self, *, max_rounds: int = 10_000) -> tuple[list[Event], list[Event]]:
+        """``(events at the dialer, events at the responder)`` until no output is left.
+
+        Raises:
+            ProtocolError: what a side's ``receive_message`` raised.
+            RuntimeError: still not quiet after ``max_rounds`` messages.
+        """
+        at_dialer: list[Event] = []
+        at_responder: list[Event] = []
+        for _ in range(max_rounds):
+            moved = False
+            if (out := self.dialer.data_to_send()) is not None:
+                at_responder += self.responder.receive_message(out)
+                moved = True
+            if (out := self.responder.data_to_send()) is not None:
+                at_dialer += self.dialer.receive_message(out)
+                moved = True
+            if not moved:
+                return at_dialer, at_responder
+        raise RuntimeError(f"the muxes were still talking after {max_rounds} messages")
+
+
+class EnginePair:
+    """Two connected session engines (:mod:`capsock._session_engine`) and one
+    :class:`FakeClock`, for tests of session rules without an event loop.
+
+    ``pump()`` moves records between them; ``advance(seconds)`` moves the clock
+    and fires every deadline that falls due on the way, in order, pumping
+    between them, so a keepalive PING is answered before the dead-peer deadline
+    is looked at.  ``dialer_to_responder`` / ``responder_to_dialer`` set to
+    False cut that direction (what is sent is lost, as on a dead path).
+    """
+
+    def __init__(
+        self,
+        config: SessionConfig | None = None,
+        *,
+        responder_config: SessionConfig | None = None,
+        clock: FakeClock | None = None,
+    ) -> None:
+        self.clock = clock or FakeClock()
+        dialer_result, responder_result = handshake_pair()
+        self.dialer = SessionEngine(
+            dialer_result.cipher, dialer=True, config=config or SessionConfig()
+        )
+        self.responder = SessionEngine(
+            responder_result.cipher,
+            dialer=False,
+            config=responder_config or config or SessionConfig(),
+        )
+        self.dialer_to_responder = True
+        self.responder_to_dialer = True
+        self.dialer.start(self.clock.now)
+        self.responder.start(self.clock.now)
+
+    def pump(
+        self, *, max_rounds: int = 10_000
+    ) -> tuple[list[Event | object], list[Event | object]]:
+        """Move records both ways until both are quiet: ``(events at the dialer,
+        events at the responder)`` (mux events, and ``PeerConfirmed``).
+
+        Raises:
+            ProtocolError: a side broke the protocol (that engine is poisoned).
+        """
+        at_dialer: list[Event | object] = []
+        at_responder: list[Event | object] = []
+        for _ in range(max_rounds):
+            moved = self._move(self.dialer, self.responder, self.dialer_to_responder, at_responder)
+            moved |= self._move(self.responder, self.dialer, self.responder_to_dialer, at_dialer)
+            if not moved:
+                return at_dialer, at_responder
+        raise RuntimeError(f"the engines were still talking after {max_rounds} writes")
+
+    def _move(
+        self, src: SessionEngine, dst: SessionEngine, open_: bool, events: list[Event | object]
+    ) -> bool:
+        data = src.data_to_send()
+        if data is None:
+            src.output_flushed()
+            return False
+        if open_:
+            dst.receive_data(bytes(data), self.clock.now)
+            while (got := dst.next_events()) is not None:
+                events += got
+        return True
+
+    def next_deadline(self) -> float | None:
+        """The earlier of the two engines' next deadlines."""
+        both = (self.dialer.next_deadline(), self.responder.next_deadline())
+        deadlines = [d for d in both if d is not None]
+        return min(deadlines) if deadlines else None
+
+    def advance(self, seconds: float) -> list[tuple[str, TimerEvent]]:
+        """Move the clock by ``seconds``, firing each deadline due on the way (and
+        pumping after each); returns ``(side, event)`` pairs, side ``"dialer"``
+        or ``"responder"``."""
+        end = self.clock.now + seconds
+        fired: list[tuple[str, TimerEvent]] = []
+        stalled = 0
+        while (deadline := self.next_deadline()) is not None and deadline <= end:
+            if deadline <= self.clock.now:
+                stalled += 1
+                if stalled > 100:
+                    raise RuntimeError(f"a deadline at {deadline} keeps firing without effect")
+            self.clock.now = max(self.clock.now, deadline)
+            for side, engine in (("dialer", self.dialer), ("responder", self.responder)):
+                fired += [(side, ev) for ev in engine.handle_timer(self.clock.now)]
+            self.pump()
+        self.clock.now = end
+        return fired
