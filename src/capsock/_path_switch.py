@@ -366,14 +366,17 @@ class PathSwitch:
             raise LocalUsageError("a new path needs a fresh 16-byte id")
         self._live.append(path)
         self._in[path] = _Inbound(None)
-        self._move(path, start=self._cipher.send_nonce, resend=False)
+        self._move(path, resend=False)
 
-    def _move(self, path: bytes, *, start: int, resend: bool) -> None:
-        """End our lane on the active path (if alive), open one on ``path`` at ``start``."""
+    def _move(self, path: bytes, *, resend: bool) -> None:
+        """End our lane on the active path (if alive) with a SWITCH, open one on
+        ``path``: at the next new record, or (``resend``) at the oldest kept one."""
         old = self._active
         if old in self._lane_open:
             self._send_control({"type": "path/switch", "f": old, "t": path})
             self._lane_open.discard(old)
+        retained = self._retained
+        start = retained[0][0] if resend and retained else self._cipher.send_nonce
         assert self._key is not None
         tag = lane_tag(self._key, self._dialer, path, start)
         self._put(path, _LANE + _U64.pack(start) + tag)
@@ -408,7 +411,7 @@ class PathSwitch:
             return  # everything it carried was acknowledged; our lane is elsewhere
         target = self._active if self._active in self._live else self._live[-1]
         if not carried:
-            self._move(target, start=self._cipher.send_nonce, resend=False)
+            self._move(target, resend=False)
             return
         # Records before the peer's hello were not kept; only the original path had them.
         assert self._retain_from is not None  # a second path needs both hellos
@@ -416,8 +419,7 @@ class PathSwitch:
             raise self._fail(
                 PathLost("the dead path held records sent before the peer's hello (not kept)")
             )
-        start = self._retained[0][0] if self._retained else self._cipher.send_nonce
-        self._move(target, start=start, resend=True)
+        self._move(target, resend=True)
 
     # -- receiving ------------------------------------------------------------------
 
