@@ -658,60 +658,112 @@ def test_no_nonce_ever_carries_two_different_ciphertexts() -> None:
 
 # -- the property ----------------------------------------------------------------------------
 
-OPS = st.one_of(
-    st.tuples(st.just("send"), st.sampled_from("ab"), st.integers(1, 6000)),
-    st.tuples(st.just("deliver"), st.integers(0, 7), st.sampled_from("ab"), st.integers(1, 9000)),
-    st.tuples(st.just("attach"), st.sampled_from("ab"), st.booleans()),
-    st.tuples(st.just("kill"), st.integers(0, 7)),
-    st.tuples(st.just("notice"), st.integers(0, 7), st.sampled_from("ab")),
-    st.tuples(st.just("tick"), st.floats(0.01, 1.0)),
+SEND = st.tuples(st.just("send"), st.sampled_from("ab"), st.integers(1, 6000))
+DELIVER = st.tuples(
+    st.just("deliver"), st.integers(0, 7), st.sampled_from("ab"), st.integers(1, 9000)
 )
+ATTACH = st.tuples(st.just("attach"), st.sampled_from("ab"), st.booleans())
+KILL = st.tuples(st.just("kill"), st.integers(0, 7))
+NOTICE = st.tuples(st.just("notice"), st.integers(0, 7), st.sampled_from("ab"))
+TICK = st.tuples(st.just("tick"), st.floats(0.01, 1.0))
+OPS = st.one_of(SEND, SEND, DELIVER, DELIVER, DELIVER, ATTACH, KILL, NOTICE, NOTICE, TICK)
 
 
-@settings(
-    max_examples=150,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-@given(st.lists(OPS, max_size=60))
-def test_delivered_equals_sent_over_lossy_dying_paths(ops: list[tuple[object, ...]]) -> None:
-    net = Net()
-    net.warm_up()
-    for op in ops:
-        kind = op[0]
-        if kind == "send":
-            net.side(str(op[1])).send(int(op[2]))  # type: ignore[call-overload]
-            net.flush()
-        elif kind == "deliver":
-            path = net.paths[int(op[1]) % len(net.paths)]  # type: ignore[call-overload]
-            net.deliver(path.pid, str(op[2]), int(op[3]))  # type: ignore[call-overload]
-        elif kind == "attach":
-            if len([p for p in net.paths if not p.dead]) < 4:
-                half = [p for p in net.paths if not p.dead and len(p.attached) < 2]
-                if half:
-                    net.up(half[0].pid, "b" if "a" in half[0].attached else "a")
-                else:
-                    net.attach(first=str(op[1]), both=bool(op[2]))
-        elif kind == "kill":
-            path = net.paths[int(op[1]) % len(net.paths)]  # type: ignore[call-overload]
-            whole = [p for p in net.paths if not p.dead and len(p.attached) == 2]
-            if not path.dead and len(whole) >= 2 and path in whole:
-                net.kill(path.pid)
-        elif kind == "notice":
-            path = net.paths[int(op[1]) % len(net.paths)]  # type: ignore[call-overload]
-            name = str(op[2])
-            if path.dead and path.pid not in net.noticed[name]:
-                net.notice(path.pid, name)
-        else:
-            net.tick(float(op[1]))  # type: ignore[arg-type]
-        net.check()
+def run_op(net: Net, op: tuple[object, ...]) -> None:
+    kind = op[0]
+    if kind == "send":
+        net.side(str(op[1])).send(int(op[2]))  # type: ignore[call-overload]
+        net.flush()
+    elif kind == "deliver":
+        path = net.paths[int(op[1]) % len(net.paths)]  # type: ignore[call-overload]
+        net.deliver(path.pid, str(op[2]), int(op[3]))  # type: ignore[call-overload]
+    elif kind == "attach":
+        if len([p for p in net.paths if not p.dead]) < 4:
+            half = [p for p in net.paths if not p.dead and len(p.attached) < 2]
+            if half:
+                net.up(half[0].pid, "b" if "a" in half[0].attached else "a")
+            else:
+                net.attach(first=str(op[1]), both=bool(op[2]))
+    elif kind == "kill":
+        path = net.paths[int(op[1]) % len(net.paths)]  # type: ignore[call-overload]
+        whole = [p for p in net.paths if not p.dead and len(p.attached) == 2]
+        if not path.dead and [p for p in whole if p is not path]:
+            net.kill(path.pid)  # a whole or half-attached path; one whole path stays
+    elif kind == "notice":
+        path = net.paths[int(op[1]) % len(net.paths)]  # type: ignore[call-overload]
+        name = str(op[2])
+        if path.dead and path.pid not in net.noticed[name]:
+            net.notice(path.pid, name)
+    else:
+        net.tick(float(op[1]))  # type: ignore[arg-type]
+    net.check()
+
+
+def finish(net: Net) -> None:
     net.settle()
     net.check()
     assert net.b.delivered == net.a.sent
     assert net.a.delivered == net.b.sent
     dead = sum(p.dead for p in net.paths)
-    event(f"paths died: {min(dead, 3)}{'+' if dead > 3 else ''}")
+    event(f"paths died: {min(dead, 3)}{'+' if dead >= 3 else ''}")
     if net.a.machine.duplicates_dropped + net.b.machine.duplicates_dropped:
         event("re-sent records arrived twice")
     if net.a.machine.peer_moves + net.b.machine.peer_moves >= 3:
         event("3+ switches")
+
+
+SETTINGS = settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+@SETTINGS
+@given(st.lists(OPS, max_size=80))
+def test_delivered_equals_sent_over_lossy_dying_paths(ops: list[tuple[object, ...]]) -> None:
+    """Any interleaving of sends, partial deliveries, new paths, deaths, late
+    notices and timers: delivered == sent both ways, buffers within bounds."""
+    net = Net()
+    net.warm_up()
+    for op in ops:
+        run_op(net, op)
+    finish(net)
+
+
+ROUND = st.tuples(
+    st.sampled_from("ab"),
+    st.booleans(),
+    st.lists(st.one_of(SEND, SEND, DELIVER, TICK), max_size=20),
+    st.sampled_from(["direct", "direct", "relay", "none"]),
+    st.lists(st.one_of(SEND, DELIVER, TICK, NOTICE), max_size=12),
+)
+
+
+@SETTINGS
+@given(st.lists(ROUND, min_size=1, max_size=4))
+def test_switch_die_fall_back_and_switch_again(rounds: list[tuple[object, ...]]) -> None:
+    """Rounds of: a direct path comes up (one side first), traffic moves to it with
+    random partial deliveries, then it dies (or the relay does), each side notices
+    when it will; back to a live path; next round, direct again."""
+    net = Net()
+    net.warm_up()
+    for first, both, before, victim, after in rounds:
+        pid = net.attach(first=str(first), both=bool(both))
+        for op in before:  # type: ignore[attr-defined]
+            run_op(net, op)
+        if not both:
+            net.up(pid, "b" if first == "a" else "a")
+        alive = [p for p in net.paths if not p.dead]
+        if victim == "direct" and len(alive) >= 2:
+            net.kill(pid)
+        elif victim == "relay" and not net.path(ORIGINAL_PATH).dead and len(alive) >= 2:
+            net.kill(ORIGINAL_PATH)
+        for op in after:  # type: ignore[attr-defined]
+            run_op(net, op)
+        for path in net.paths:  # the rest notice late, but before the next round
+            for name in ("a", "b"):
+                if path.dead and path.pid not in net.noticed[name]:
+                    net.notice(path.pid, name)
+        net.check()
+    finish(net)
