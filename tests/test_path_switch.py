@@ -210,11 +210,14 @@ class Net:
 
     def drain(self) -> None:
         moved = True
-        while moved:
+        for _ in range(5000):  # a livelock (two sides bouncing) fails, not eats memory
+            if not moved:
+                return
             moved = False
             for path in self.paths:
                 for to in ("a", "b"):
                     moved |= self.deliver(path.pid, to)
+        raise AssertionError("the paths never drained: the two sides keep sending")
 
     def settle(self) -> None:
         """Heal: every death noticed, half-attached paths finished, everything drained."""
@@ -390,6 +393,42 @@ def test_relay_dies_while_direct_carries_the_session() -> None:
     net.settle()
     assert net.a.delivered == net.b.sent and net.b.delivered == net.a.sent
     assert direct in net.a.machine.live_paths and ORIGINAL_PATH not in net.b.machine.live_paths
+
+
+def test_a_side_that_never_hears_of_the_death_follows_the_peer_back() -> None:
+    """A NAT dropped the direct mapping: only a notices (its keepalive on the path
+    failed); b learns it from a's re-sending lane on the relay and follows."""
+    net = Net()
+    net.warm_up()
+    direct = net.attach()
+    net.drain()
+    for _ in range(10):
+        net.a.send(1500)
+        net.b.send(1500)
+    net.flush()
+    net.deliver(direct, "b", 5000)
+    net.kill(direct)
+    net.notice(direct, "a")  # b is never told
+    for _ in range(20):
+        net.drain()
+        net.tick(1.0)
+        net.a.retry()
+        net.b.retry()
+        net.flush()
+    assert net.b.machine.follows == 1 and net.b.machine.active_path == ORIGINAL_PATH
+    assert direct in net.b.machine.live_paths
+    assert net.b.delivered == net.a.sent and net.a.delivered == net.b.sent
+
+
+def test_a_clean_switch_is_not_followed() -> None:
+    net = Net()
+    net.warm_up()
+    direct = net.attach(first="a", both=False)
+    net.path(direct).attached.add("b")
+    net.b.machine._in[direct] = type(net.b.machine._in[ORIGINAL_PATH])(None)  # b receives only
+    net.b.machine._live.append(direct)
+    net.drain()  # the SWITCH first, then the lane header at the next record
+    assert net.b.machine.follows == 0 and net.b.machine.active_path == ORIGINAL_PATH
 
 
 def test_every_path_dead_is_path_lost_and_the_machine_stays_failed() -> None:

@@ -221,6 +221,9 @@ class PathSwitch:
         """Records dropped because they were already delivered (counted for stats)."""
         self.peer_moves = 0
         """SWITCH records received: how often the peer moved its sending."""
+        self.follows = 0
+        """Re-sending lanes of the peer this side followed to their path."""
+        self._last_switch: tuple[int, bytes] | None = None  # (seq, to) of the peer's last SWITCH
 
     # -- state ----------------------------------------------------------------------
 
@@ -483,6 +486,21 @@ class PathSwitch:
         if not hmac.compare_digest(body[8:], expect):
             raise PathSwitchError("a lane header failed authentication")
         inbound.expect = start
+        # A lane that starts at or below what we expect re-sends: the peer found a
+        # path dead.  Unless it is the clean switch its last SWITCH announced,
+        # follow it there, re-sending ours too (our path may be the dead one, and
+        # we may never hear of it otherwise: a NAT that drops a mapping says
+        # nothing).  Only towards an older path (the relay is the oldest): two
+        # sides following each other both ways would bounce for ever.
+        live = self._live
+        if (
+            start <= self._cipher.receive_nonce
+            and path in live
+            and live.index(path) < live.index(self._active)
+            and self._last_switch != (start - 1, path)
+        ):
+            self.follows += 1
+            self._move(path, resend=True)
 
     def _accept(self, seq: int, message: bytes, out: list[bytes | bytearray], now: float) -> None:
         nxt = self._cipher.receive_nonce
@@ -558,7 +576,7 @@ class PathSwitch:
                 self._retained_bytes -= len(retained.popleft()[1]) - 2
             return False
         _path_id(body["f"])
-        _path_id(body["t"])
+        self._last_switch = (self._cipher.receive_nonce - 1, _path_id(body["t"]))
         self.peer_moves += 1
         return True
 
