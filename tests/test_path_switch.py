@@ -1,4 +1,4 @@
-"""The path switch (protocol.md section 11): records move between paths with no
+"""The path switch (protocol.md section 13): records move between paths with no
 loss, duplication or reordering, through the real transport cipher.
 
 Two :class:`PathSwitch` machines talk over simulated paths (byte pipes that a

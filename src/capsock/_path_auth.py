@@ -1,6 +1,6 @@
 """Binding a new path to a live session: the attach exchange, sans-IO.
 
-A new path (a direct TCP connection from a hole punch, protocol.md section 11)
+A new path (a direct TCP connection from a hole punch, protocol.md section 13)
 carries no record of the session until both ends proved, on that very
 connection, that they hold the session's *path key* ``K``.  ``K`` is derived
 from two 32-byte secrets the nodes sent each other inside the session's own
@@ -83,7 +83,7 @@ def path_key_tag(key: bytes) -> bytes:
 
 
 def lane_tag(key: bytes, from_dialer: bool, path_id: bytes, start: int) -> bytes:
-    """The 16-byte MAC of a lane header (protocol.md 11.5)."""
+    """The 16-byte MAC of a lane header (protocol.md 13.5)."""
     data = (b"\x01" if from_dialer else b"\x02") + path_id + start.to_bytes(8, "big")
     return _mac(key, b"capsock-lane", data, 16)
 

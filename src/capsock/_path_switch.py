@@ -1,6 +1,6 @@
 """Moving a live session between paths without losing a record: :class:`PathSwitch`.
 
-Theory of operation (the wire rules are protocol.md section 11; this is how the
+Theory of operation (the wire rules are protocol.md section 13; this is how the
 machine keeps them).
 
 A session's records in one direction form one sequence: record ``n`` is the
@@ -100,13 +100,15 @@ class PathSwitchConfig:
     ack_records: int = 32
     """... or this many records of any kind (ACKs included; protocol maximum 32)."""
     ack_delay: float = 0.2
-    """... or this long (seconds) after a record that was not an ACK arrived."""
+    """... or this long (seconds, at most 1) after a record that was not an ACK arrived."""
 
     def __post_init__(self) -> None:
         if not MIN_RETAIN_LIMIT <= self.retain_limit <= MAX_RETAIN_LIMIT:
             raise LocalUsageError(f"retain_limit must be {MIN_RETAIN_LIMIT}..{MAX_RETAIN_LIMIT}")
-        if not 1 <= self.ack_records <= 32 or self.ack_bytes < 1 or not self.ack_delay > 0:
-            raise LocalUsageError("ack_records must be 1..32, ack_bytes and ack_delay positive")
+        if not 1 <= self.ack_records <= 32 or not 1 <= self.ack_bytes <= 65536:
+            raise LocalUsageError("ack_records must be 1..32 and ack_bytes 1..65536")
+        if not 0 < self.ack_delay <= 1.0:
+            raise LocalUsageError("ack_delay must be above 0 and at most 1 second")
 
 
 class _Inbound:
@@ -157,7 +159,7 @@ def _path_id(value: object) -> bytes:
 
 
 class PathSwitch:
-    """One session's records over one or more paths (protocol.md section 11).
+    """One session's records over one or more paths (protocol.md section 13).
 
     The driver hands every record it would send to :meth:`send` (plaintext:
     the machine encrypts with ``cipher``), every byte a path delivered to

@@ -203,13 +203,13 @@ class PunchFailed(OSError):
 
 
 class PathSwitchError(ProtocolError):
-    """The peer broke the path-switch rules (protocol.md section 11): a
+    """The peer broke the path-switch rules (protocol.md section 13): a
     malformed ``path/`` record or lane header, an ACK of records never sent.
     The session ends."""
 
 
 class PathAuthError(CapsockError):
-    """A new path failed the attach exchange (protocol.md 11.3): not the
+    """A new path failed the attach exchange (protocol.md 13.3): not the
     session's peer, a replay, another session.  Only that connection is closed;
     the session is untouched."""
 
