@@ -28,10 +28,9 @@ dies, it opens a new lane on a live path starting at the oldest of them and
 sends them again, byte for byte: a nonce is never used for a second
 plaintext, because no record is ever encrypted twice.
 
-No I/O, no clock, no randomness here: the driver passes bytes, path ids, the
-time ``now`` and the 32-byte hello secret in, and takes bytes per path and the
-records to deliver out.  The attach exchange that authenticates a new path is
-:mod:`capsock._path_auth`.
+No I/O, clock or randomness here: the driver passes bytes, path ids, ``now``
+and the hello secret in; bytes per path and records for the mux come out.
+The attach exchange that authenticates a new path is :mod:`capsock._path_auth`.
 """
 
 from __future__ import annotations
@@ -74,6 +73,9 @@ _FIELDS: Final = {
     "path/ack": frozenset({"type", "n"}),
     "path/switch": frozenset({"type", "f", "t"}),
 }
+
+
+_Out = list[bytes | bytearray]  # records for the mux, in order
 
 
 class _Cipher(Protocol):
@@ -281,19 +283,10 @@ class PathSwitch:
 
     def _check(self) -> None:
         if self._error is not None:
-            raise PathSwitchError("the path switch failed earlier; the session is over") from (
-                self._error
-            )
+            raise PathSwitchError("the path switch failed earlier") from self._error
 
-    def _fail(self, exc: Exception) -> Exception:
-        self._error = exc
-        return exc
-
-    def __repr__(self) -> str:
-        return (
-            f"PathSwitch(ready={self.ready}, paths={len(self._live)}, "
-            f"retained={self._retained_bytes}, buffered={self._early_bytes})"
-        )
+    def __repr__(self) -> str:  # counters only: never a key
+        return f"PathSwitch(ready={self.ready}, kept={self._retained_bytes})"
 
     # -- sending --------------------------------------------------------------------
 
@@ -363,7 +356,7 @@ class PathSwitch:
         Raises:
             LocalUsageError: not :attr:`ready`, a malformed or known path id.
         """
-        del now  # part of the interface: a later policy may wait
+        del now  # for a later policy (e.g. wait before moving)
         self._check()
         if self._key is None:
             raise LocalUsageError("no path may be attached before both hellos")
@@ -410,7 +403,8 @@ class PathSwitch:
         self._out.pop(path, None)
         self._lane_open.discard(path)
         if not self._live:
-            raise self._fail(PathLost("every path of the session died"))
+            self._error = PathLost("every path of the session died")
+            raise self._error
         carried = self._last_sent.pop(path, -1) >= self._acked
         if not carried and path != self._active:
             return  # everything it carried was acknowledged; our lane is elsewhere
@@ -421,16 +415,13 @@ class PathSwitch:
         # Records before the peer's hello were not kept; only the original path had them.
         assert self._retain_from is not None  # a second path needs both hellos
         if path == ORIGINAL_PATH and self._acked < self._retain_from:
-            raise self._fail(
-                PathLost("the dead path held records sent before the peer's hello (not kept)")
-            )
+            self._error = PathLost("a dead path held records sent before the peer's hello")
+            raise self._error
         self._move(target, resend=True)
 
     # -- receiving ------------------------------------------------------------------
 
-    def receive_data(
-        self, path: bytes, data: bytes | bytearray | memoryview, now: float
-    ) -> list[bytes | bytearray]:
+    def receive_data(self, path: bytes, data: bytes | bytearray | memoryview, now: float) -> _Out:
         """Bytes that arrived on ``path``; returns the mux's records now deliverable, in order.
 
         Raises:
@@ -444,7 +435,7 @@ class PathSwitch:
         if inbound is None:
             raise LocalUsageError("bytes from a path that is not attached (or is down)")
         inbound.buf += data
-        delivered: list[bytes | bytearray] = []
+        delivered: _Out = []
         try:
             self._parse(path, inbound, delivered, now)
         except Exception as exc:  # the cipher's ProtocolError, ours, the bound's
@@ -452,9 +443,7 @@ class PathSwitch:
             raise
         return delivered
 
-    def _parse(
-        self, path: bytes, inbound: _Inbound, out: list[bytes | bytearray], now: float
-    ) -> None:
+    def _parse(self, path: bytes, inbound: _Inbound, out: _Out, now: float) -> None:
         buf = inbound.buf
         pos = 0
         size = len(buf)
@@ -504,7 +493,7 @@ class PathSwitch:
             self.follows += 1
             self._move(path, resend=True)
 
-    def _accept(self, seq: int, message: bytes, out: list[bytes | bytearray], now: float) -> None:
+    def _accept(self, seq: int, message: bytes, out: _Out, now: float) -> None:
         nxt = self._cipher.receive_nonce
         if seq < nxt:
             self.duplicates_dropped += 1
@@ -530,7 +519,7 @@ class PathSwitch:
             self._early_bytes -= len(waiting)
             self._deliver(waiting, out, now)
 
-    def _deliver(self, message: bytes, out: list[bytes | bytearray], now: float) -> None:
+    def _deliver(self, message: bytes, out: _Out, now: float) -> None:
         plaintext = self._cipher.decrypt(message)  # ProtocolError if not record `next`
         self._rx_records += 1
         self._rx_bytes += len(message)
