@@ -475,6 +475,22 @@ def test_sender_backpressure_at_the_retransmit_limit_then_ack_frees_it() -> None
     assert net.a.machine.can_send(4000)
 
 
+def test_an_ack_frees_exactly_the_acknowledged_records() -> None:
+    net = Net()
+    net.warm_up()
+    for _ in range(3):
+        net.a.send(1000)
+    net.flush()
+    net.deliver(ORIGINAL_PATH, "b")
+    net.tick(1.0)  # b's delayed ACK is written, not yet delivered
+    net.a.send(700)
+    net.a.send(800)
+    kept_before = net.a.machine.retained_bytes
+    net.deliver(ORIGINAL_PATH, "a")
+    sizes = [len(r) + 16 for r in net.a.sent[-2:]]  # Noise messages: plaintext + tag
+    assert net.a.machine.retained_bytes == sum(sizes) < kept_before
+
+
 def test_a_peer_overflowing_the_receive_buffer_is_a_limit_error() -> None:
     net = Net()
     net.warm_up()
