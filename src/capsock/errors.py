@@ -30,6 +30,9 @@ __all__ = [
     "HandshakeError",
     "InvalidCapability",
     "LocalUsageError",
+    "PathAuthError",
+    "PathLost",
+    "PathSwitchError",
     "PeerAuthenticationError",
     "ProtocolError",
     "PunchFailed",
@@ -197,3 +200,21 @@ class PunchFailed(OSError):
             f"no direct path after {attempts} attempt(s) (candidates tried: {tried}); "
             "the session stays on its relay",
         )
+
+
+class PathSwitchError(ProtocolError):
+    """The peer broke the path-switch rules (protocol.md section 13): a
+    malformed ``path/`` record or lane header, an ACK of records never sent.
+    The session ends."""
+
+
+class PathAuthError(CapsockError):
+    """A new path failed the attach exchange (protocol.md 13.3): not the
+    session's peer, a replay, another session.  Only that connection is closed;
+    the session is untouched."""
+
+
+class PathLost(CapsockError):
+    """Every path of the session died, or records that only a dead path held
+    cannot be sent again: the session ends (its streams fail), nothing is
+    silently lost."""
