@@ -59,7 +59,7 @@ CORE_NAMES = {
     "errors", "config", "keys", "uri", "frames", "mux", "handshake", "records", "direct", "logs",
     "session_engine",
 }  # fmt: skip
-CORE_PREFIXES = ("noise", "engine", "uri_")
+CORE_PREFIXES = ("noise", "engine", "uri_", "path_")
 IO_LIBRARIES = {
     "anyio", "asyncio", "trio", "sniffio", "socket", "selectors", "ssl", "sqlite3",
     "subprocess", "threading",

@@ -16,6 +16,7 @@ SANS_IO = [
     "errors", "frames", "handshake", "keys", "mux", "noise", "uri",
     "records", "config", "_noise_crypto", "_noise_handshake", "_noise_transport",
     "_uri_caveats", "_uri_hints", "_uri_token", "direct", "_logs", "_session_engine",
+    "_path_switch", "_path_auth",
 ]  # fmt: skip
 FORBIDDEN = {"anyio", "trio", "asyncio", "socket", "selectors", "sniffio"}
 
