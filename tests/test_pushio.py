@@ -15,7 +15,7 @@ import anyio.lowlevel
 import pytest
 
 import capsock
-from capsock.pushio import PushTransport, adopt
+from capsock._pushio import PushTransport, adopt
 from capsock.session import Session, SessionConfig
 
 from .helpers import echo, read_all

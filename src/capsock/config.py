@@ -156,7 +156,7 @@ class SessionConfig:
     or below the peer's ``MuxConfig.max_pending_opens`` (default 128)."""
     push_reads: bool = True
     """On asyncio, read the socket in protocol callbacks instead of a task
-    (:mod:`capsock.pushio`; fewer event-loop turns per message).  Off: the
+    (:mod:`capsock._pushio`; fewer event-loop turns per message).  Off: the
     portable task-based read loop that trio and nested sessions always use."""
 
     def __post_init__(self) -> None:

@@ -33,6 +33,7 @@ import anyio.abc
 import anyio.lowlevel
 
 from ._logs import LimitedLog
+from ._pushio import PushTransport, adopt
 from ._session_engine import (
     DRAIN_LIMIT,
     Ending,
@@ -68,7 +69,6 @@ from .mux import (
     StreamAccepted,
     StreamRejected,
 )
-from .pushio import PushTransport, adopt
 from .stream import ConnectionLostError, Stream
 from .uri import Capability
 
@@ -454,7 +454,7 @@ class Session:
             receive(await transport.receive(_READ_SIZE), clock())
 
     async def _push_loop(self, transport: PushTransport) -> None:
-        """The read loop of the asyncio fast path (:mod:`capsock.pushio`): records
+        """The read loop of the asyncio fast path (:mod:`capsock._pushio`): records
         are consumed in the transport's callbacks; this task only waits for the
         end and raises it here, where :meth:`_guard` turns it into the reason."""
         ended = anyio.Event()
