@@ -257,7 +257,7 @@ def _message(obj: Any) -> dict[str, Any]:
 
 
 def forwarding_vectors() -> dict[str, Any]:
-    from capsock.forward import UNREACHABLE_REASON
+    from capsock.forwarding import UNREACHABLE_REASON
 
     target = KeyPair(RESPONDER_SEED).node_id
     return {

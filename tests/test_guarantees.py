@@ -203,7 +203,7 @@ def _names(node: ast.AST) -> set[str]:
 
 
 @pytest.mark.parametrize(
-    "module", ["store.py", "uri.py", "_uri_token.py", "handshake.py", "forward.py"]
+    "module", ["store.py", "uri.py", "_uri_token.py", "handshake.py", "forwarding.py"]
 )
 def test_tags_and_secrets_are_compared_in_constant_time_only(module: str) -> None:
     """Breakage: a tag compared with ``==`` / ``!=`` instead of
