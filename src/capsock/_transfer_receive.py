@@ -472,7 +472,7 @@ async def read_offer(stream: Stream, wait: float) -> Offer:
     except TimeoutError:
         raise NotAnOffer(
             f"no offer from the other side within {wait:g} s: is this a `capsock send` "
-            "capability? (a `capsock listen` one takes `capsock connect`)"
+            "capability? (one of `capsock listen` takes `capsock connect URI`)"
         ) from None
     except anyio.EndOfStream:
         raise NotAnOffer(
@@ -481,7 +481,8 @@ async def read_offer(stream: Stream, wait: float) -> Offer:
         ) from None
     if message.get("proto") != PROTOCOL:
         raise NotAnOffer(
-            f"the other side does not speak {PROTOCOL}; is this a `capsock send` capability?"
+            f"the other side does not speak {PROTOCOL}: this is not a `capsock send` "
+            "capability (one of `capsock listen` takes `capsock connect URI`)"
         )
     try:
         return parse_offer(message)

@@ -149,7 +149,9 @@ async def read_message(stream: anyio.abc.ByteReceiveStream) -> tuple[dict[str, A
     (size,) = _LEN.unpack(prefix)
     if size > MAX_MESSAGE:
         raise NotAnOffer(
-            f"the other side sent a {size}-byte message; is it running `capsock send`?"
+            f"the other side sent a {size}-byte message: it does not speak {PROTOCOL}, "
+            "so this is not a `capsock send` capability (one of `capsock listen` takes "
+            "`capsock connect URI`)"
         )
     body = await _read_exactly(stream, size)
     try:

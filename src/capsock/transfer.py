@@ -470,6 +470,10 @@ async def send_path(
             counter.serving += 1
             tg.start_soon(one, stream)
     await listener.aclose()
+    retired = listener._node._retired_roots
+    root_id = listener.uri.token.root_id
+    if counter.left <= 0 and root_id in retired:
+        retired[root_id] = "used up"  # what a later open is logged as
     return outcomes
 
 
