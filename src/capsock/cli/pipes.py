@@ -22,7 +22,8 @@ import anyio.from_thread
 import anyio.lowlevel
 
 from ..errors import CapsockError, LocalUsageError
-from ..services import _address, _bridge, forward, share, splice
+from ..services import bridge as _splice_and_report
+from ..services import check_address, forward, share, splice
 from ..stream import Stream
 from ..transfer import looks_like_offer
 from .common import (
@@ -252,13 +253,13 @@ def _error(text: str) -> None:
 
 async def bridge(stream: Stream, sock: anyio.abc.ByteStream, what: str) -> None:
     """Splice a capsock stream and a socket; a failure on either side resets both."""
-    await _bridge(stream, sock, what, info)
+    await _splice_and_report(stream, sock, what, info)
 
 
 async def cmd_share(args: argparse.Namespace) -> int:
     """Expose a local TCP (or unix) service: every stream becomes a new connection to it."""
     try:
-        shown = str(_address(args.target))
+        shown = check_address(args.target)
     except LocalUsageError as exc:
         raise CliError(str(exc), Exit.USAGE) from None
     async with listening_node(args) as node:
@@ -275,7 +276,7 @@ async def cmd_forward(args: argparse.Namespace) -> int:
     cap = read_capability(args.uri)
     spec = args.listen if ":" in args.listen else f"127.0.0.1:{args.listen}"
     try:
-        _address(spec, any_port=True)
+        check_address(spec, any_port=True)
     except LocalUsageError as exc:
         raise CliError(str(exc), Exit.USAGE) from None
     async with dialing_node(args, cap) as node, anyio.create_task_group() as tg:
