@@ -471,8 +471,9 @@ async def read_offer(stream: Stream, wait: float) -> Offer:
             message, _ = await read_message(stream)
     except TimeoutError:
         raise NotAnOffer(
-            f"no offer from the other side within {wait:g} s: is this a `capsock send` "
-            "capability? (one of `capsock listen` takes `capsock connect URI`)"
+            f"no offer from the other side within {wait:g} s: the sender is busy with "
+            "another receiver (try again), or this is not a `capsock send` capability "
+            "(one of `capsock listen` takes `capsock connect URI`)"
         ) from None
     except anyio.EndOfStream:
         raise NotAnOffer(
