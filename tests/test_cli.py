@@ -803,9 +803,8 @@ def test_a_peers_text_is_shown_without_its_control_characters() -> None:
 
 @pytest.mark.parametrize("name", ["\x1b[2J.txt", "a\nb", "tab\there"])
 def test_offered_names_with_control_characters_are_refused(name: str) -> None:
-    from capsock.cli.common import CliError
-    from capsock.cli.transfer import _check_name
+    from capsock.transfer import TransferDeclined, check_name
 
-    with pytest.raises(CliError, match="unsafe"):
-        _check_name(name, "file name")
-    assert _check_name("résumé 2.pdf", "file name") == "résumé 2.pdf"
+    with pytest.raises(TransferDeclined, match="unsafe"):
+        check_name(name, "file name")
+    assert check_name("résumé 2.pdf", "file name") == "résumé 2.pdf"

@@ -37,7 +37,6 @@ LONG_MODULES: dict[str, str] = {
         "the parser) call each other"
     ),
     "capsock.http": "the HTTP adapter; not touched by issue 15",
-    "capsock.cli.transfer": "the file-transfer command (cli is h-lib's and h-fric's)",
     "capsock.rpc.connection": "one msgpack-RPC connection; rpc was not part of issue 15's split",
 }
 

@@ -32,6 +32,15 @@ from .messages import receive_capability, receive_message, send_capability, send
 from .node import Listener, Node
 from .services import forward, share, splice
 from .stream import CapsockAttribute, Stream
+from .transfer import (
+    NotAnOffer,
+    TransferDeclined,
+    TransferError,
+    TransferIntegrityError,
+    UnsafeTarget,
+    receive_path,
+    send_path,
+)
 from .uri import Capability, parse
 
 __version__ = "0.1.0"
@@ -52,20 +61,27 @@ __all__ = [
     "Node",
     "NodeConfig",
     "NodeId",
+    "NotAnOffer",
     "PeerAuthenticationError",
     "ProtocolError",
     "ResourceLimitExceeded",
     "SessionConfig",
     "Stream",
     "StreamReset",
+    "TransferDeclined",
+    "TransferError",
+    "TransferIntegrityError",
     "Unreachable",
+    "UnsafeTarget",
     "__version__",
     "forward",
     "parse",
     "receive_capability",
     "receive_message",
+    "receive_path",
     "send_capability",
     "send_message",
+    "send_path",
     "share",
     "splice",
 ]

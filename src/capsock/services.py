@@ -36,7 +36,7 @@ from .node import Listener, Node
 from .stream import Stream
 from .uri import Capability
 
-__all__ = ["forward", "share", "splice"]
+__all__ = ["bridge", "check_address", "forward", "share", "splice"]
 
 log = logging.getLogger("capsock.services")
 
@@ -111,6 +111,15 @@ def _address(text: str, *, any_port: bool = False) -> _Address:
     return _Address("tcp", host, int(port))
 
 
+def check_address(text: str, *, any_port: bool = False) -> str:
+    """``text`` (``tcp:HOST:PORT``, ``HOST:PORT``, ``unix:/PATH``) in its canonical form.
+
+    Raises:
+        LocalUsageError: ``text`` is none of these (port 0 only with ``any_port``).
+    """
+    return str(_address(text, any_port=any_port))
+
+
 async def _connect(to: _Address) -> anyio.abc.ByteStream:
     if to.kind == "unix":
         return await anyio.connect_unix(to.host)
@@ -165,6 +174,12 @@ async def _bridge(stream: Stream, sock: anyio.abc.ByteStream, what: str, report:
             await splice(stream, sock)
     except* _STREAM_ERRORS as group:
         report(f"{what} ended: {_explain(_first(group))}")
+
+
+async def bridge(stream: Stream, sock: anyio.abc.ByteStream, what: str, report: Report) -> None:
+    """Splice ``stream`` and ``sock`` until both directions ended; a failure on either
+    side resets both (a capsock RESET, a TCP RST) and is reported as one line."""
+    await _bridge(stream, sock, what, report)
 
 
 # ------------------------------------------------------------------ share

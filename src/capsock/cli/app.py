@@ -30,6 +30,7 @@ from .common import (
     add_caveat_options,
     add_dialer_options,
     add_node_options,
+    add_relay_timeout_option,
     add_state_dir_option,
     say,
     set_quiet,
@@ -101,6 +102,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, Commands]:
     p = command("listen", "print a capability, then pipe incoming streams to stdout/stdin")
     p.add_argument("--once", action="store_true", help="serve one stream, then exit")
     add_node_options(p, sturdy=True)
+    add_relay_timeout_option(p)
 
     p = command("connect", "open a stream with a capability and pipe it to stdin/stdout")
     p.add_argument("uri", metavar="URI", type=uri_argument, help="the capability (@FILE)")
@@ -109,6 +111,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, Commands]:
     p = command("share", "expose a local TCP or Unix-socket service behind a capability")
     p.add_argument("target", metavar="ADDR", help="the service: tcp:HOST:PORT or unix:/PATH")
     add_node_options(p, sturdy=True)
+    add_relay_timeout_option(p)
 
     p = command("forward", "accept local TCP connections and forward each over a capability")
     p.add_argument(
@@ -124,10 +127,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, Commands]:
 
     p = command("send", "offer a file or directory; prints a one-shot capability")
     p.add_argument("path", metavar="PATH", help="the file or directory to send")
-    add_node_options(p, sturdy=False)
+    add_node_options(p, sturdy=True)
+    add_relay_timeout_option(p)
     for action in p._actions:
         if action.dest == "uses":
             action.help = "let N receivers fetch it (default 1: one-shot)"
+        if action.dest == "name":
+            action.help = (
+                "a sturdy offer: the same URI until every use is complete (a failed "
+                "transfer is resumed with it, also after a restart of send; kept in "
+                "--state-dir, revoked once complete)"
+            )
 
     p = command("receive", "fetch what `capsock send` offers, verified end to end")
     p.add_argument(

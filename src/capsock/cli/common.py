@@ -18,7 +18,6 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from enum import IntEnum
 from pathlib import Path
 
 import anyio
@@ -29,11 +28,13 @@ from ..keys import KeyPair, NodeId
 from ..node import Listener, Node
 from ..stream import Stream
 from ..uri import Capability, Expires, Peer, TcpHint, UnixHint, ViaHint
+from .output import CliError, Exit, bar_drawn, info, quiet, say, set_quiet
 
 __all__ = [
     "CliError",
     "Exit",
     "announce",
+    "bar_drawn",
     "check_before_dialing",
     "dialing_node",
     "info",
@@ -43,81 +44,16 @@ __all__ = [
     "make_listener",
     "parse_duration",
     "parse_node_id",
+    "quiet",
     "read_capability",
+    "relays_settled",
     "resetting",
     "say",
+    "set_quiet",
     "state_dir",
     "state_home",
     "uri_argument",
 ]
-
-
-class Exit(IntEnum):
-    """The exit codes of the ``capsock`` command (documented in docs/cli.md)."""
-
-    OK = 0
-    """Success."""
-    ERROR = 1
-    """Any other failure: a lost connection, a reset stream, a local I/O error, ..."""
-    USAGE = 2
-    """Bad command line: unknown option, malformed argument or capability URI."""
-    INTEGRITY = 3
-    """A received file or directory failed its end-to-end SHA-256 check."""
-    REFUSED = 4
-    """The endpoint refused the capability (expired, used up, revoked, bound to
-    another node, forged) or is busy: retrying with the same URI will not help."""
-    UNREACHABLE = 5
-    """No route to the endpoint worked, or the node reached had the wrong key."""
-    INTERRUPTED = 130
-    """Interrupted (Ctrl-C, SIGINT)."""
-    TERMINATED = 143
-    """Stopped by SIGTERM (the same clean stop as Ctrl-C)."""
-
-
-class CliError(Exception):
-    """A failure the command reports as one line on stderr, with its exit code."""
-
-    def __init__(self, message: str, code: Exit = Exit.ERROR) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-_quiet = False
-
-
-def set_quiet(quiet: bool) -> None:
-    """Silence :func:`info` (``--quiet``); errors still print."""
-    global _quiet
-    _quiet = quiet
-
-
-def quiet() -> bool:
-    """Whether ``--quiet`` was given."""
-    return _quiet
-
-
-_bar_on_line = False  # a progress bar is drawn on the current stderr line
-
-
-def bar_drawn(on_line: bool) -> None:
-    """The progress bar tells whether it left its line open (no newline yet)."""
-    global _bar_on_line
-    _bar_on_line = on_line
-
-
-def say(text: str = "") -> None:
-    """Print one message line on stderr (never stdout), below any progress bar."""
-    global _bar_on_line
-    if _bar_on_line:
-        _bar_on_line = False
-        text = "\n" + text
-    print(text, file=sys.stderr, flush=True)
-
-
-def info(text: str) -> None:
-    """An informational ``capsock: ...`` line on stderr, unless ``--quiet``."""
-    if not _quiet:
-        say(f"capsock: {text}")
 
 
 # ------------------------------------------------------------------ argument types
@@ -413,7 +349,7 @@ async def listening_node(
             yield node
             return
         names = {r.redacted(): f"relay {r.node.short()}..." for r in relays}
-        await _wait_for_relays(node, names)
+        await _wait_for_relays(node, names, getattr(args, "timeout", None))
         async with anyio.create_task_group() as tg:
             tg.start_soon(_watch_relays, node, names)
             try:
@@ -429,13 +365,51 @@ def _listen_spec(text: str) -> str:
     return f"tcp:{text}"
 
 
-async def _wait_for_relays(node: Node, names: dict[str, str], limit: float = 15.0) -> None:
-    with anyio.move_on_after(limit):
-        # The node exposes the registration state only as a dict: poll it, briefly.
-        while not node.relay_status or any(  # noqa: ASYNC110
-            s != "registered" and not s.startswith("refused") for s in node.relay_status.values()
-        ):
-            await anyio.sleep(0.05)
+def _settled(status: str) -> bool:
+    return status == "registered" or status.startswith("refused")
+
+
+async def relays_settled(node: Node, expected: int) -> dict[str, str]:
+    """Wait until each of the node's ``expected`` relays is registered or refused;
+    the relay statuses then (redacted relay URI -> status).
+
+    The one place the CLI waits for relays: it polls ``Node.relay_status``
+    today, and can become an ``await node.wait_registered()`` without the
+    commands changing.  No deadline of its own: put one around it.
+    """
+    while len(node.relay_status) < expected or not all(  # noqa: ASYNC110
+        _settled(s) for s in node.relay_status.values()
+    ):
+        await anyio.sleep(0.05)
+    return dict(node.relay_status)
+
+
+_SAY_WAITING_AFTER = 1.0
+_WAIT_WITHOUT_TIMEOUT = 15.0
+
+
+async def _wait_for_relays(node: Node, names: dict[str, str], give_up: float | None = None) -> None:
+    """Wait for the relays: say so when it takes more than a moment; with
+    ``give_up`` (``--timeout``) fail after it (exit code 5), without it
+    hand out the capability after 15 s and keep trying in the background."""
+    with anyio.move_on_after(_SAY_WAITING_AFTER):
+        await relays_settled(node, len(names))
+    unsettled = {k: s for k, s in node.relay_status.items() if not _settled(s)}
+    if unsettled or len(node.relay_status) < len(names):
+        for relay in names:
+            status = node.relay_status.get(relay, "connecting")
+            if _settled(status):
+                continue
+            until = (
+                f"up to {give_up:g} s (--timeout)"
+                if give_up is not None
+                else f"{_WAIT_WITHOUT_TIMEOUT:g} s, then the capability is handed out "
+                "anyway (--timeout N to give up instead)"
+            )
+            info(f"waiting for {names[relay]} ({status}): {until}; Ctrl-C to stop")
+        limit = give_up if give_up is not None else _WAIT_WITHOUT_TIMEOUT
+        with anyio.move_on_after(max(limit - _SAY_WAITING_AFTER, 0.0)):
+            await relays_settled(node, len(names))
     for relay, status in node.relay_status.items():
         name = names.get(relay, "the relay")
         if status.startswith("refused"):
@@ -446,6 +420,13 @@ async def _wait_for_relays(node: Node, names: dict[str, str], limit: float = 15.
             )
         if status == "registered":
             info(f"registered with {name}: reachable through it")
+        elif give_up is not None:
+            raise CliError(
+                f"{name} was not reachable within {give_up:g} s ({status}); check that the "
+                "relay runs and that its address in --relay is right, or wait longer "
+                "with a larger --timeout",
+                Exit.UNREACHABLE,
+            )
         else:
             info(f"warning: {name} is not reachable yet ({status}); still trying")
 
@@ -567,6 +548,15 @@ def add_node_options(parser: argparse.ArgumentParser, *, sturdy: bool) -> None:
             "revocable with `capsock revoke`)",
         )  # fmt: skip
         add_state_dir_option(parser)
+
+
+def add_relay_timeout_option(parser: argparse.ArgumentParser) -> None:
+    """``--timeout``: how long a listening command waits for its relays (exit code 5)."""
+    parser.add_argument(
+        "--timeout", type=parse_duration, metavar="DURATION",
+        help="with --relay: give up (exit code 5) if a relay is not registered within "
+        "DURATION (default: hand out the capability after 15 s and keep trying)",
+    )  # fmt: skip
 
 
 def add_caveat_options(parser: argparse.ArgumentParser, uses_help: str | None = None) -> None:

@@ -22,8 +22,10 @@ import anyio.from_thread
 import anyio.lowlevel
 
 from ..errors import CapsockError, LocalUsageError
-from ..services import _address, _bridge, forward, share, splice
+from ..services import bridge as _splice_and_report
+from ..services import check_address, forward, share, splice
 from ..stream import Stream
+from ..transfer import looks_like_offer
 from .common import (
     CliError,
     Exit,
@@ -124,11 +126,47 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-async def pipe_stdio(stream: Stream, stdin: InputPipe, stdout_fd: int = 1) -> None:
-    """Copy ``stdin`` to ``stream`` and ``stream`` to stdout until both directions ended.
+_PEEK_LIMIT = 64 * 1024 + 4
+_PEEK_WAIT = 2.0
+
+
+async def _peek_for_offer(stream: Stream) -> bytes:
+    """The first bytes from ``stream``, unless they are a ``capsock send`` OFFER.
+
+    Reads until :func:`capsock.transfer.looks_like_offer` can tell (at most one
+    offer's worth of bytes, at most a moment after the first ones arrived).
 
     Raises:
-        CliError: stdout was closed by its reader.
+        CliError: they are an offer (exit code 2): the other side is a sender.
+        anyio.EndOfStream: the stream ended before any byte came.
+    """
+    pending = await stream.receive(1 << 20)
+    with anyio.move_on_after(_PEEK_WAIT):
+        while looks_like_offer(pending) is None and len(pending) < _PEEK_LIMIT:
+            try:
+                pending += await stream.receive(1 << 20)
+            except anyio.EndOfStream:
+                break
+    if looks_like_offer(pending):
+        raise CliError(
+            "this is a `capsock send` capability (the other side offers a file): fetch it "
+            "with `capsock receive URI`; nothing was received, and the sender does not "
+            "count this as a use",
+            Exit.USAGE,
+        )
+    return pending
+
+
+async def pipe_stdio(
+    stream: Stream, stdin: InputPipe, stdout_fd: int = 1, *, refuse_offer: bool = False
+) -> None:
+    """Copy ``stdin`` to ``stream`` and ``stream`` to stdout until both directions ended.
+
+    With ``refuse_offer``, a stream whose first bytes are a ``capsock send``
+    OFFER is not copied: :class:`CliError` (exit code 2) says to use ``receive``.
+
+    Raises:
+        CliError: stdout was closed by its reader; an offer with ``refuse_offer``.
         StreamReset / ConnectionLost / OSError: the stream or stdin failed.
     """
 
@@ -137,16 +175,24 @@ async def pipe_stdio(stream: Stream, stdin: InputPipe, stdout_fd: int = 1) -> No
             await stream.send(data)
         await stream.send_eof()
 
+    async def write(data: bytes) -> None:
+        try:
+            await anyio.to_thread.run_sync(_write_all, stdout_fd, data)
+        except BrokenPipeError:
+            raise CliError("stdout was closed before the stream ended") from None
+
     async def downstream() -> None:
+        if refuse_offer:
+            try:
+                await write(await _peek_for_offer(stream))
+            except anyio.EndOfStream:
+                return
         while True:
             try:
                 data = await stream.receive(1 << 20)
             except anyio.EndOfStream:
                 return
-            try:
-                await anyio.to_thread.run_sync(_write_all, stdout_fd, data)
-            except BrokenPipeError:
-                raise CliError("stdout was closed before the stream ended") from None
+            await write(data)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(upstream)
@@ -194,7 +240,7 @@ async def cmd_connect(args: argparse.Namespace) -> int:
         stream = await node.connect(cap)
         log.info("connected to %s", cap.node.short())
         async with resetting(stream):
-            await pipe_stdio(stream, stdin)
+            await pipe_stdio(stream, stdin, refuse_offer=True)
     return Exit.OK
 
 
@@ -207,13 +253,13 @@ def _error(text: str) -> None:
 
 async def bridge(stream: Stream, sock: anyio.abc.ByteStream, what: str) -> None:
     """Splice a capsock stream and a socket; a failure on either side resets both."""
-    await _bridge(stream, sock, what, info)
+    await _splice_and_report(stream, sock, what, info)
 
 
 async def cmd_share(args: argparse.Namespace) -> int:
     """Expose a local TCP (or unix) service: every stream becomes a new connection to it."""
     try:
-        shown = str(_address(args.target))
+        shown = check_address(args.target)
     except LocalUsageError as exc:
         raise CliError(str(exc), Exit.USAGE) from None
     async with listening_node(args) as node:
@@ -230,7 +276,7 @@ async def cmd_forward(args: argparse.Namespace) -> int:
     cap = read_capability(args.uri)
     spec = args.listen if ":" in args.listen else f"127.0.0.1:{args.listen}"
     try:
-        _address(spec, any_port=True)
+        check_address(spec, any_port=True)
     except LocalUsageError as exc:
         raise CliError(str(exc), Exit.USAGE) from None
     async with dialing_node(args, cap) as node, anyio.create_task_group() as tg:

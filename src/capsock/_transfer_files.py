@@ -1,4 +1,4 @@
-"""Creating files where other users may also create files: ``receive``'s file system side.
+"""Creating files where other users may also create files: the receiving side's file system.
 
 A receive directory may be shared (``/tmp``, a group directory): whoever can
 create files there can plant a symbolic link or a hard link where ``receive``
@@ -22,22 +22,12 @@ import shutil
 import stat
 from pathlib import Path
 
-from .common import CliError
+from ._transfer_wire import TransferError, UnsafeTarget
 
-__all__ = ["Place", "UnsafeFile", "open_dir_below", "rename_noreplace"]
+__all__ = ["Place", "open_dir_below", "rename_noreplace"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _RENAME_NOREPLACE = 1
-
-
-class UnsafeFile(CliError):
-    """Something other than our own, single-linked regular file (or directory) is
-    where ``receive`` writes: a planted link, another user's file, a FIFO, ...
-
-    ``str()`` names the local path (for this user); :attr:`remote` is what the
-    other side may be told (no local path)."""
-
-    remote = "the receiver cannot write the file there safely"
 
 
 def _libc_renameat2() -> object | None:
@@ -75,42 +65,42 @@ def rename_noreplace(dirfd: int, src: str, dst: str) -> None:
 
 def _check_ours(st: os.stat_result, shown: Path, *, directory: bool) -> None:
     if stat.S_ISLNK(st.st_mode):
-        raise UnsafeFile(
+        raise UnsafeTarget(
             f"{shown} is a symbolic link; capsock never writes through links: remove it "
             "(and check who put it there)"
         )
     if directory and not stat.S_ISDIR(st.st_mode):
-        raise UnsafeFile(f"{shown} is not a directory: remove it, or choose another name with -o")
+        raise UnsafeTarget(f"{shown} is not a directory: remove it, or choose another name with -o")
     if not directory and not stat.S_ISREG(st.st_mode):
-        raise UnsafeFile(f"{shown} is not a regular file: remove it, or choose another name")
+        raise UnsafeTarget(f"{shown} is not a regular file: remove it, or choose another name")
     if st.st_uid != os.getuid():
-        raise UnsafeFile(
+        raise UnsafeTarget(
             f"{shown} belongs to another user (uid {st.st_uid}); capsock writes only into "
             "files of its own: remove it (and check who put it there)"
         )
     if not directory and st.st_nlink != 1:
-        raise UnsafeFile(
+        raise UnsafeTarget(
             f"{shown} has {st.st_nlink} hard links; capsock writes only into a file with "
             "one: remove it (and check who linked it)"
         )
 
 
-def _unsafe_open(exc: OSError, shown: Path) -> UnsafeFile:
+def _unsafe_open(exc: OSError, shown: Path) -> UnsafeTarget:
     if exc.errno in (errno.ELOOP, errno.EMLINK):
-        return UnsafeFile(
+        return UnsafeTarget(
             f"{shown} is a symbolic link; capsock never writes through links: remove it "
             "(and check who put it there)"
         )
     if exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.ENXIO):
-        return UnsafeFile(f"{shown} is not a regular file: remove it, or choose another name")
-    return UnsafeFile(f"cannot write {shown}: {exc.strerror}")
+        return UnsafeTarget(f"{shown} is not a regular file: remove it, or choose another name")
+    return UnsafeTarget(f"cannot write {shown}: {exc.strerror}")
 
 
 class Place:
     """A directory, opened once, in which ``receive`` creates its target.
 
     Raises (constructor):
-        CliError: the directory cannot be opened.
+        TransferError: the directory cannot be opened.
     """
 
     def __init__(self, directory: Path) -> None:
@@ -118,7 +108,7 @@ class Place:
         try:
             self.fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
-            raise CliError(
+            raise TransferError(
                 f"cannot write into {directory}: {exc.strerror}; create it, or fix -o"
             ) from None
 
@@ -149,7 +139,7 @@ class Place:
         otherwise a new one is created exclusively (mode 0600).
 
         Raises:
-            UnsafeFile: something else is there.
+            UnsafeTarget: something else is there.
         """
         shown = self.path / name
         try:
@@ -188,7 +178,7 @@ class Place:
         """Create ``name`` (mode 0700), after removing our own earlier one; its descriptor.
 
         Raises:
-            UnsafeFile: a link, a file, or another user's directory is there.
+            UnsafeTarget: a link, a file, or another user's directory is there.
         """
         shown = self.path / name
         try:
@@ -216,12 +206,12 @@ class Place:
         """Rename ``src`` (still the file or directory open as ``fd``) to ``dst``.
 
         Raises:
-            UnsafeFile: ``src`` was replaced meanwhile.
+            UnsafeTarget: ``src`` was replaced meanwhile.
             FileExistsError: ``dst`` appeared meanwhile.
         """
         st = os.fstat(fd)
         if self.inode(src) != (st.st_dev, st.st_ino):
-            raise UnsafeFile(f"{self.path / src} was replaced while it was being received")
+            raise UnsafeTarget(f"{self.path / src} was replaced while it was being received")
         rename_noreplace(self.fd, src, dst)
 
 
