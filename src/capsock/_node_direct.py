@@ -35,6 +35,7 @@ from anyio.abc import SocketAttribute
 from . import direct, punch
 from ._node_state import NodeState
 from .errors import CapsockError, ErrorCode, PeerAuthenticationError
+from .handshake import HandshakeResult
 from .keys import NodeId
 from .session import Session, accept_handshake, dial_handshake
 from .stream import Stream
@@ -47,6 +48,8 @@ COORDINATION_TIMEOUT = 10.0
 """Seconds the message exchange before the punch may take (candidates, ping, SYNC)."""
 PUNCH_ATTEMPTS = direct.MAX_ATTEMPT
 """Attempts per round (each ``punch.ATTEMPT_TIMEOUT`` long)."""
+MAX_PATH_CONNECTIONS = 8
+"""Connections a round takes in (punched or accepted on the shared port) at most."""
 
 
 def switch_open_streams(relayed: Session, direct_session: Session) -> None:
@@ -223,8 +226,7 @@ class DirectPaths(NodeState):
                 raise _Stay("the peer sent no candidates")
             self._counters["punch_attempts"] += 1
             attempted = True
-            sock = await punch.simultaneous_open(port, targets, at=at, attempts=PUNCH_ATTEMPTS)
-            new = await self._path_handshake(sock, peer, initiator)
+            new = await self._connect_paths(port, targets, at, peer, initiator)
         except _Stay as exc:
             if attempted:
                 self._counters["punch_failures"] += 1
@@ -246,36 +248,102 @@ class DirectPaths(NodeState):
         log.info("direct path to %s established (%s)", peer.short(), new.route)
         switch_open_streams(session, new)
 
-    async def _path_handshake(
-        self, sock: anyio.abc.SocketStream, peer: NodeId, initiator: bool
+    async def _connect_paths(
+        self, port: int, targets: list[tuple[str, int]], at: float, peer: NodeId, initiator: bool
     ) -> Session:
-        """Authenticate the punched connection and pool it as ``peer``'s session."""
-        remote = sock.extra(SocketAttribute.remote_address)
+        """Punch, accept on the shared port meanwhile, authenticate; keep exactly one path.
+
+        Connections come from the punch (a simultaneous open, or an ordinary
+        connect when the peer is reachable) and from a listener on the shared
+        port for the round (the peer's SYN may arrive first).  The Noise
+        initiator runs the handshake on each and keeps the first that succeeds
+        (its session speaks on it at once, and it closes the others); the
+        responder answers on each and keeps the one on which the initiator's
+        first record arrives.  Both therefore keep the same connection.
+        """
+        conns, incoming = anyio.create_memory_object_stream[anyio.abc.SocketStream](
+            MAX_PATH_CONNECTIONS
+        )
+        failure: list[OSError] = []
+        won: list[tuple[anyio.abc.SocketStream, HandshakeResult, bytes]] = []
+        deadline = at + PUNCH_ATTEMPTS * punch.ATTEMPT_TIMEOUT + self.config.handshake_timeout
+
+        async def offer(conn: anyio.abc.SocketStream) -> None:
+            try:
+                conns.send_nowait(conn)
+            except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
+                await anyio.aclose_forcefully(conn)
+
+        async def listen() -> None:
+            try:
+                listener = await punch.shared_listener(port)
+            except OSError:
+                return  # the punch alone, then
+            async with listener:
+                for _ in range(MAX_PATH_CONNECTIONS):
+                    await offer(await listener.accept())
+
+        async def dial() -> None:
+            try:
+                conn = await punch.simultaneous_open(port, targets, at=at, attempts=PUNCH_ATTEMPTS)
+            except OSError as exc:  # PunchFailed among them
+                failure.append(exc)
+                return
+            await offer(conn)
+
+        async def attempt(conn: anyio.abc.SocketStream, scope: anyio.CancelScope) -> None:
+            try:
+                with anyio.fail_after(self.config.handshake_timeout):
+                    if initiator:
+                        result, leftover = await dial_handshake(conn, self._key, peer)
+                    else:
+                        result, leftover = await accept_handshake(conn, self._key)
+                    if result.peer != peer:  # node ids are public: no timing to hide
+                        raise PeerAuthenticationError("the punched connection has another key")
+                    if not initiator:
+                        # The initiator's first record says which connection it kept.
+                        leftover += await conn.receive()
+            except (
+                CapsockError,
+                OSError,
+                TimeoutError,
+                anyio.BrokenResourceError,
+                anyio.EndOfStream,
+            ):
+                await anyio.aclose_forcefully(conn)
+                return
+            except BaseException:
+                await anyio.aclose_forcefully(conn)
+                raise
+            if won:
+                await anyio.aclose_forcefully(conn)
+                return
+            won.append((conn, result, leftover))
+            scope.cancel()
+
+        with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(listen)
+                tg.start_soon(dial)
+                async with incoming:
+                    async for conn in incoming:
+                        tg.start_soon(attempt, conn, tg.cancel_scope)
+        conns.close()
+        if not won:
+            if failure:
+                raise failure[0]
+            raise _Stay("no punched connection passed the path handshake")
+        conn, result, leftover = won[0]
+        remote = conn.extra(SocketAttribute.remote_address)
         where = f"{remote[0]}:{remote[1]}" if isinstance(remote, tuple) else str(remote)
-        route = f"direct tcp:{where} (punched)"
-        new: Session | None = None
+        new = self._new_session(conn, result, leftover, f"direct tcp:{where} (punched)")
         try:
             with anyio.fail_after(self.config.handshake_timeout):
-                if initiator:
-                    result, leftover = await dial_handshake(sock, self._key, peer)
-                else:
-                    result, leftover = await accept_handshake(sock, self._key)
-                if result.peer != peer:  # node ids are public: no timing to hide
-                    raise PeerAuthenticationError(
-                        "the punched connection answered with another node's key"
-                    )
-                new = self._new_session(sock, result, leftover, route)
-                tg = self._require_running()
-                tg.start_soon(self._run_direct, new)
-                # The responder's handshake may be a replay until the
-                # initiator's first record authenticates (it sends one at once).
-                await new.confirmed.wait()
+                self._require_running().start_soon(self._run_direct, new)
                 await new.ready.wait()
+                await new.confirmed.wait()  # at once: the responder read the first record
         except BaseException:
-            if new is not None:
-                new.abort()
-            with anyio.CancelScope(shield=True):
-                await sock.aclose()
+            new.abort()
             raise
         if not new.is_usable:
             raise _Stay("the direct session ended at once")
