@@ -10,10 +10,12 @@ both backends.  Real NATs are in tests/test_direct_nat.py.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import NoReturn
 
 import anyio
 import pytest
@@ -21,6 +23,7 @@ import pytest
 import capsock
 from capsock import CapsockAttribute, direct
 from capsock._node_direct import DIRECT_TOKEN, _usable_local
+from capsock.errors import PunchFailed
 from capsock.forward import observed_address
 
 from .helpers import echo, read_all
@@ -89,7 +92,10 @@ async def test_the_relay_tells_a_registered_node_its_observed_address() -> None:
         await stream.aclose()
 
 
-async def test_a_relayed_session_goes_direct_and_new_streams_take_it() -> None:
+async def test_a_relayed_session_goes_direct_and_new_streams_take_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="capsock.node")
     async with three() as (t, a):
         stream = await a.connect(t.uri)
         assert stream.extra(CapsockAttribute.route).startswith("via ")
@@ -115,6 +121,31 @@ async def test_a_relayed_session_goes_direct_and_new_streams_take_it() -> None:
         assert await _echo(second, payload) == payload
         # The relay carried none of the new stream's payload (an OPEN's worth at most).
         assert t.relayed_bytes[0] - before < 4096
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith(f"direct path to {t.b.id.short()} established") for line in lines)
+    assert any(line.startswith(f"direct path to {a.id.short()} established") for line in lines)
+
+
+async def test_a_failed_punch_costs_the_application_nothing(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def no_path(*args: object, **kwargs: object) -> NoReturn:
+        raise PunchFailed({("192.0.2.1", 9): "timed out"}, 3)
+
+    monkeypatch.setattr("capsock.punch.simultaneous_open", no_path)
+    caplog.set_level(logging.INFO, logger="capsock.node")
+    async with three() as (t, a):
+        stream = await a.connect(t.uri)
+        payload = os.urandom(1 << 20)
+        assert await _echo(stream, payload) == payload
+        await _until(lambda: a.stats()["punch_failures"] == t.b.stats()["punch_failures"] == 1)
+        assert a.stats()["punch_successes"] == 0
+        again = await a.connect(t.uri)  # backing off: no new round, still relayed
+        assert again.extra(CapsockAttribute.route).startswith("via ")
+        assert await _echo(again, payload) == payload
+        assert a.stats()["punch_attempts"] == 1
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith(f"staying relayed: {t.b.id.short()}: ") for line in lines)
 
 
 async def test_the_direct_session_authenticates_the_same_peer_key() -> None:

@@ -283,15 +283,29 @@ class DirectPaths(NodeState):
                 for _ in range(MAX_PATH_CONNECTIONS):
                     await offer(await listener.accept())
 
-        async def dial() -> None:
+        running = [0]  # handshakes in progress
+
+        async def dial(scope: anyio.CancelScope) -> None:
             try:
                 conn = await punch.simultaneous_open(port, targets, at=at, attempts=PUNCH_ATTEMPTS)
             except OSError as exc:  # PunchFailed among them
                 failure.append(exc)
+                # The peer's last SYN may still reach the listener: one more
+                # attempt's time, then the round ends unless a handshake runs.
+                await anyio.sleep(punch.ATTEMPT_TIMEOUT)
+                if not running[0]:
+                    scope.cancel()
                 return
             await offer(conn)
 
         async def attempt(conn: anyio.abc.SocketStream, scope: anyio.CancelScope) -> None:
+            running[0] += 1
+            try:
+                await shake(conn, scope)
+            finally:
+                running[0] -= 1
+
+        async def shake(conn: anyio.abc.SocketStream, scope: anyio.CancelScope) -> None:
             try:
                 with anyio.fail_after(self.config.handshake_timeout):
                     if initiator:
@@ -324,7 +338,7 @@ class DirectPaths(NodeState):
         with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(listen)
-                tg.start_soon(dial)
+                tg.start_soon(dial, tg.cancel_scope)
                 async with incoming:
                     async for conn in incoming:
                         tg.start_soon(attempt, conn, tg.cancel_scope)
