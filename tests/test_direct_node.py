@@ -15,13 +15,13 @@ import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import anyio
 import pytest
 
 import capsock
-from capsock import CapsockAttribute, direct
+from capsock import CapsockAttribute, direct, punch
 from capsock._node_direct import DIRECT_TOKEN, _usable_local
 from capsock.errors import PunchFailed
 from capsock.forward import observed_address
@@ -148,6 +148,28 @@ async def test_a_failed_punch_costs_the_application_nothing(
     assert any(line.startswith(f"staying relayed: {t.b.id.short()}: ") for line in lines)
 
 
+async def test_a_failed_round_is_retried_after_the_backoff(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = punch.simultaneous_open
+    calls = [0]
+
+    async def fails_first(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] <= 2:  # both sides of the first round
+            raise PunchFailed({("192.0.2.1", 9): "timed out"}, 3)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr("capsock.punch.simultaneous_open", fails_first)
+    async with three() as (t, a):
+        for node in (a, t.b):
+            node._punch_budget = direct.PunchBudget(first=0.2)
+        stream = await a.connect(t.uri)
+        await _until(lambda: a.stats()["punch_successes"] == 1)  # no second connect()
+        assert a.stats()["punch_failures"] == 1 and a.stats()["punch_attempts"] == 2
+        await stream.aclose()
+
+
 async def test_the_direct_session_authenticates_the_same_peer_key() -> None:
     async with three() as (t, a):
         stream = await a.connect(t.uri)
@@ -220,7 +242,9 @@ async def test_rounds_per_peer_are_bounded_on_the_answering_side() -> None:
 def test_punch_budget_backs_off_and_bounds_rounds_per_minute() -> None:
     budget = direct.PunchBudget(first=30.0, largest=120.0, per_minute=2)
     assert budget.may_start("p", 0.0)
+    assert budget.retry_in("p", 0.0) == 0.0
     assert budget.failed("p", 1.0) == 30.0
+    assert budget.retry_in("p", 11.0) == 20.0
     assert not budget.may_start("p", 30.0)  # backing off
     assert budget.may_start("p", 31.5)
     assert budget.failed("p", 32.0) == 60.0

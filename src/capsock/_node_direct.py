@@ -3,7 +3,7 @@
 When a node reached a peer through a relay (a ``via`` route) and the relay said
 the peer coordinates direct paths too, the node opens one *coordination
 stream* on that end-to-end session (the reserved OPEN token ``0x01``,
-protocol 10.8), and the two exchange candidates, measure the round trip,
+protocol 10.9), and the two exchange candidates, measure the round trip,
 SYNC, and punch from their shared ports (:mod:`capsock.direct`,
 :mod:`capsock.punch`).  The connection that comes up is authenticated by a
 fresh Noise IK handshake (roles from the tie-break, not from who dialled)
@@ -43,7 +43,7 @@ from .stream import Stream
 log = logging.getLogger("capsock.node")
 
 DIRECT_TOKEN = b"\x01"
-"""The OPEN token of a coordination stream (protocol 10.8; never a capability token)."""
+"""The OPEN token of a coordination stream (protocol 10.9; never a capability token)."""
 COORDINATION_TIMEOUT = 10.0
 """Seconds the message exchange before the punch may take (candidates, ping, SYNC)."""
 PUNCH_ATTEMPTS = direct.MAX_ATTEMPT
@@ -177,6 +177,13 @@ class DirectPaths(NodeState):
             await self._round(session, ctl, observed)
         finally:
             self._punching.discard(session.peer)
+        if self._sessions.get(session.peer) is session and session.is_usable:
+            # Still relayed: try again once the backoff allows (and only then).
+            self._tg_start(lambda: self._retry_later(session))
+
+    async def _retry_later(self, session: Session) -> None:
+        await anyio.sleep(self._punch_budget.retry_in(session.peer, anyio.current_time()))
+        self._direct_after_connect(session)
 
     async def _answer_coordination(
         self, session: Session, ctl: Stream, observed: tuple[direct.Address, ...]

@@ -388,6 +388,11 @@ class PunchBudget:
         self._store(peer, (not_before, delay, starts))
         return True
 
+    def retry_in(self, peer: Hashable, now: float) -> float:
+        """Seconds until the backoff lets a round with ``peer`` start (0: now)."""
+        not_before = self._peers.get(peer, (0.0, self.first, []))[0]
+        return max(0.0, not_before - now)
+
     def failed(self, peer: Hashable, now: float) -> float:
         """A round failed: back off; returns the seconds until the next may start."""
         _, delay, starts = self._peers.get(peer, (0.0, self.first, []))

@@ -80,7 +80,7 @@ _CHUNK = 256 * 1024
 
 @dataclass(frozen=True, slots=True)
 class RouteInfo:
-    """What a forwarder's ``ok`` answer said beyond ``ok`` (protocol 10.7).
+    """What a forwarder's ``ok`` answer said beyond ``ok`` (protocol 10.8).
 
     ``observed``: the address the forwarder sees this node's connection come
     from (None when it did not say, or said something that is not a valid
@@ -288,7 +288,7 @@ class Forwarder:
                 return
             ok: dict[str, Any] = {"ok": True}
             if request.get("direct") is True:
-                # Only for a requester that asked (protocol 10.7): an older
+                # Only for a requester that asked (protocol 10.8): an older
                 # one gets exactly the answer it always got.
                 observed = _observed_field(stream)
                 if observed is not None:
@@ -418,7 +418,7 @@ async def open_via(node: ForwardingHost, via: Capability, target: NodeId) -> Str
 async def open_via_info(
     node: ForwardingHost, via: Capability, target: NodeId
 ) -> tuple[Stream, RouteInfo]:
-    """:func:`open_via`, and what the forwarder's answer said (protocol 10.7)."""
+    """:func:`open_via`, and what the forwarder's answer said (protocol 10.8)."""
     request: dict[str, Any] = {"op": "forward", "to": target.raw}
     if node.config.direct_paths:
         request["direct"] = True
