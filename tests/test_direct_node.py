@@ -227,14 +227,31 @@ async def test_coordination_on_a_direct_session_is_refused() -> None:
         tg.cancel_scope.cancel()
 
 
-async def test_rounds_per_peer_are_bounded_on_the_answering_side() -> None:
+async def test_rounds_per_peer_are_bounded_on_the_answering_side(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def no_path(*args: object, **kwargs: object) -> NoReturn:
+        raise PunchFailed({("192.0.2.1", 9): "timed out"}, 3)
+
+    monkeypatch.setattr("capsock.punch.simultaneous_open", no_path)
     async with three() as (t, a):
         stream = await a.connect(t.uri)
-        await _until(lambda: a.stats()["punch_successes"] == 1)
-        session = stream._session  # the relayed one: B already holds a direct one
+        await _until(lambda: t.b.stats()["punch_failures"] == 1)
+        # A peer that ignores its own backoff gets no further round from B.
+        session = stream._session
         for _ in range(5):
             with pytest.raises(capsock.CapabilityRejected):
                 await session.open_stream(DIRECT_TOKEN)
+        assert t.b.stats()["punch_attempts"] == 1
+        await stream.aclose()
+
+
+async def test_no_second_round_once_a_direct_path_exists() -> None:
+    async with three() as (t, a):
+        stream = await a.connect(t.uri)
+        await _until(lambda: a.stats()["punch_successes"] == 1)
+        with pytest.raises(capsock.CapabilityRejected):
+            await stream._session.open_stream(DIRECT_TOKEN)
         assert t.b.stats()["punch_attempts"] == 1
         await stream.aclose()
 
