@@ -9,6 +9,8 @@ URIs are untrusted: looping or deeply nested via hints are refused.
 from __future__ import annotations
 
 import contextvars
+import errno
+import ipaddress
 import logging
 import socket
 
@@ -16,13 +18,14 @@ import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
 
+from . import punch
 from ._node_state import MAX_ROUTES, NodeState
 from .errors import (
     CapsockError,
     PeerAuthenticationError,
     Unreachable,
 )
-from .forwarding import open_via, transport_token
+from .forwarding import open_via_info, transport_token
 from .keys import NodeId
 from .session import Session, dial_handshake
 from .stream import Stream
@@ -40,6 +43,22 @@ _DIALING: contextvars.ContextVar[frozenset[NodeId]] = contextvars.ContextVar(
     "capsock_dialing", default=frozenset()
 )
 """The nodes this task is dialing right now (a via route dials its forwarder first)."""
+
+SHARED_PORT_DIAL: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "capsock_shared_port_dial", default=False
+)
+"""Set while dialing a relay or forwarder: its TCP dials go out from the node's
+shared port (docs/direct-paths.md), so the address the relay observes is the one
+a punch comes from.  Other dials use ordinary sockets."""
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
 
 MAX_DIAL_NESTING = 4
 """How many dials one task may nest (a via route dials its forwarder, whose own
@@ -139,6 +158,8 @@ class Dialing(NodeState):
 
     async def _connect_route(self, hint: Hint, node: NodeId) -> anyio.abc.ByteStream:
         if isinstance(hint, TcpHint):
+            if self.config.direct_paths and SHARED_PORT_DIAL.get() and _is_ip(hint.host):
+                return await self._dial_shared(hint.host, hint.port)
             stream = await anyio.connect_tcp(hint.host, hint.port)
             sock = stream.extra(SocketAttribute.raw_socket)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -147,7 +168,33 @@ class Dialing(NodeState):
             return await anyio.connect_unix(hint.path)
         if hint.capability.node == node:
             raise Unreachable("a forwarding route through the endpoint itself is useless")
-        return await open_via(self, hint.capability, node)
+        token = SHARED_PORT_DIAL.set(True)
+        try:
+            carried, info = await open_via_info(self, hint.capability, node)
+        finally:
+            SHARED_PORT_DIAL.reset(token)
+        if self.config.direct_paths:
+            # Hints for a later punch (_node_direct); bounded like the routes.
+            self._route_info[node] = info
+            self._route_info.move_to_end(node)
+            if len(self._route_info) > MAX_ROUTES:
+                self._route_info.popitem(last=False)
+        return carried
+
+    async def _dial_shared(self, host: str, port: int) -> anyio.abc.ByteStream:
+        """Dial from the shared port (chosen by the first such dial)."""
+        local = self._shared_port or 0
+        try:
+            stream = await punch.dial_from(local, host, port)
+        except OSError as exc:
+            if not local or exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+                raise
+            # The same 4-tuple is still in TIME_WAIT (a quick re-dial of the
+            # same relay): this one connection goes out from another port.
+            return await punch.dial_from(0, host, port)
+        if self._shared_port is None:
+            self._shared_port = stream.extra(SocketAttribute.local_port)
+        return stream
 
     async def _open_transport(self, target: NodeId) -> Stream:
         """A transport stream to ``target`` for a forwarded session (forwarder side).

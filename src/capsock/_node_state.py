@@ -22,11 +22,12 @@ from ._admission import HalfOpenTable, ReplayCache, SourceBuckets
 from ._listener import Listener
 from ._logs import LimitedLog
 from .config import NodeConfig
+from .direct import Address, PunchBudget
 from .errors import (
     CapabilityRejected,
     LocalUsageError,
 )
-from .forwarding import Forwarder
+from .forwarding import Forwarder, RouteInfo
 from .handshake import HandshakeResult
 from .keys import KeyPair, NodeId
 from .session import Session
@@ -116,6 +117,15 @@ class NodeState:
     _tg: anyio.abc.TaskGroup | None
     _closed: bool
     _counters: dict[str, int]
+    # direct paths (_node_direct, docs/direct-paths.md)
+    _shared_port: int | None
+    """The local port relay and forwarder dials and punches go out from (None: none yet)."""
+    _observed: dict[NodeId, Address]
+    """Per relay this node is registered with, the address it sees us come from."""
+    _route_info: collections.OrderedDict[NodeId, RouteInfo]
+    """Per peer reached through a forwarder, what the forwarder's answer said (bounded)."""
+    _punch_budget: PunchBudget
+    _punching: set[NodeId]
 
     @property
     def id(self) -> NodeId:

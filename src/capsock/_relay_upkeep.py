@@ -16,13 +16,15 @@ from typing import Protocol
 import anyio
 import anyio.abc
 
+from ._node_dialing import SHARED_PORT_DIAL
 from .config import NodeConfig
+from .direct import Address
 from .errors import (
     CapabilityRejected,
     CapsockError,
     ErrorCode,
 )
-from .forwarding import register as forward_register
+from .forwarding import register_info
 from .keys import NodeId
 from .stream import Stream
 from .uri import (
@@ -42,6 +44,7 @@ class RelayHost(Protocol):
     async def connect(self, uri: str | Capability) -> Stream: ...
 
     relay_status: dict[str, str]
+    _observed: dict[NodeId, Address]
     _relay_changed: anyio.Event
     _relay_refusals: dict[str, CapabilityRejected]
     _closed: bool
@@ -57,9 +60,11 @@ class RelayUpkeep:
         key = relay.redacted()
         while not self._closed:
             RelayUpkeep._set_relay_status(self, key, "connecting")
+            token = SHARED_PORT_DIAL.set(True)  # the relay observes the shared port
             try:
-                stream = await forward_register(self, relay)
+                stream, info = await register_info(self, relay)
             except (CapsockError, OSError, TimeoutError, anyio.BrokenResourceError) as exc:
+                SHARED_PORT_DIAL.reset(token)
                 if isinstance(exc, CapabilityRejected) and exc.code == ErrorCode.REFUSED:
                     # The capability is dead (revoked, expired, forged): retrying
                     # cannot help.  BUSY and SHUTTING_DOWN are worth a retry.
@@ -70,6 +75,10 @@ class RelayUpkeep:
                 RelayUpkeep._set_relay_status(self, key, f"failed: {exc}")
                 log.warning("relay %s: %s; retrying in %.1f s", relay.node.short(), str(exc), delay)
             else:
+                SHARED_PORT_DIAL.reset(token)
+                if info.observed is not None:
+                    # A punch candidate only (docs/direct-paths.md, section 2).
+                    self._observed[relay.node] = info.observed
                 RelayUpkeep._set_relay_status(self, key, "registered")
                 delay = first
                 log.info("registered with relay %s", relay.node.short())
@@ -78,6 +87,7 @@ class RelayUpkeep:
                         while True:
                             await stream.receive()
                 except (anyio.EndOfStream, anyio.BrokenResourceError, CapsockError):
+                    self._observed.pop(relay.node, None)
                     RelayUpkeep._set_relay_status(self, key, "lost")
                     if self._closed:  # our own shutdown closed the session
                         return

@@ -226,6 +226,10 @@ class NodeConfig:
     share, or the node-wide limit); else the newcomer gets ``BUSY``."""
     relay_backoff: tuple[float, float] = (0.5, 30.0)
     """Reconnect delay to a relay: first and largest (doubling, with jitter)."""
+    direct_paths: bool = True
+    """Try a direct path (TCP hole punching) to peers reached through a relay,
+    and answer peers that try (docs/direct-paths.md).  ``False``: no candidates
+    are sent, no coordination is accepted, relay dials use an ordinary socket."""
     max_sessions: int = 4096
     """Direct sessions (inbound and outbound) this node keeps at once.  When an
     inbound session would exceed it (or the descriptor budget), the oldest
@@ -283,6 +287,8 @@ class NodeConfig:
                 "and at most the largest"
             )
         _set(self, "relay_backoff", (first, largest))
+        if not isinstance(self.direct_paths, bool):
+            raise LocalUsageError(f"direct_paths must be True or False, got {self.direct_paths!r}")
         for name in ("handshake_rate", "refused_open_rate"):
             rate, burst = _pair(name, getattr(self, name))
             if not (rate > 0 and burst >= 1):

@@ -26,9 +26,10 @@ Bad input raises :class:`DirectMessageError` (a ProtocolError); nothing else.
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -47,6 +48,7 @@ __all__ = [
     "PathOffer",
     "Ping",
     "Pong",
+    "PunchBudget",
     "RttMeter",
     "Sync",
     "answer",
@@ -337,3 +339,73 @@ def choose_path(local_id: bytes, peer_id: bytes, offers: Iterable[PathOffer]) ->
     if not ranked:
         raise ValueError("no path to choose from")
     return ranked[0].path_id
+
+
+# -- bounds -------------------------------------------------------------------------
+
+BACKOFF_FIRST = 30.0
+"""Seconds before a peer is punched again after a failed round (then doubling)."""
+BACKOFF_MAX = 30 * 60.0
+"""The largest backoff between rounds to one peer."""
+ROUNDS_PER_MINUTE = 2
+"""Rounds one peer may start (either side) in any 60 s."""
+MAX_PEERS_TRACKED = 4096
+"""Peers whose backoff is remembered (the least recently seen go first)."""
+
+
+class PunchBudget:
+    """How often rounds to one peer may run: per-peer backoff and a per-minute bound.
+
+    Both sides of a coordination keep one: the side that starts a round asks
+    :meth:`may_start`, the side asked to take part asks it too (so a peer cannot
+    make this node send SYNs faster than the bound, whoever opens).  Time is a
+    parameter (seconds on any monotonic clock); no I/O.  Bounded in size.
+    """
+
+    def __init__(
+        self,
+        first: float = BACKOFF_FIRST,
+        largest: float = BACKOFF_MAX,
+        per_minute: int = ROUNDS_PER_MINUTE,
+        max_peers: int = MAX_PEERS_TRACKED,
+    ) -> None:
+        self.first = first
+        self.largest = largest
+        self.per_minute = per_minute
+        self.max_peers = max_peers
+        # peer -> (not before, next delay, start times in the last minute)
+        self._peers: collections.OrderedDict[Hashable, tuple[float, float, list[float]]] = (
+            collections.OrderedDict()
+        )
+
+    def may_start(self, peer: Hashable, now: float) -> bool:
+        """True (and the round is counted) if a round with ``peer`` may start now."""
+        not_before, delay, starts = self._peers.get(peer, (0.0, self.first, []))
+        starts = [t for t in starts if now - t < 60.0]
+        if now < not_before or len(starts) >= self.per_minute:
+            return False
+        starts.append(now)
+        self._store(peer, (not_before, delay, starts))
+        return True
+
+    def retry_in(self, peer: Hashable, now: float) -> float:
+        """Seconds until the backoff lets a round with ``peer`` start (0: now)."""
+        not_before = self._peers.get(peer, (0.0, self.first, []))[0]
+        return max(0.0, not_before - now)
+
+    def failed(self, peer: Hashable, now: float) -> float:
+        """A round failed: back off; returns the seconds until the next may start."""
+        _, delay, starts = self._peers.get(peer, (0.0, self.first, []))
+        self._store(peer, (now + delay, min(delay * 2, self.largest), starts))
+        return delay
+
+    def succeeded(self, peer: Hashable) -> None:
+        """A direct path came up: the backoff starts again from ``first``."""
+        _, _, starts = self._peers.get(peer, (0.0, self.first, []))
+        self._store(peer, (0.0, self.first, starts))
+
+    def _store(self, peer: Hashable, value: tuple[float, float, list[float]]) -> None:
+        self._peers[peer] = value
+        self._peers.move_to_end(peer)
+        while len(self._peers) > self.max_peers:
+            self._peers.popitem(last=False)

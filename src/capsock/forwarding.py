@@ -33,15 +33,18 @@ every request F does not carry is answered ``{"ok": false, "error": ...}``
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import anyio
 import anyio.abc
 
 from .config import NodeConfig
-from .errors import CapsockError, ErrorCode, ProtocolError, Unreachable
+from .direct import Address
+from .errors import CapsockError, DirectMessageError, ErrorCode, ProtocolError, Unreachable
 from .keys import NodeId
 from .messages import printable, receive_message, send_message
 from .stream import CapsockAttribute, Stream
@@ -52,8 +55,12 @@ __all__ = [
     "UNREACHABLE_REASON",
     "Forwarder",
     "ForwardingHost",
+    "RouteInfo",
+    "observed_address",
     "open_via",
+    "open_via_info",
     "register",
+    "register_info",
     "splice",
     "transport_token",
     "transport_voucher",
@@ -69,6 +76,55 @@ it with :func:`transport_voucher`, and nothing else looks at the byte."""
 UNREACHABLE_REASON = "the forwarder cannot reach that node"
 """The one answer for every routing failure: it names no address (protocol 10.3)."""
 _CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RouteInfo:
+    """What a forwarder's ``ok`` answer said beyond ``ok`` (protocol 10.8).
+
+    ``observed``: the address the forwarder sees this node's connection come
+    from (None when it did not say, or said something that is not a valid
+    candidate); ``peer_direct``: the target registered with the forwarder
+    saying it takes part in direct-path coordination (forward answers only).
+    Both are hints from the forwarder, never proof of anything.
+    """
+
+    observed: Address | None = None
+    peer_direct: bool = False
+
+
+def observed_address(route: str) -> Address | None:
+    """The TCP source address in an accepting side's route (``inbound tcp:IP:PORT``).
+
+    None for anything else (a unix socket, a forwarded session): only a direct
+    TCP connection has an address worth telling the node.
+    """
+    prefix = "inbound tcp:"
+    if not route.startswith(prefix):
+        return None
+    host, _, port = route[len(prefix) :].rpartition(":")
+    host = host.strip("[]")
+    try:
+        return Address(str(ipaddress.ip_address(host)), int(port))
+    except (ValueError, DirectMessageError):
+        return None
+
+
+def _observed_field(stream: Stream) -> list[Any] | None:
+    addr = observed_address(str(stream.extra(CapsockAttribute.route, "")))
+    return None if addr is None else [addr.host, addr.port]
+
+
+def _route_info(answer: dict[Any, Any]) -> RouteInfo:
+    """Read the optional fields of an ``ok`` answer; bad ones are ignored (hints only)."""
+    observed: Address | None = None
+    value = answer.get("observed")
+    if isinstance(value, list) and len(value) == 2:
+        try:
+            observed = Address(value[0], value[1])
+        except DirectMessageError:
+            observed = None
+    return RouteInfo(observed, answer.get("direct") is True)
 
 
 def transport_token(voucher: bytes | None) -> bytes:
@@ -156,6 +212,8 @@ class Forwarder:
         """Forwarded sessions being carried right now."""
         self.registered: dict[NodeId, int] = {}
         """Nodes that keep a registration stream open (relay clients)."""
+        self.direct_capable: dict[NodeId, int] = {}
+        """Of those, the ones that said they coordinate direct paths (per stream count)."""
         self._per_peer: dict[NodeId, int] = {}
 
     def _transit(self, data: bytes) -> bytes:
@@ -194,7 +252,7 @@ class Forwarder:
             if targets:
                 await self._refuse(stream, "this forwarding capability is limited to one target")
             else:
-                await self._registered(stream)
+                await self._registered(stream, request.get("direct") is True)
             return
         if (
             not isinstance(request, dict)
@@ -228,8 +286,16 @@ class Forwarder:
                 log.info("cannot forward %s -> %s: %s", peer.short(), target.short(), str(exc))
                 await self._refuse(stream, UNREACHABLE_REASON)
                 return
+            ok: dict[str, Any] = {"ok": True}
+            if request.get("direct") is True:
+                # Only for a requester that asked (protocol 10.8): an older
+                # one gets exactly the answer it always got.
+                observed = _observed_field(stream)
+                if observed is not None:
+                    ok["observed"] = observed
+                ok["direct"] = target in self.direct_capable
             try:
-                await send_message(stream, {"ok": True})
+                await send_message(stream, ok)
             except (CapsockError, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 await onward.aclose()
                 await stream.aclose()
@@ -254,13 +320,20 @@ class Forwarder:
         stream.reset(code)
         await stream.aclose()
 
-    async def _registered(self, stream: Stream) -> None:
+    async def _registered(self, stream: Stream, direct: bool = False) -> None:
         """A client keeps this stream open to stay reachable through us."""
         peer = stream.peer
         self.registered[peer] = self.registered.get(peer, 0) + 1
+        if direct:
+            self.direct_capable[peer] = self.direct_capable.get(peer, 0) + 1
         log.info("%s registered for forwarding", peer.short())
+        ok: dict[str, Any] = {"ok": True}
+        if direct:
+            observed = _observed_field(stream)
+            if observed is not None:
+                ok["observed"] = observed
         try:
-            await send_message(stream, {"ok": True})
+            await send_message(stream, ok)
             while True:
                 await stream.receive()  # nothing is expected; wait for the end
         except (anyio.EndOfStream, anyio.BrokenResourceError, CapsockError):
@@ -269,6 +342,10 @@ class Forwarder:
             self.registered[peer] -= 1
             if not self.registered[peer]:
                 del self.registered[peer]
+            if direct:
+                self.direct_capable[peer] -= 1
+                if not self.direct_capable[peer]:
+                    del self.direct_capable[peer]
             await stream.aclose()
 
 
@@ -279,11 +356,23 @@ async def register(node: ForwardingHost, relay: Capability) -> Stream:
         CapabilityRejected: the relay refused the capability.
         ProtocolError: the relay's answer was malformed or negative.
     """
-    stream, answer = await _request(node, relay, {"op": "register"})
+    return (await register_info(node, relay))[0]
+
+
+async def register_info(node: ForwardingHost, relay: Capability) -> tuple[Stream, RouteInfo]:
+    """:func:`register`, and what the relay's answer said (the observed address).
+
+    The request says ``"direct": true`` when the node coordinates direct paths
+    (``NodeConfig.direct_paths``); the relay then tells it the address it sees.
+    """
+    request: dict[str, Any] = {"op": "register"}
+    if node.config.direct_paths:
+        request["direct"] = True
+    stream, answer = await _request(node, relay, request)
     if answer.get("ok") is not True:
         await stream.aclose()
         raise ProtocolError(f"the relay did not accept the registration: {_reason(answer)}")
-    return stream
+    return stream, _route_info(answer)
 
 
 async def _request(
@@ -323,10 +412,20 @@ async def open_via(node: ForwardingHost, via: Capability, target: NodeId) -> Str
             hung up without answering.
         PeerAuthenticationError / ProtocolError: as for any connect.
     """
-    stream, answer = await _request(node, via, {"op": "forward", "to": target.raw})
+    return (await open_via_info(node, via, target))[0]
+
+
+async def open_via_info(
+    node: ForwardingHost, via: Capability, target: NodeId
+) -> tuple[Stream, RouteInfo]:
+    """:func:`open_via`, and what the forwarder's answer said (protocol 10.8)."""
+    request: dict[str, Any] = {"op": "forward", "to": target.raw}
+    if node.config.direct_paths:
+        request["direct"] = True
+    stream, answer = await _request(node, via, request)
     if answer.get("ok") is not True:
         await stream.aclose()
         raise Unreachable(
             f"the forwarder {via.node.short()} did not forward the session: {_reason(answer)}"
         )
-    return stream
+    return stream, _route_info(answer)

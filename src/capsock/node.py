@@ -45,10 +45,12 @@ from ._listener import Listener
 from ._logs import LimitedLog
 from ._node_binding import Binding
 from ._node_dialing import Dialing
+from ._node_direct import DirectPaths
 from ._node_opens import OpenDecisions
 from ._node_state import MAX_AUTHORIZED_PEERS, HalfOpen
 from ._relay_upkeep import RelayUpkeep
 from .config import NodeConfig, parse_listen
+from .direct import PunchBudget
 from .errors import (
     CapabilityRejected,
     ErrorCode,
@@ -77,7 +79,7 @@ __all__ = ["Listener", "Node", "NodeConfig"]
 log = logging.getLogger("capsock.node")
 
 
-class Node(Binding, OpenDecisions, Dialing, RelayUpkeep):
+class Node(DirectPaths, Binding, OpenDecisions, Dialing, RelayUpkeep):
     """One identity (an Ed25519 key pair) with its listeners and sessions.
 
     Use as an async context manager::
@@ -214,7 +216,15 @@ class Node(Binding, OpenDecisions, Dialing, RelayUpkeep):
             "accept_errors": 0,
             "forwarded_refused": 0,
             "sessions_cut_for_refusals": 0,
+            "punch_attempts": 0,
+            "punch_successes": 0,
+            "punch_failures": 0,
         }
+        self._shared_port: int | None = None
+        self._observed = {}
+        self._route_info = collections.OrderedDict()
+        self._punch_budget = PunchBudget()
+        self._punching = set()
 
     # ---------------------------------------------------------- identity
 
@@ -527,4 +537,5 @@ class Node(Binding, OpenDecisions, Dialing, RelayUpkeep):
         session = await self._session_for(cap.node, cap.hints)
         stream = await session.open_stream(cap.token.encode(), cap)
         self._remember_route(cap)
+        self._direct_after_connect(session)  # a punch in the background, never awaited
         return stream

@@ -25,7 +25,7 @@ import anyio
 from .. import statedir
 from ..errors import ErrorCode, InvalidCapability, LocalUsageError, PeerAuthenticationError
 from ..keys import KeyPair, NodeId
-from ..node import Listener, Node
+from ..node import Listener, Node, NodeConfig
 from ..stream import Stream
 from ..uri import Capability, Expires, Peer, TcpHint, UnixHint, ViaHint
 from .output import CliError, Exit, bar_drawn, info, quiet, say, set_quiet
@@ -254,7 +254,20 @@ def dialing_node(args: argparse.Namespace, target: Capability) -> Node:
     if key is None:
         key = KeyPair.generate()
     check_before_dialing(target, key.node_id, who)
-    return Node(key=key)
+    return Node(key=key, config=_direct_config(args))
+
+
+def _direct_config(args: argparse.Namespace) -> NodeConfig | None:
+    """``--no-direct``: never punch (docs/direct-paths.md); else the defaults."""
+    return NodeConfig(direct_paths=False) if getattr(args, "no_direct", False) else None
+
+
+def _add_no_direct(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-direct", action="store_true",
+        help="stay on the relay: do not try a direct path (hole punching) to peers "
+        "reached through one, and send them no addresses",
+    )  # fmt: skip
 
 
 def check_before_dialing(cap: Capability, me: NodeId, who: str = "this identity") -> None:
@@ -334,6 +347,7 @@ async def listening_node(
             listen=[_listen_spec(s) for s in listen],
             advertise=[_listen_spec(s) for s in args.advertise] if args.advertise else None,
             relays=relays,
+            config=_direct_config(args),
         )
     except LocalUsageError as exc:
         raise CliError(str(exc), Exit.USAGE) from None
@@ -540,6 +554,7 @@ def add_node_options(parser: argparse.ArgumentParser, *, sturdy: bool) -> None:
         "--uri-file", type=Path, metavar="PATH",
         help="also write the capability to PATH (mode 0600), for scripts",
     )  # fmt: skip
+    _add_no_direct(parser)
     add_caveat_options(parser)
     if sturdy:
         parser.add_argument(
@@ -588,3 +603,4 @@ def add_dialer_options(parser: argparse.ArgumentParser) -> None:
         "--ephemeral", action="store_true",
         help="dial with a fresh identity instead of this machine's",
     )  # fmt: skip
+    _add_no_direct(parser)
