@@ -258,16 +258,10 @@ def dialing_node(args: argparse.Namespace, target: Capability) -> Node:
 
 
 def _direct_config(args: argparse.Namespace) -> NodeConfig | None:
-    """``--no-direct``: never punch (docs/direct-paths.md); else the defaults."""
     return NodeConfig(direct_paths=False) if getattr(args, "no_direct", False) else None
 
 
-def _add_no_direct(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--no-direct", action="store_true",
-        help="stay on the relay: do not try a direct path (hole punching) to peers "
-        "reached through one, and send them no addresses",
-    )  # fmt: skip
+_NO_DIRECT = "stay on the relay: do not try a direct path (hole punching) to peers reached through one, and send them no addresses"  # noqa: E501
 
 
 def check_before_dialing(cap: Capability, me: NodeId, who: str = "this identity") -> None:
@@ -554,7 +548,7 @@ def add_node_options(parser: argparse.ArgumentParser, *, sturdy: bool) -> None:
         "--uri-file", type=Path, metavar="PATH",
         help="also write the capability to PATH (mode 0600), for scripts",
     )  # fmt: skip
-    _add_no_direct(parser)
+    parser.add_argument("--no-direct", action="store_true", help=_NO_DIRECT)
     add_caveat_options(parser)
     if sturdy:
         parser.add_argument(
@@ -603,4 +597,4 @@ def add_dialer_options(parser: argparse.ArgumentParser) -> None:
         "--ephemeral", action="store_true",
         help="dial with a fresh identity instead of this machine's",
     )  # fmt: skip
-    _add_no_direct(parser)
+    parser.add_argument("--no-direct", action="store_true", help=_NO_DIRECT)
