@@ -116,7 +116,8 @@ async def test_a_relayed_session_goes_direct_and_new_streams_take_it(
             assert stats["punch_attempts"] == 1 and stats["punch_failures"] == 0
         before = t.relayed_bytes[0]
         second = await a.connect(t.uri)
-        assert second.extra(CapsockAttribute.route).startswith("direct tcp:127.0.0.1:")
+        route = second.extra(CapsockAttribute.route)  # any of this host's addresses
+        assert route.startswith("direct tcp:") and route.endswith(" (punched)"), route
         payload = os.urandom(1 << 20)
         assert await _echo(second, payload) == payload
         # The relay carried none of the new stream's payload (an OPEN's worth at most).
@@ -299,3 +300,21 @@ def test_local_candidates_are_never_link_local_or_loopback(
     fake = [("169.254.3.4", 9), ("fe80::1", 9), ("127.0.0.1", 9), ("192.0.2.10", 9)]
     monkeypatch.setattr("capsock.punch.local_candidates", lambda port: fake)
     assert _usable_local(9) == [direct.Address("192.0.2.10", 9)]
+
+
+async def test_rounds_at_once_are_bounded_node_wide(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many peers (or one holder with many keys) cannot each start a round at
+    once: past ``MAX_ROUNDS_AT_ONCE`` the answering node refuses coordination
+    and the dialer does not ask; both stay relayed and the data still flows."""
+    async with three() as (t, a):
+        monkeypatch.setattr("capsock._node_direct.MAX_ROUNDS_AT_ONCE", 0)
+        stream = await a.connect(t.uri)
+        payload = os.urandom(64 << 10)
+        assert await _echo(stream, payload) == payload
+        await anyio.sleep(0.5)
+        assert a.stats()["punch_attempts"] == 0
+        # Asked anyway (a peer that ignores its own bound), B refuses.
+        with pytest.raises(capsock.CapabilityRejected):
+            await stream._session.open_stream(DIRECT_TOKEN)
+        assert t.b.stats()["punch_attempts"] == 0
+        await stream.aclose()

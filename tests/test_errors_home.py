@@ -25,6 +25,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "capsock"
 ELSEWHERE = {
     "stream.py": "StreamResetError/ConnectionLostError also derive from anyio's stream "
     "errors, and errors.py must stay free of anyio (the sans-IO core imports it)",
+    "_node_direct.py": "_Stay is private control flow inside a punch round, never raised out of it",
     "http.py": "ClientDisconnected is an OSError for the ASGI/WSGI servers, not a capsock error",
 }
 """Modules of the package (not subpackages: rpc and cli are layers of their

@@ -50,6 +50,10 @@ PUNCH_ATTEMPTS = direct.MAX_ATTEMPT
 """Attempts per round (each ``punch.ATTEMPT_TIMEOUT`` long)."""
 MAX_PATH_CONNECTIONS = 8
 """Connections a round takes in (punched or accepted on the shared port) at most."""
+MAX_ROUNDS_AT_ONCE = 8
+"""Rounds this node runs at once, with all peers together: the per-peer budget
+does not stop many peers (or one holder with many keys) from each asking for a
+round, and each round sends SYNs and holds a listener; past it, peers stay relayed."""
 
 
 def switch_open_streams(relayed: Session, direct_session: Session) -> None:
@@ -133,6 +137,8 @@ class DirectPaths(NodeState):
             return
         if self._sessions.get(peer) is not session or peer in self._punching:
             return  # already direct (or another path), or a round is running
+        if len(self._punching) >= MAX_ROUNDS_AT_ONCE:
+            return  # busy with other peers: stay relayed (tried again on a later connect)
         if not self._punch_budget.may_start(peer, anyio.current_time()):
             return
         self._punching.add(peer)
@@ -152,6 +158,8 @@ class DirectPaths(NodeState):
             why = "the peer holds no capability of this node"
         elif self._sessions.get(peer) is not session or peer in self._punching:
             why = "a direct path exists or a round is running"
+        elif len(self._punching) >= MAX_ROUNDS_AT_ONCE:
+            why = f"{MAX_ROUNDS_AT_ONCE} rounds with other peers are running"
         elif not self._punch_budget.may_start(peer, anyio.current_time()):
             why = "too many rounds with this peer (backing off)"
         if why is not None:
@@ -177,7 +185,8 @@ class DirectPaths(NodeState):
             await self._round(session, ctl, observed)
         finally:
             self._punching.discard(session.peer)
-        if self._sessions.get(session.peer) is session and session.is_usable:
+        running = self._tg is not None and not self._closed
+        if running and self._sessions.get(session.peer) is session and session.is_usable:
             # Still relayed: try again once the backoff allows (and only then).
             self._tg_start(lambda: self._retry_later(session))
 
@@ -342,14 +351,25 @@ class DirectPaths(NodeState):
             won.append((conn, result, leftover))
             scope.cancel()
 
-        with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(listen)
-                tg.start_soon(dial, tg.cancel_scope)
-                async with incoming:
+        try:
+            with conns, anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(listen)
+                    tg.start_soon(dial, tg.cancel_scope)
                     async for conn in incoming:
                         tg.start_soon(attempt, conn, tg.cancel_scope)
-        conns.close()
+        except BaseException:  # cancelled (the node closes): the winner is nobody's
+            for conn, _, _ in won:
+                await anyio.aclose_forcefully(conn)
+            raise
+        finally:  # connections offered but never taken: close them, not the GC
+            while True:
+                try:
+                    left = incoming.receive_nowait()
+                except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                    break
+                await anyio.aclose_forcefully(left)
+            incoming.close()
         if not won:
             if failure:
                 raise failure[0]
@@ -357,14 +377,17 @@ class DirectPaths(NodeState):
         conn, result, leftover = won[0]
         remote = conn.extra(SocketAttribute.remote_address)
         where = f"{remote[0]}:{remote[1]}" if isinstance(remote, tuple) else str(remote)
+        if self._tg is None or self._closed:
+            await anyio.aclose_forcefully(conn)
+            raise _Stay("the node is closing")
         new = self._new_session(conn, result, leftover, f"direct tcp:{where} (punched)")
         try:
             with anyio.fail_after(self.config.handshake_timeout):
-                self._require_running().start_soon(self._run_direct, new)
+                self._tg.start_soon(self._run_direct, new)
                 await new.ready.wait()
                 await new.confirmed.wait()  # at once: the responder read the first record
         except BaseException:
-            new.abort()
+            new.close_now()
             raise
         if not new.is_usable:
             raise _Stay("the direct session ended at once")

@@ -30,6 +30,7 @@ __all__ = [
     "HandshakeError",
     "InvalidCapability",
     "LocalUsageError",
+    "NotAnOffer",
     "PathAuthError",
     "PathLost",
     "PathSwitchError",
@@ -38,7 +39,11 @@ __all__ = [
     "PunchFailed",
     "ResourceLimitExceeded",
     "StreamReset",
+    "TransferDeclined",
+    "TransferError",
+    "TransferIntegrityError",
     "Unreachable",
+    "UnsafeTarget",
 ]
 
 
@@ -218,3 +223,43 @@ class PathLost(CapsockError):
     """Every path of the session died, or records that only a dead path held
     cannot be sent again: the session ends (its streams fail), nothing is
     silently lost."""
+
+
+# ------------------------------------------------------------------ file transfer
+
+
+class TransferError(CapsockError):
+    """A file or directory transfer failed; the message says why and what to do."""
+
+
+class TransferDeclined(TransferError):
+    """The offer was declined, by this side or by the other.
+
+    ``remote`` is the reason the sender is (or was) told: it never carries a
+    local path or user name.  ``retry`` is True when the receiver said it will
+    come back once its side is fixed (the target exists, a directory to
+    stdout, ...): a sender that offered ``retry_ok`` does not count it as a use.
+    """
+
+    def __init__(self, message: str, remote: str = "", *, retry: bool = False) -> None:
+        super().__init__(message)
+        self.remote = remote or message
+        self.retry = retry
+
+
+class UnsafeTarget(TransferError):
+    """Something other than the receiver's own, single-linked regular file (or
+    directory) is where it writes: a planted link, another user's file, a FIFO...
+
+    ``str()`` names the local path (for this user); :attr:`remote` is what the
+    other side may be told (no local path)."""
+
+    remote = "the receiver cannot write the file there safely"
+
+
+class TransferIntegrityError(TransferError):
+    """The received data failed its end-to-end SHA-256 check (it was removed)."""
+
+
+class NotAnOffer(TransferError):
+    """The other side does not speak ``capsock-send/1``: not a ``send`` capability."""
