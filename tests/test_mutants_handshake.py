@@ -323,3 +323,24 @@ def test_the_responders_choice(extensions: bytes, allowed: list[str] | None, cip
     assert resp.read_first(to_bob(ALICE.node_id.raw + extensions)) == ALICE.node_id
     _, result = resp.second_record()
     assert result.cipher_name == cipher
+
+
+@pytest.mark.parametrize(
+    ("claimed", "static", "kind"),
+    [
+        (BOB.node_id.twin().raw, BOB, HandshakeError),  # BOB's key, claiming BOB's twin
+        (BOB.node_id.raw, ALICE, HandshakeError),  # another key, claiming BOB's id
+    ],
+    ids=["own-key-twin-id", "own-id-other-key"],
+)
+def test_either_half_of_a_reflection_is_refused_as_one(
+    claimed: bytes, static: KeyPair, kind: type[Exception]
+) -> None:
+    """Kills ``read_first`` 19 (``or`` made ``and``): this node's own key with
+    its twin's id passes the key-matches-id check, so the reflection test
+    must refuse it on the key alone (and the id alone)."""
+    text = refusal(lambda: ResponderHandshake(BOB).read_first(to_bob(claimed, static)), kind)
+    assert text == (
+        "first handshake message came from this node itself (reflected connection); "
+        "refusing a session with itself"
+    )

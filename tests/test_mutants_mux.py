@@ -17,8 +17,27 @@ import pytest
 from capsock import mux as mux_module
 from capsock.config import INITIAL_SESSION_WINDOW, INITIAL_STREAM_WINDOW
 from capsock.errors import ErrorCode, LocalUsageError, ProtocolError
-from capsock.frames import Accept, Data, Eof, GoAway, Open, Window, encode_frame
+from capsock.config import MAX_WINDOW
+from capsock.errors import ResourceLimitExceeded
+from capsock.frames import (
+    HEADER_LEN,
+    Accept,
+    Control,
+    Data,
+    Eof,
+    GoAway,
+    Open,
+    Ping,
+    Pong,
+    Reject,
+    Reset,
+    Window,
+    decode_frames,
+    encode_frame,
+)
 from capsock.mux import (
+    ControlReceived,
+    CreditGranted,
     DataReceived,
     Event,
     GoAwayReceived,
@@ -408,3 +427,94 @@ def test_the_table_builder_gives_the_table_in_use() -> None:
     mutmut's trampoline is switched on, so only a fresh call sees a mutant;
     tests/test_stream_table.py checks TRANSITIONS itself against the docs."""
     assert mux_module._build_table() == mux_module.TRANSITIONS
+
+
+# ------------------------------------------------------------- other frames
+
+
+@pytest.mark.parametrize("sid", [0, 1])
+def test_window_frames_grant_credit_up_to_the_31_bit_limit(sid: int) -> None:
+    """Kills ``_on_frame`` 2, 19, 21-30 (session WINDOW) and 39-45 (stream
+    WINDOW): credit adds up, reaching exactly 2**31-1 is allowed, one more is
+    a flow-control error."""
+    m, stream = _open()
+    assert stream == 1
+    start = m.session_send_room() if sid == 0 else m.stream_send_credit(1)
+    events = m.receive_message(encode_frame(Window(sid, 5)))
+    assert events == [CreditGranted(sid)]
+    now = m._send_session_credit if sid == 0 else m.stream_send_credit(1)
+    assert now == (S if sid == 0 else W) + 5 and start <= now
+    m.receive_message(encode_frame(Window(sid, MAX_WINDOW - now)))  # exactly the limit
+    with pytest.raises(ProtocolError) as info:
+        m.receive_message(encode_frame(Window(sid, 1)))
+    assert str(info.value) == (
+        "session credit overflow" if sid == 0 else "stream 1 credit overflow"
+    )
+    assert info.value.code is ErrorCode.FLOW_CONTROL_ERROR
+
+
+def test_a_control_message_is_delivered() -> None:
+    """Kills ``_on_frame`` 11, 106, 107."""
+    m = Mux(dialer=True)
+    assert m.receive_message(encode_frame(Control(b"\x81\xa1a\x01"))) == [
+        ControlReceived(b"\x81\xa1a\x01")
+    ]
+
+
+def test_a_pong_overtakes_queued_frames() -> None:
+    """Kills ``_on_frame`` 91, 93, 96: the answer to a PING goes in the urgent
+    queue, ahead of frames already queued (so a peer's keepalive is answered
+    even behind a full send queue)."""
+    a, b, (sid,) = pair()
+    b.send_eof(sid)  # an ordered frame queued before the PING arrives
+    b.receive_message(encode_frame(Ping(b"12345678")))
+    frames = list(decode_frames(b.data_to_send() or b""))
+    assert frames[0] == Pong(b"12345678") and frames[1] == Eof(sid)
+
+
+def test_a_reset_frees_a_pending_slot_only_for_a_pending_stream() -> None:
+    """Kills ``_on_frame`` 80-83: a RESET of a pending stream gives back its
+    slot of ``max_pending_opens``; a RESET of an accepted stream gives none."""
+    b = Mux(dialer=False, config=MuxConfig(max_pending_opens=1))
+    assert b.receive_message(encode_frame(Open(1, b"t"))) == [OpenRequested(1, b"t")]
+    b.accept_stream(1)
+    assert b.receive_message(encode_frame(Open(3, b"t"))) == [OpenRequested(3, b"t")]
+    b.receive_message(encode_frame(Reset(1, ErrorCode.CANCELLED)))  # accepted: no slot
+    b.receive_message(encode_frame(Open(5, b"t")))
+    frames = list(decode_frames(b.data_to_send() or b""))
+    assert frames[-1] == Reject(5, ErrorCode.BUSY)
+    b.receive_message(encode_frame(Reset(3, ErrorCode.CANCELLED)))  # pending: its slot back
+    assert b.receive_message(encode_frame(Open(7, b"t"))) == [OpenRequested(7, b"t")]
+    assert b.stats()["pending_opens"] == 1
+
+
+def test_local_misuse_and_parity_errors_say_what_happened() -> None:
+    """Kills ``_pending`` 3, 6 and ``_on_open`` 6."""
+    m = Mux(dialer=True)
+    with pytest.raises(LocalUsageError) as info:
+        m.accept_stream(9)
+    assert type(info.value) is LocalUsageError
+    assert str(info.value) == "stream 9 is not waiting to be accepted"
+    with pytest.raises(ProtocolError) as perr:
+        m.receive_message(encode_frame(Open(3, b"t")))
+    assert str(perr.value) == "peer opened stream 3, which has this side's parity"
+
+
+@pytest.mark.parametrize("pings", [4, 5])
+def test_the_control_queue_bound_is_exact_and_poisons_the_input(pings: int) -> None:
+    """Kills ``receive_message`` 16, 18, 20: answers up to ``max_queued_control``
+    bytes are fine, one more ends the session, and every later call raises
+    the same error without reading."""
+    pong = HEADER_LEN + 8
+    m = Mux(dialer=True, config=MuxConfig(max_queued_control=4 * pong))
+    message = b"".join(encode_frame(Ping(bytes(8))) for _ in range(pings))
+    if pings == 4:
+        m.receive_message(message)
+        assert m.stats()["queued_control"] == 4 * pong
+        return
+    with pytest.raises(ResourceLimitExceeded) as info:
+        m.receive_message(message)
+    assert str(info.value) == "peer does not read the session's answers (control queue full)"
+    with pytest.raises(ResourceLimitExceeded) as again:
+        m.receive_message(encode_frame(Control(b"x")))
+    assert again.value is info.value and m.error is info.value
