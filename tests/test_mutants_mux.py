@@ -15,10 +15,8 @@ from __future__ import annotations
 import pytest
 
 from capsock import mux as mux_module
-from capsock.config import INITIAL_SESSION_WINDOW, INITIAL_STREAM_WINDOW
-from capsock.errors import ErrorCode, LocalUsageError, ProtocolError
-from capsock.config import MAX_WINDOW
-from capsock.errors import ResourceLimitExceeded
+from capsock.config import INITIAL_SESSION_WINDOW, INITIAL_STREAM_WINDOW, MAX_WINDOW
+from capsock.errors import ErrorCode, LocalUsageError, ProtocolError, ResourceLimitExceeded
 from capsock.frames import (
     HEADER_LEN,
     Accept,
@@ -465,7 +463,7 @@ def test_a_pong_overtakes_queued_frames() -> None:
     """Kills ``_on_frame`` 91, 93, 96: the answer to a PING goes in the urgent
     queue, ahead of frames already queued (so a peer's keepalive is answered
     even behind a full send queue)."""
-    a, b, (sid,) = pair()
+    _, b, (sid,) = pair()
     b.send_eof(sid)  # an ordered frame queued before the PING arrives
     b.receive_message(encode_frame(Ping(b"12345678")))
     frames = list(decode_frames(b.data_to_send() or b""))
