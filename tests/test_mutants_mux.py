@@ -516,3 +516,14 @@ def test_the_control_queue_bound_is_exact_and_poisons_the_input(pings: int) -> N
     with pytest.raises(ResourceLimitExceeded) as again:
         m.receive_message(encode_frame(Control(b"x")))
     assert again.value is info.value and m.error is info.value
+
+
+def test_grants_for_one_stream_add_up_until_sent() -> None:
+    """Kills ``_grant`` 3: two batches of credit due on one stream before
+    anything is sent coalesce into one WINDOW carrying both."""
+    a, b, (sid,) = pair()
+    send(a, b, sid, W)
+    b.acknowledge_received_data(sid, W // 2)
+    b.acknowledge_received_data(sid, W // 2)
+    windows = [f for f in decode_frames(b.data_to_send() or b"") if isinstance(f, Window)]
+    assert Window(sid, W) in windows
