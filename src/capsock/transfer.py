@@ -67,7 +67,7 @@ from ._transfer_wire import (
     read_message,
 )
 from ._transfer_wire import field as _field
-from .errors import ErrorCode, LocalUsageError
+from .errors import CapsockError, ErrorCode, LocalUsageError
 from .keys import NodeId
 from .messages import printable
 from .node import Listener
@@ -301,7 +301,13 @@ class _Counter:
 
 
 async def _send_bytes(
-    stream: Stream, f: BinaryIO, shown: Path, start: int, size: int, h: Any, track: Any
+    stream: Stream,
+    f: BinaryIO,
+    shown: Path,
+    start: int,
+    size: int,
+    h: Any,
+    track: Callable[[int], None],
 ) -> None:
     with f:
         f.seek(start)
@@ -320,7 +326,7 @@ async def _serve_one(
     item: Item,
     *,
     resumable: bool,
-    spend: Any,
+    spend: Callable[[], None],
     progress: ProgressCallback | None,
     say: Report,
 ) -> Sent:
@@ -440,11 +446,13 @@ async def send_path(
             outcome = await _serve_one(
                 stream, item, resumable=resumable, spend=spend, progress=progress, say=say
             )
-        except (*STREAM_ERRORS, anyio.EndOfStream, TransferError, TimeoutError) as exc:
+        except (*STREAM_ERRORS, anyio.EndOfStream, TransferError, OSError) as exc:
             stream.reset(ErrorCode.CANCELLED)
             why = "it closed the stream" if isinstance(exc, anyio.EndOfStream) else str(exc)
             if isinstance(exc, TimeoutError):
                 why = f"it did not answer the offer within {ANSWER_TIMEOUT:g} s"
+            elif isinstance(exc, OSError) and not isinstance(exc, CapsockError):
+                why = f"cannot read what was offered: {exc.strerror or exc}"
             outcome = Sent(stream.peer, False, spent, False, why)
         except BaseException:
             stream.reset(ErrorCode.CANCELLED)
