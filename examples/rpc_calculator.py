@@ -21,7 +21,7 @@ import anyio
 import anyio.abc
 
 import capsock
-from capsock.stream import Stream
+from capsock.net.stream import Stream
 
 try:
     import capnp

@@ -1,6 +1,6 @@
 """Tutorial, both halves in one process: the server and the client of the tutorial.
 
-    python examples/tutorial_pair.py
+python examples/tutorial_pair.py
 """
 
 from __future__ import annotations

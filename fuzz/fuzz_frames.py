@@ -1,4 +1,4 @@
-"""atheris harness: the mux frame decoder (capsock.frames.decode_frames).
+"""atheris harness: the mux frame decoder (capsock.core.frames.decode_frames).
 
 Invariant: only capsock.errors.CapsockError subclasses escape (the decoder
 promises ProtocolError only); decoded frames encode back to exactly the input.
@@ -13,7 +13,7 @@ import sys
 from _common import main
 
 from capsock.errors import CapsockError
-from capsock.frames import (
+from capsock.core.frames import (
     Accept,
     Control,
     Data,

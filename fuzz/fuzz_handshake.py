@@ -19,9 +19,9 @@ import sys
 from _common import Provider, main
 
 from capsock.errors import CapsockError
-from capsock.handshake import InitiatorHandshake, ResponderHandshake
+from capsock.core.handshake import InitiatorHandshake, ResponderHandshake
 from capsock.keys import KeyPair
-from capsock.noise import PROLOGUE, PROTOCOL_NAME, HandshakeState
+from capsock.core.noise import PROLOGUE, PROTOCOL_NAME, HandshakeState
 
 ALICE = KeyPair(bytes(range(32)))
 BOB = KeyPair(bytes(range(32, 64)))

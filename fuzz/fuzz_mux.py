@@ -1,4 +1,4 @@
-"""atheris harness: the sans-IO session engine (capsock.mux.Mux).
+"""atheris harness: the sans-IO session engine (capsock.core.mux.Mux).
 
 Each input drives one Mux through up to 64 steps: received messages (raw bytes,
 or well-formed frames with fuzzed fields, so the state machine is reached) mixed
@@ -6,7 +6,7 @@ with the local actions a session performs (open, accept, reject, send, consume,
 EOF, reset, ping, GOAWAY, drain).
 
 Invariants: ``receive_message`` raises nothing but capsock.errors.CapsockError
-(after which the session is over, as in capsock.session); local actions raise
+(after which the session is over, as in capsock.net.session); local actions raise
 nothing but capsock.errors.LocalUsageError; memory stays bounded: the queued
 answers never exceed ``max_queued_control`` after a message was accepted, the
 receive windows never go negative, and the stream count never exceeds
@@ -22,7 +22,7 @@ import sys
 from _common import Provider, main
 
 from capsock.errors import CapsockError, ErrorCode, LocalUsageError
-from capsock.frames import (
+from capsock.core.frames import (
     Accept,
     Control,
     Data,
@@ -37,7 +37,7 @@ from capsock.frames import (
     Window,
     encode_frame,
 )
-from capsock.mux import Mux, MuxConfig, OpenRequested, StreamAccepted
+from capsock.core.mux import Mux, MuxConfig, OpenRequested, StreamAccepted
 
 CONFIG = MuxConfig(
     stream_window=256 * 1024, session_window=1024 * 1024, max_streams=16, max_pending_opens=8,

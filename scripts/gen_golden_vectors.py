@@ -24,7 +24,7 @@ from typing import Any
 import msgpack
 
 from capsock.errors import ErrorCode
-from capsock.frames import (
+from capsock.core.frames import (
     Accept,
     Data,
     Eof,
@@ -36,9 +36,9 @@ from capsock.frames import (
     decode_frames,
     encode_frame,
 )
-from capsock.handshake import InitiatorHandshake, ResponderHandshake
+from capsock.core.handshake import InitiatorHandshake, ResponderHandshake
 from capsock.keys import KeyPair, NodeId
-from capsock.noise import (
+from capsock.core.noise import (
     AESGCM,
     CHACHAPOLY,
     PROLOGUE,
@@ -257,7 +257,7 @@ def _message(obj: Any) -> dict[str, Any]:
 
 
 def forwarding_vectors() -> dict[str, Any]:
-    from capsock.forwarding import UNREACHABLE_REASON
+    from capsock.node.forwarding import UNREACHABLE_REASON
 
     target = KeyPair(RESPONDER_SEED).node_id
     return {

@@ -33,9 +33,9 @@ so tests can replay or splice them; :meth:`Connection.inject` writes arbitrary
 bytes into a live connection.
 
 :class:`RawDialer` completes a real capsock handshake over a plain TCP socket
-with :class:`capsock.handshake.InitiatorHandshake` and then sends whatever
+with :class:`capsock.core.handshake.InitiatorHandshake` and then sends whatever
 records a test crafts; it decrypts what the node answers with a sans-IO
-:class:`capsock.mux.Mux`.
+:class:`capsock.core.mux.Mux`.
 """
 
 from __future__ import annotations
@@ -58,11 +58,11 @@ import anyio.abc
 import anyio.lowlevel
 from anyio.abc import SocketAttribute
 
+from capsock.core.frames import Frame, decode_frames, encode_frame
+from capsock.core.handshake import HandshakeResult, InitiatorHandshake
+from capsock.core.records import RecordReader
 from capsock.errors import ProtocolError
-from capsock.frames import Frame, decode_frames, encode_frame
-from capsock.handshake import HandshakeResult, InitiatorHandshake
 from capsock.keys import KeyPair, NodeId
-from capsock.records import RecordReader
 from capsock.uri import Capability, TcpHint
 
 __all__ = [

@@ -15,8 +15,8 @@ import anyio.abc
 
 import capsock
 from capsock import Capability, NodeConfig
-from capsock.frames import Ping, encode_frame
-from capsock.handshake import InitiatorHandshake
+from capsock.core.frames import Ping, encode_frame
+from capsock.core.handshake import InitiatorHandshake
 from capsock.keys import KeyPair, NodeId
 
 from .helpers import read_all

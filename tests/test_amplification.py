@@ -17,10 +17,10 @@ import anyio
 import pytest
 
 import capsock
-from capsock.forwarding import register
-from capsock.frames import Control, Data, GoAway, Open, Ping, Window
-from capsock.mux import MuxConfig
-from capsock.stream import Stream
+from capsock.core.frames import Control, Data, GoAway, Open, Ping, Window
+from capsock.core.mux import MuxConfig
+from capsock.net.stream import Stream
+from capsock.node.forwarding import register
 from capsock.uri import Capability, TcpHint, To, ViaHint, mint_root
 
 from .chaos import RawDialer, free_port

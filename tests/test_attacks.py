@@ -28,10 +28,10 @@ from noise.connection import Keypair, NoiseConnection
 
 import capsock
 from capsock import ErrorCode, NodeConfig
-from capsock.frames import Data, Eof, GoAway, Open, Ping, encode_frame
-from capsock.handshake import InitiatorHandshake
+from capsock.core.frames import Data, Eof, GoAway, Open, Ping, encode_frame
+from capsock.core.handshake import InitiatorHandshake
+from capsock.core.noise import PROLOGUE, PROTOCOL_NAME, HandshakeState, available_ciphers
 from capsock.keys import KeyPair
-from capsock.noise import PROLOGUE, PROTOCOL_NAME, HandshakeState, available_ciphers
 from capsock.uri import Capability, Expires, TcpHint, Token, UnknownCaveat
 
 from .chaos import ChaosProxy, RawDialer, record
@@ -584,8 +584,8 @@ async def test_data_beyond_the_window_is_a_flow_control_error() -> None:
 async def test_data_beyond_the_session_window_across_streams_is_a_flow_control_error() -> None:
     """Five streams, each within its own window, together past the session's."""
     mux = capsock.MuxConfig(
-        stream_window=capsock.mux.INITIAL_STREAM_WINDOW,
-        session_window=capsock.mux.INITIAL_SESSION_WINDOW,
+        stream_window=capsock.core.mux.INITIAL_STREAM_WINDOW,
+        session_window=capsock.core.mux.INITIAL_SESSION_WINDOW,
     )
     config = NodeConfig(
         handshake_timeout=2.0, connect_timeout=5.0, session=capsock.SessionConfig(mux=mux)

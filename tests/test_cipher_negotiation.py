@@ -21,9 +21,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM as CryptographyAE
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from noise.backends.default.ciphers import AESGCMCipher, ChaCha20Cipher
 
-import capsock._noise_crypto as noise_mod  # the switches live with the primitives
-from capsock.errors import HandshakeError, LocalUsageError, PeerAuthenticationError, ProtocolError
-from capsock.handshake import (
+import capsock.core._noise_crypto as noise_mod  # the switches live with the primitives
+from capsock.core.handshake import (
     CIPHER_CHOICE_LEN,
     CIPHER_IDS,
     CIPHER_OFFER_LEN,
@@ -33,8 +32,7 @@ from capsock.handshake import (
     InitiatorHandshake,
     ResponderHandshake,
 )
-from capsock.keys import KeyPair
-from capsock.noise import (
+from capsock.core.noise import (
     MAX_MESSAGE_LEN,
     MAX_PLAINTEXT_LEN,
     PROLOGUE,
@@ -44,7 +42,9 @@ from capsock.noise import (
     TransportCipher,
     available_ciphers,
 )
-from capsock.records import RecordReader
+from capsock.core.records import RecordReader
+from capsock.errors import HandshakeError, LocalUsageError, PeerAuthenticationError, ProtocolError
+from capsock.keys import KeyPair
 
 ALICE = KeyPair(bytes(range(32)))
 BOB = KeyPair(bytes(range(32, 64)))

@@ -300,7 +300,7 @@ async def test_received_files_get_the_offered_mode_and_time(tmp_path: Path, dest
 def test_the_final_rename_never_replaces(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native: bool
 ) -> None:
-    from capsock import _transfer_files as files
+    from capsock.transfer import _files as files
 
     if not native:
         monkeypatch.setattr(files, "_renameat2", None)

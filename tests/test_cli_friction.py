@@ -267,7 +267,7 @@ def test_relay_says_where_the_capability_went(cli: Cli, tmp_path: Path) -> None:
 
 
 def test_a_lost_connection_is_said_in_words() -> None:
-    from capsock.session import _lost_reason
+    from capsock.net.session import _lost_reason
 
     plain = _lost_reason(anyio.BrokenResourceError())
     try:

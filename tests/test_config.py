@@ -146,10 +146,10 @@ def test_accept_forwarded_and_pairs_are_normalised() -> None:
 
 
 def test_configs_keep_their_old_import_paths() -> None:
-    import capsock.mux
+    import capsock.core.mux
+    import capsock.net.session
     import capsock.node
-    import capsock.session
 
-    assert capsock.MuxConfig is capsock.mux.MuxConfig is MuxConfig
-    assert capsock.SessionConfig is capsock.session.SessionConfig is SessionConfig
+    assert capsock.MuxConfig is capsock.core.mux.MuxConfig is MuxConfig
+    assert capsock.SessionConfig is capsock.net.session.SessionConfig is SessionConfig
     assert capsock.NodeConfig is capsock.node.NodeConfig is NodeConfig

@@ -26,8 +26,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import capsock
-from capsock.errors import ErrorCode, LocalUsageError
-from capsock.mux import (
+from capsock.core.mux import (
     INITIAL_SESSION_WINDOW,
     INITIAL_STREAM_WINDOW,
     DataReceived,
@@ -38,8 +37,9 @@ from capsock.mux import (
     OpenRequested,
     ResetReceived,
 )
+from capsock.errors import ErrorCode, LocalUsageError
+from capsock.net.session import SessionConfig
 from capsock.node import NodeConfig
-from capsock.session import SessionConfig
 
 SESSION_WINDOW = 2 * INITIAL_SESSION_WINDOW  # the receiver grants 1 MiB extra at start
 STREAM_WINDOW = INITIAL_STREAM_WINDOW

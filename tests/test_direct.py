@@ -1,4 +1,4 @@
-"""The sans-IO coordination of direct paths (capsock.direct): encoding, validation, decisions."""
+"""The sans-IO coordination of direct paths (core.direct): encoding, validation, decisions."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from capsock import direct
-from capsock.direct import (
+from capsock.core import direct
+from capsock.core.direct import (
     Address,
     Candidates,
     DirectMessageError,
@@ -31,7 +31,7 @@ FORBIDDEN = {"anyio", "trio", "asyncio", "socket", "selectors", "sniffio"}
 
 def test_direct_is_sans_io() -> None:
     """direct.py imports no I/O module, and of capsock only the sans-IO errors module."""
-    tree = ast.parse((PKG / "direct.py").read_text())
+    tree = ast.parse((PKG / "core" / "direct.py").read_text())
     external: set[str] = set()
     siblings: set[str] = set()
     for node in ast.walk(tree):

@@ -21,10 +21,12 @@ import anyio
 import pytest
 
 import capsock
-from capsock import CapsockAttribute, direct, punch
-from capsock._node_direct import DIRECT_TOKEN, _usable_local
+from capsock import CapsockAttribute
+from capsock.core import direct
 from capsock.errors import PunchFailed
-from capsock.forwarding import observed_address
+from capsock.net import punch
+from capsock.node._direct import DIRECT_TOKEN, _usable_local
+from capsock.node.forwarding import observed_address
 
 from .helpers import echo, read_all
 
@@ -133,7 +135,7 @@ async def test_a_failed_punch_costs_the_application_nothing(
     async def no_path(*args: object, **kwargs: object) -> NoReturn:
         raise PunchFailed({("192.0.2.1", 9): "timed out"}, 3)
 
-    monkeypatch.setattr("capsock.punch.simultaneous_open", no_path)
+    monkeypatch.setattr("capsock.net.punch.simultaneous_open", no_path)
     caplog.set_level(logging.INFO, logger="capsock.node")
     async with three() as (t, a):
         stream = await a.connect(t.uri)
@@ -161,7 +163,7 @@ async def test_a_failed_round_is_retried_after_the_backoff(
             raise PunchFailed({("192.0.2.1", 9): "timed out"}, 3)
         return await real(*args, **kwargs)
 
-    monkeypatch.setattr("capsock.punch.simultaneous_open", fails_first)
+    monkeypatch.setattr("capsock.net.punch.simultaneous_open", fails_first)
     async with three() as (t, a):
         for node in (a, t.b):
             node._punch_budget = direct.PunchBudget(first=0.2)
@@ -234,7 +236,7 @@ async def test_rounds_per_peer_are_bounded_on_the_answering_side(
     async def no_path(*args: object, **kwargs: object) -> NoReturn:
         raise PunchFailed({("192.0.2.1", 9): "timed out"}, 3)
 
-    monkeypatch.setattr("capsock.punch.simultaneous_open", no_path)
+    monkeypatch.setattr("capsock.net.punch.simultaneous_open", no_path)
     async with three() as (t, a):
         stream = await a.connect(t.uri)
         await _until(lambda: t.b.stats()["punch_failures"] == 1)
@@ -298,7 +300,7 @@ def test_local_candidates_are_never_link_local_or_loopback(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     fake = [("169.254.3.4", 9), ("fe80::1", 9), ("127.0.0.1", 9), ("192.0.2.10", 9)]
-    monkeypatch.setattr("capsock.punch.local_candidates", lambda port: fake)
+    monkeypatch.setattr("capsock.net.punch.local_candidates", lambda port: fake)
     assert _usable_local(9) == [direct.Address("192.0.2.10", 9)]
 
 
@@ -307,7 +309,7 @@ async def test_rounds_at_once_are_bounded_node_wide(monkeypatch: pytest.MonkeyPa
     once: past ``MAX_ROUNDS_AT_ONCE`` the answering node refuses coordination
     and the dialer does not ask; both stay relayed and the data still flows."""
     async with three() as (t, a):
-        monkeypatch.setattr("capsock._node_direct.MAX_ROUNDS_AT_ONCE", 0)
+        monkeypatch.setattr("capsock.node._direct.MAX_ROUNDS_AT_ONCE", 0)
         stream = await a.connect(t.uri)
         payload = os.urandom(64 << 10)
         assert await _echo(stream, payload) == payload

@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 from capsock import MuxConfig, NodeConfig, SessionConfig
-from capsock.errors import ErrorCode
-from capsock.frames import (
+from capsock.core.frames import (
     Accept,
     Data,
     Eof,
@@ -30,6 +29,7 @@ from capsock.frames import (
     Window,
     encode_frame,
 )
+from capsock.errors import ErrorCode
 from capsock.keys import KeyPair
 from capsock.uri import Label, Uses, chain_tag, mint_root
 

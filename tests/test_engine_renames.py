@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from capsock.config import SessionConfig
+from capsock.core.frames import GoAway, decode_frames
+from capsock.core.mux import Mux
 from capsock.errors import ErrorCode
-from capsock.frames import GoAway, decode_frames
-from capsock.mux import Mux
-from capsock.session import Session
-from capsock.stream import Stream
+from capsock.net.session import Session
+from capsock.net.stream import Stream
 from capsock.testing import handshake_pair
 
 

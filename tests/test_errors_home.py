@@ -23,13 +23,17 @@ from capsock.errors import (
 SRC = Path(__file__).resolve().parents[1] / "src" / "capsock"
 
 ELSEWHERE = {
-    "stream.py": "StreamResetError/ConnectionLostError also derive from anyio's stream "
+    "net/stream.py": "StreamResetError/ConnectionLostError also derive from anyio's stream "
     "errors, and errors.py must stay free of anyio (the sans-IO core imports it)",
-    "_node_direct.py": "_Stay is private control flow inside a punch round, never raised out of it",
+    "node/_direct.py": "_Stay is private control flow inside a punch round, never raised out of it",
     "http.py": "ClientDisconnected is an OSError for the ASGI/WSGI servers, not a capsock error",
 }
-"""Modules of the package (not subpackages: rpc and cli are layers of their
-own with their own error modules) that may still define an exception class."""
+"""Modules of the package (rpc and cli excepted: layers of their own with their
+own error modules) that may still define an exception class, by path under src/capsock."""
+
+MODULES = sorted(
+    p for p in SRC.rglob("*.py") if p.relative_to(SRC).parts[0] not in ("rpc", "cli")
+)
 
 
 def _exception_classes(path: Path) -> list[str]:
@@ -46,22 +50,23 @@ def _exception_classes(path: Path) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("path", sorted(SRC.glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.relative_to(SRC).as_posix())
 def test_error_classes_live_in_errors_py(path: Path) -> None:
-    if path.name in ("errors.py", *ELSEWHERE):
+    name = path.relative_to(SRC).as_posix()
+    if name in ("errors.py", *ELSEWHERE):
         return
-    assert _exception_classes(path) == [], f"{path.name}: move these to errors.py"
+    assert _exception_classes(path) == [], f"{name}: move these to errors.py"
 
 
 def test_the_scan_finds_error_classes() -> None:
     assert "HandshakeDecryptError" in _exception_classes(SRC / "errors.py")
-    assert _exception_classes(SRC / "stream.py")  # the listed exception is real
+    assert _exception_classes(SRC / "net" / "stream.py")  # the listed exception is real
 
 
 def test_noise_reexports_the_handshake_decrypt_error() -> None:
-    import capsock.noise
+    import capsock.core.noise
 
-    assert capsock.noise.HandshakeDecryptError is HandshakeDecryptError
+    assert capsock.core.noise.HandshakeDecryptError is HandshakeDecryptError
     assert issubclass(HandshakeDecryptError, HandshakeError)
 
 

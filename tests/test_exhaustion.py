@@ -23,8 +23,8 @@ import pytest
 
 import capsock
 from capsock import ErrorCode, NodeConfig
-from capsock.frames import GoAway, Open, Ping, Reject, encode_frame
-from capsock.handshake import InitiatorHandshake
+from capsock.core.frames import GoAway, Open, Ping, Reject, encode_frame
+from capsock.core.handshake import InitiatorHandshake
 from capsock.keys import KeyPair
 
 from .chaos import NodeProcess, RawDialer

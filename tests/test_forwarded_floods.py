@@ -17,10 +17,10 @@ import pytest
 
 import capsock
 from capsock import CapabilityRejected, ErrorCode, NodeConfig
-from capsock.forwarding import TRANSPORT_TOKEN
-from capsock.frames import Ping, encode_frame
+from capsock.core.frames import Ping, encode_frame
 from capsock.keys import KeyPair
-from capsock.session import Session, dial_handshake
+from capsock.net.session import Session, dial_handshake
+from capsock.node.forwarding import TRANSPORT_TOKEN
 from capsock.testing import echo
 
 from .helpers import read_all

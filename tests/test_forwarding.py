@@ -213,7 +213,7 @@ async def test_an_introduction_forwards_only_to_the_introduced_node() -> None:
                 await recipient.connect(detour)
             assert "does not reach that node" in str(info.value)
             with pytest.raises((capsock.Unreachable, capsock.CapsockError)) as reg:
-                await capsock.forwarding.register(recipient, via.capability)
+                await capsock.node.forwarding.register(recipient, via.capability)
             assert "limited to one target" in str(reg.value)
             both = via.capability.attenuate(capsock.uri.To(other.id))
             with pytest.raises(capsock.Unreachable):

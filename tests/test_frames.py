@@ -8,8 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from capsock.errors import ProtocolError
-from capsock.frames import (
+from capsock.core.frames import (
     Accept,
     Control,
     Data,
@@ -24,6 +23,7 @@ from capsock.frames import (
     decode_frames,
     encode_frame,
 )
+from capsock.errors import ProtocolError
 
 GOLDEN = [
     (Open(1, b"tok"), "01000000010003746f6b"),

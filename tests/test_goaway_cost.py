@@ -19,8 +19,7 @@ import anyio
 import pytest
 
 import capsock
-from capsock.errors import ErrorCode
-from capsock.frames import (
+from capsock.core.frames import (
     Accept,
     Control,
     Data,
@@ -33,9 +32,10 @@ from capsock.frames import (
     Window,
     encode_frame,
 )
-from capsock.mux import GoAwayReceived, Mux, MuxConfig, ResetReceived
+from capsock.core.mux import GoAwayReceived, Mux, MuxConfig, ResetReceived
+from capsock.errors import ErrorCode
+from capsock.net.stream import Stream
 from capsock.node import NodeConfig
-from capsock.stream import Stream
 from capsock.uri import TcpHint
 
 from .chaos import RawDialer

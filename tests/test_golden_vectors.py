@@ -19,8 +19,8 @@ import msgpack
 import pytest
 from nacl import bindings as nb
 
+from capsock.core.noise import AESGCM, available_ciphers
 from capsock.keys import NodeId
-from capsock.noise import AESGCM, available_ciphers
 from capsock.uri import Capability, Token
 
 sys.path.insert(0, str(Path(__file__).parent))

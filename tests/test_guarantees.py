@@ -20,9 +20,9 @@ import anyio
 import pytest
 
 import capsock
-import capsock._uri_token
 import capsock.store
 import capsock.uri
+import capsock.uri._token
 from capsock import ErrorCode, NodeConfig
 from capsock.keys import KeyPair
 from capsock.store import MemoryStore, RootEntry, authorize
@@ -146,7 +146,7 @@ def test_an_allowed_verdict_carries_the_chain_tags() -> None:
 def _count_work(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Count keyed-hash and constant-time-compare calls made by authorize()."""
     counts = {"blake2b": 0, "compare_digest": 0}
-    blake2b, compare = capsock._uri_token._blake2b, hmac.compare_digest
+    blake2b, compare = capsock.uri._token._blake2b, hmac.compare_digest
 
     def counting_blake2b(*args: object) -> bytes:
         counts["blake2b"] += 1
@@ -156,7 +156,7 @@ def _count_work(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         counts["compare_digest"] += 1
         return compare(a, b)
 
-    monkeypatch.setattr(capsock._uri_token, "_blake2b", counting_blake2b)
+    monkeypatch.setattr(capsock.uri._token, "_blake2b", counting_blake2b)
     monkeypatch.setattr(hmac, "compare_digest", counting_compare)
     return counts
 
@@ -203,7 +203,7 @@ def _names(node: ast.AST) -> set[str]:
 
 
 @pytest.mark.parametrize(
-    "module", ["store.py", "uri.py", "_uri_token.py", "handshake.py", "forwarding.py"]
+    "module", ["store.py", "uri/__init__.py", "uri/_token.py", "core/handshake.py", "node/forwarding.py"]
 )
 def test_tags_and_secrets_are_compared_in_constant_time_only(module: str) -> None:
     """Breakage: a tag compared with ``==`` / ``!=`` instead of

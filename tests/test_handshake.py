@@ -9,14 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from capsock.errors import (
-    CapsockError,
-    HandshakeError,
-    LocalUsageError,
-    PeerAuthenticationError,
-    ProtocolError,
-)
-from capsock.handshake import (
+from capsock.core.handshake import (
     CIPHER_CHOICE_LEN,
     CIPHER_OFFER_LEN,
     FIRST_MESSAGE_LEN,
@@ -26,8 +19,7 @@ from capsock.handshake import (
     ResponderHandshake,
     expected_first_message_len,
 )
-from capsock.keys import KeyPair, NodeId
-from capsock.noise import (
+from capsock.core.noise import (
     MAX_MESSAGE_LEN,
     MAX_PLAINTEXT_LEN,
     PROLOGUE,
@@ -35,7 +27,15 @@ from capsock.noise import (
     HandshakeState,
     TransportCipher,
 )
-from capsock.records import RecordReader
+from capsock.core.records import RecordReader
+from capsock.errors import (
+    CapsockError,
+    HandshakeError,
+    LocalUsageError,
+    PeerAuthenticationError,
+    ProtocolError,
+)
+from capsock.keys import KeyPair, NodeId
 
 ALICE = KeyPair(bytes(range(32)))
 BOB = KeyPair(bytes(range(32, 64)))
@@ -80,9 +80,9 @@ def first_message_with_payload(payload: bytes, static: KeyPair = ALICE) -> bytes
 
 def test_sans_io_modules_do_no_io() -> None:
     """noise and handshake import neither anyio nor any I/O module."""
-    import capsock.noise
+    import capsock.core.noise
 
-    src = Path(capsock.noise.__file__).parent
+    src = Path(capsock.core.noise.__file__).parent
     allowed = {
         "__future__",
         "collections",
@@ -373,7 +373,7 @@ def test_payload_key_invalid_ed25519() -> None:
 
 
 def test_known_limitation_sign_flipped_payload_key() -> None:
-    """Documented limitation (capsock.handshake docstring): the X25519 key fixes an Ed25519 key only
+    """Documented limitation (core.handshake docstring): the X25519 key fixes an Ed25519 key only
     up to its sign bit, so a dialer can present its own id with the sign bit
     flipped.  Nobody else can, so no other node can be impersonated; if this
     test starts failing, the protocol gained an Ed25519 proof -- update it."""

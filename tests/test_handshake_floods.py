@@ -20,9 +20,9 @@ from typing import Any
 import anyio
 import pytest
 
-from capsock._admission import HalfOpenTable, ReplayCache, SourceBuckets, source_of
-from capsock.handshake import InitiatorHandshake
+from capsock.core.handshake import InitiatorHandshake
 from capsock.keys import KeyPair
+from capsock.node._budgets import HalfOpenTable, ReplayCache, SourceBuckets, source_of
 
 from .chaos import NodeProcess, percentile
 from .strangers import good_client, send_first_message

@@ -8,9 +8,9 @@ import anyio
 import pytest
 
 import capsock
-import capsock.session
+import capsock.net.session
 from capsock._logs import LimitedLog
-from capsock.frames import Ping
+from capsock.core.frames import Ping
 from capsock.uri import TcpHint
 
 from .chaos import RawDialer
@@ -41,8 +41,8 @@ async def test_sessions_that_break_the_protocol_write_a_bounded_number_of_lines(
     is not authentic: each session ends with a protocol error, and the node
     writes at most the limiter's window of lines about them (20 per 10 s)."""
     # The limiter is process-wide: start this test with a fresh window.
-    fresh = LimitedLog(logging.getLogger("capsock.session"), per_window=20, window=10.0)
-    monkeypatch.setattr(capsock.session, "_peer_log", fresh)
+    fresh = LimitedLog(logging.getLogger("capsock.net.session"), per_window=20, window=10.0)
+    monkeypatch.setattr(capsock.net.session, "_peer_log", fresh)
     with caplog.at_level(logging.DEBUG, logger="capsock"):
         async with capsock.Node(listen=["tcp:127.0.0.1:0"]) as server:
             hint = server.hints[0]

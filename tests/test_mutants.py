@@ -12,9 +12,9 @@ from collections.abc import Callable
 
 import pytest
 
+from capsock.core.mux import Event, Mux, MuxConfig, OpenRequested, StreamRejected
 from capsock.errors import ErrorCode, InvalidCapability, LocalUsageError
 from capsock.keys import KeyPair
-from capsock.mux import Event, Mux, MuxConfig, OpenRequested, StreamRejected
 from capsock.store import MemoryStore, RootEntry, authorize
 from capsock.uri import (
     TAG_LEN,

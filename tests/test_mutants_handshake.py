@@ -15,10 +15,10 @@ from collections.abc import Callable
 
 import pytest
 
+from capsock.core.handshake import InitiatorHandshake, ResponderHandshake
+from capsock.core.noise import PROLOGUE, PROTOCOL_NAME, HandshakeState, available_ciphers
 from capsock.errors import HandshakeError, LocalUsageError, PeerAuthenticationError
-from capsock.handshake import InitiatorHandshake, ResponderHandshake
 from capsock.keys import KeyPair
-from capsock.noise import PROLOGUE, PROTOCOL_NAME, HandshakeState, available_ciphers
 
 ALICE = KeyPair(bytes(range(32)))
 BOB = KeyPair(bytes(range(32, 64)))

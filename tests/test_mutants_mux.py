@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import pytest
 
-from capsock import mux as mux_module
 from capsock.config import INITIAL_SESSION_WINDOW, INITIAL_STREAM_WINDOW, MAX_WINDOW
-from capsock.errors import ErrorCode, LocalUsageError, ProtocolError, ResourceLimitExceeded
-from capsock.frames import (
+from capsock.core import mux as mux_module
+from capsock.core.frames import (
     HEADER_LEN,
     Accept,
     Control,
@@ -33,7 +32,7 @@ from capsock.frames import (
     decode_frames,
     encode_frame,
 )
-from capsock.mux import (
+from capsock.core.mux import (
     ControlReceived,
     CreditGranted,
     DataReceived,
@@ -44,6 +43,7 @@ from capsock.mux import (
     OpenRequested,
     ResetReceived,
 )
+from capsock.errors import ErrorCode, LocalUsageError, ProtocolError, ResourceLimitExceeded
 
 W, S = INITIAL_STREAM_WINDOW, INITIAL_SESSION_WINDOW
 SMALL = MuxConfig(stream_window=W, session_window=S)  # no initial WINDOW frames

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-import capsock._uri_token
+import capsock.uri._token
 from capsock.keys import KeyPair
 from capsock.store import MemoryStore, RootEntry, authorize
 from capsock.uri import Label, Token, UnknownCaveat, mint_root
@@ -30,8 +30,8 @@ def test_an_unknown_caveat_is_refused_before_any_root_is_looked_at(
     if root == "forged":
         token = Token(token.root_id, token.caveats, bytes(32))
     hashed = []
-    real = capsock._uri_token._blake2b
-    monkeypatch.setattr(capsock._uri_token, "_blake2b", lambda *a: hashed.append(1) or real(*a))
+    real = capsock.uri._token._blake2b
+    monkeypatch.setattr(capsock.uri._token, "_blake2b", lambda *a: hashed.append(1) or real(*a))
     verdict = authorize(store, token, peer=PEER, now=0.0)
     assert not verdict.allowed
     assert verdict.reason == "unknown caveat kind 200"

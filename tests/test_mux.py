@@ -7,8 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from capsock.errors import ErrorCode, LocalUsageError, ProtocolError, ResourceLimitExceeded
-from capsock.frames import (
+from capsock.core.frames import (
     Accept,
     Data,
     Open,
@@ -19,7 +18,7 @@ from capsock.frames import (
     decode_frames,
     encode_frame,
 )
-from capsock.mux import (
+from capsock.core.mux import (
     INITIAL_SESSION_WINDOW,
     INITIAL_STREAM_WINDOW,
     DataReceived,
@@ -34,6 +33,7 @@ from capsock.mux import (
     StreamAccepted,
     StreamRejected,
 )
+from capsock.errors import ErrorCode, LocalUsageError, ProtocolError, ResourceLimitExceeded
 
 
 class Pair:
@@ -221,7 +221,7 @@ def test_pending_open_limit_refuses_busy() -> None:
 
 def test_control_queue_is_bounded_for_a_peer_that_never_reads() -> None:
     m = Mux(dialer=False, config=MuxConfig(max_queued_control=4096))
-    ping = encode_frame(__import__("capsock.frames", fromlist=["Ping"]).Ping(b"p" * 8))
+    ping = encode_frame(__import__("capsock.core.frames", fromlist=["Ping"]).Ping(b"p" * 8))
     with pytest.raises(ProtocolError, match="does not read"):
         for _ in range(1000):
             m.receive_message(ping * 100)

@@ -5,9 +5,18 @@ from __future__ import annotations
 
 import pytest
 
+from capsock.core.frames import (
+    Accept,
+    Data,
+    GoAway,
+    Open,
+    Ping,
+    Window,
+    decode_frames,
+    encode_frame,
+)
+from capsock.core.mux import Mux, MuxConfig
 from capsock.errors import ProtocolError, ResourceLimitExceeded
-from capsock.frames import Accept, Data, GoAway, Open, Ping, Window, decode_frames, encode_frame
-from capsock.mux import Mux, MuxConfig
 
 TOKEN = b"t" * 16
 

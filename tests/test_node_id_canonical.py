@@ -20,13 +20,7 @@ import time
 import pytest
 
 import capsock
-from capsock.errors import (
-    HandshakeError,
-    InvalidCapability,
-    LocalUsageError,
-    PeerAuthenticationError,
-)
-from capsock.handshake import (
+from capsock.core.handshake import (
     CIPHER_OFFER_LEN,
     DIALLED_ID_LEN,
     EXT_DIALLED_ID,
@@ -34,8 +28,14 @@ from capsock.handshake import (
     InitiatorHandshake,
     ResponderHandshake,
 )
+from capsock.core.noise import PROLOGUE, PROTOCOL_NAME, HandshakeState
+from capsock.errors import (
+    HandshakeError,
+    InvalidCapability,
+    LocalUsageError,
+    PeerAuthenticationError,
+)
 from capsock.keys import KeyPair, NodeId
-from capsock.noise import PROLOGUE, PROTOCOL_NAME, HandshakeState
 from capsock.store import MemoryStore, RootEntry, authorize
 from capsock.uri import Capability, Peer, Token, mint_root
 

@@ -8,10 +8,10 @@ import anyio
 import pytest
 
 import capsock
-from capsock.handshake import InitiatorHandshake
+from capsock.core.handshake import InitiatorHandshake
+from capsock.core.mux import Mux
+from capsock.core.records import RecordReader
 from capsock.keys import KeyPair, NodeId
-from capsock.mux import Mux
-from capsock.records import RecordReader
 from capsock.uri import Capability, TcpHint
 
 from .helpers import echo, read_all
@@ -141,7 +141,7 @@ async def test_dialing_own_key_with_the_sign_bit_flipped_is_refused() -> None:
 
 async def test_many_pings_do_not_exhaust_the_control_queue() -> None:
     mux = Mux(dialer=False)
-    from capsock.frames import Ping, encode_frame
+    from capsock.core.frames import Ping, encode_frame
 
     for _ in range(2000):
         mux.receive_message(encode_frame(Ping(b"p" * 8)) * 64)

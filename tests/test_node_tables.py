@@ -9,8 +9,8 @@ import pytest
 
 import capsock
 from capsock import Unreachable
-from capsock._node_state import MAX_ROUTES
 from capsock.keys import KeyPair
+from capsock.node._state import MAX_ROUTES
 from capsock.uri import Capability, TcpHint, Token
 
 pytestmark = pytest.mark.anyio

@@ -17,19 +17,19 @@ import os
 import pytest
 
 # The third-party package is importable as ``noise``; capsock's module is
-# ``capsock.noise``, so the names never clash.
+# ``capsock.core.noise``, so the names never clash.
 from noise.connection import Keypair, NoiseConnection
 
-from capsock.errors import PeerAuthenticationError
-from capsock.handshake import InitiatorHandshake, ResponderHandshake
-from capsock.keys import KeyPair, NodeId
-from capsock.noise import (
+from capsock.core.handshake import InitiatorHandshake, ResponderHandshake
+from capsock.core.noise import (
     PROLOGUE,
     PROTOCOL_NAME,
     HandshakeState,
     TransportCipher,
     available_ciphers,
 )
+from capsock.errors import PeerAuthenticationError
+from capsock.keys import KeyPair, NodeId
 
 ALICE = KeyPair(bytes(range(32)))
 BOB = KeyPair(bytes(range(32, 64)))
@@ -43,10 +43,10 @@ needs_aesgcm = pytest.mark.skipif(
 def test_capsock_noise_is_not_the_third_party_noise() -> None:
     import noise
 
-    import capsock.noise
+    import capsock.core.noise
 
-    assert capsock.noise is not noise
-    assert noise.__file__ != capsock.noise.__file__
+    assert capsock.core.noise is not noise
+    assert noise.__file__ != capsock.core.noise.__file__
 
 
 def _their(initiator: bool, static: bytes, remote: bytes | None) -> NoiseConnection:

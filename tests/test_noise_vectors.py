@@ -1,4 +1,4 @@
-"""The cacophony Noise vectors, byte for byte, through capsock.noise.
+"""The cacophony Noise vectors, byte for byte, through capsock.core.noise.
 
 The vector file and its provenance README live in ``tests/data/vectors/noise/``
 (copied unchanged from ``shared/vectors/noise/``).
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from capsock.noise import CipherState, HandshakeState, TransportCipher
+from capsock.core.noise import CipherState, HandshakeState, TransportCipher
 
 VECTOR_FILE = (
     Path(__file__).parent

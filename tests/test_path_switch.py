@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from capsock import frames
-from capsock._path_auth import (
+from capsock.core import frames
+from capsock.core._path_auth import (
     ATTACH_LEN,
     AttachInitiator,
     AttachResponder,
@@ -27,13 +27,14 @@ from capsock._path_auth import (
     lane_tag,
     peek_session_tag,
 )
-from capsock._path_switch import (
+from capsock.core._path_switch import (
     MIN_RETAIN_LIMIT,
     ORIGINAL_PATH,
     PathSwitch,
     PathSwitchConfig,
     _control,
 )
+from capsock.core.handshake import HandshakeResult, InitiatorHandshake, ResponderHandshake
 from capsock.errors import (
     LocalUsageError,
     PathAuthError,
@@ -42,7 +43,6 @@ from capsock.errors import (
     ProtocolError,
     ResourceLimitExceeded,
 )
-from capsock.handshake import HandshakeResult, InitiatorHandshake, ResponderHandshake
 from capsock.keys import KeyPair
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "capsock"

@@ -1,4 +1,4 @@
-"""capsock.punch on loopback: shared-port sockets, first-connection-wins, no descriptor leak.
+"""capsock.net.punch on loopback: shared-port sockets, first-connection-wins, no descriptor leak.
 
 TCP simultaneous open through two NATs is in tests/test_punch_nat.py (network namespaces).
 """
@@ -16,7 +16,7 @@ import anyio.abc
 import pytest
 from anyio.abc import SocketAttribute
 
-from capsock import punch
+from capsock.net import punch
 
 pytestmark = pytest.mark.anyio
 

@@ -25,7 +25,8 @@ import anyio.abc
 import pytest
 from anyio.abc import SocketAttribute
 
-from capsock import direct, punch
+from capsock.core import direct
+from capsock.net import punch
 
 from . import netns
 

@@ -15,8 +15,8 @@ import anyio.lowlevel
 import pytest
 
 import capsock
-from capsock._pushio import PushTransport, adopt
-from capsock.session import Session, SessionConfig
+from capsock.net._pushio import PushTransport, adopt
+from capsock.net.session import Session, SessionConfig
 
 from .helpers import echo, read_all
 

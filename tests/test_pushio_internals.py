@@ -40,7 +40,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyn
 
 def _pushio() -> ModuleType:
     """The fast-path module, under its private name once it has one."""
-    for name in ("capsock._pushio", "capsock.pushio"):
+    for name in ("capsock.net._pushio", "capsock.pushio"):
         try:
             return importlib.import_module(name)
         except ModuleNotFoundError:

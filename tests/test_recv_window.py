@@ -3,9 +3,9 @@ stream's receive window: credit is taken on DATA and given back in batches."""
 
 from __future__ import annotations
 
-from capsock import mux as mux_module
-from capsock.frames import Accept, Data, Window, decode_frames, encode_frame
-from capsock.mux import INITIAL_SESSION_WINDOW, INITIAL_STREAM_WINDOW, Mux, MuxConfig
+from capsock.core import mux as mux_module
+from capsock.core.frames import Accept, Data, Window, decode_frames, encode_frame
+from capsock.core.mux import INITIAL_SESSION_WINDOW, INITIAL_STREAM_WINDOW, Mux, MuxConfig
 
 RecvWindow = mux_module._RecvWindow
 

@@ -6,8 +6,8 @@ import pytest
 
 import capsock
 import capsock.uri
-from capsock import _node_dialing
 from capsock.errors import LocalUsageError
+from capsock.node import _dialing as _node_dialing
 
 pytestmark = pytest.mark.anyio
 

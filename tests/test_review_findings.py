@@ -15,8 +15,8 @@ import anyio
 import pytest
 
 import capsock
+from capsock.core.frames import GoAway, Open, encode_frame
 from capsock.errors import ErrorCode
-from capsock.frames import GoAway, Open, encode_frame
 from capsock.uri import TcpHint
 
 from .chaos import RawDialer

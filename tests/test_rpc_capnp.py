@@ -15,7 +15,7 @@ import anyio
 import pytest
 
 import capsock
-from capsock.stream import Stream
+from capsock.net.stream import Stream
 
 capnp = pytest.importorskip("capnp", reason="pycapnp is not installed (the 'capnp' extra)")
 from capsock.rpc import capnp as capnp_rpc  # noqa: E402

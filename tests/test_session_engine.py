@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from capsock import _session_engine
-from capsock._session_engine import (
+from capsock.config import INITIAL_SESSION_WINDOW, MuxConfig, SessionConfig
+from capsock.core import _session_engine
+from capsock.core._session_engine import (
     DRAIN_LIMIT,
     DrainExpired,
     Ending,
@@ -24,11 +25,10 @@ from capsock._session_engine import (
     PingQueued,
     SessionEngine,
 )
-from capsock.config import INITIAL_SESSION_WINDOW, MuxConfig, SessionConfig
+from capsock.core.frames import Data, GoAway, Ping, decode_frames
+from capsock.core.mux import DataReceived, OpenRequested
+from capsock.core.records import RecordReader
 from capsock.errors import ErrorCode, ProtocolError
-from capsock.frames import Data, GoAway, Ping, decode_frames
-from capsock.mux import DataReceived, OpenRequested
-from capsock.records import RecordReader
 from capsock.testing import EnginePair, FakeClock, MuxPair, handshake_pair
 
 CFG = SessionConfig(keepalive_interval=15.0, keepalive_timeout=45.0, idle_timeout=300.0)
@@ -309,7 +309,7 @@ def test_the_layering_test_counts_the_engine_as_core() -> None:
     from tests.test_layering import is_core
     from tests.test_quality import SANS_IO
 
-    assert is_core("capsock._session_engine")
+    assert is_core("capsock.core._session_engine")
     assert "_session_engine" in SANS_IO
 
 

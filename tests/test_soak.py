@@ -39,8 +39,8 @@ import anyio
 import pytest
 
 import capsock
-from capsock.session import Session
-from capsock.stream import Stream
+from capsock.net.session import Session
+from capsock.net.stream import Stream
 from capsock.testing import echo, read_to_eof
 
 from .chaos import ChaosProxy, RelayProcess, free_port

@@ -26,11 +26,11 @@ import pytest
 
 import capsock
 import capsock.testing
-from capsock.forwarding import UNREACHABLE_REASON
-from capsock.frames import GoAway, encode_frame
+from capsock.core.frames import GoAway, encode_frame
+from capsock.core.mux import Mux
+from capsock.core.noise import AESGCM, available_ciphers
 from capsock.keys import KeyPair
-from capsock.mux import Mux
-from capsock.noise import AESGCM, available_ciphers
+from capsock.node.forwarding import UNREACHABLE_REASON
 from capsock.store import authorize
 from capsock.uri import Capability, CaveatKind, TcpHint, To, UnixHint, mint_root
 
@@ -216,7 +216,7 @@ async def test_an_unreachable_target_gets_one_generic_answer_without_addresses(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Forwarder privacy: the requester learns nothing about the target's addresses."""
-    caplog.set_level(logging.INFO, logger="capsock.forwarding")
+    caplog.set_level(logging.INFO, logger="capsock.node.forwarding")
     dead = socket.socket()
     dead.bind(("127.0.0.1", 0))
     port = dead.getsockname()[1]

@@ -1,4 +1,4 @@
-"""The stream lifecycle is a table (capsock.mux.TRANSITIONS): it is total, every
+"""The stream lifecycle is a table (capsock.core.mux.TRANSITIONS): it is total, every
 (state, received frame) pair behaves as the table says on a real Mux, and
 docs/protocol.md section 6.3 states the same table."""
 
@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from capsock import mux as mux_module
-from capsock.errors import ErrorCode, ProtocolError
-from capsock.frames import Accept, Data, Eof, Frame, Open, Reject, Reset, Window, encode_frame
-from capsock.mux import (
+from capsock.core import mux as mux_module
+from capsock.core.frames import Accept, Data, Eof, Frame, Open, Reject, Reset, Window, encode_frame
+from capsock.core.mux import (
     CreditGranted,
     DataReceived,
     EofReceived,
@@ -21,6 +20,7 @@ from capsock.mux import (
     StreamAccepted,
     StreamRejected,
 )
+from capsock.errors import ErrorCode, ProtocolError
 
 State = mux_module._State
 Input = mux_module._Input

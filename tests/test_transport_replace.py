@@ -20,8 +20,8 @@ import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from capsock.config import SessionConfig
-from capsock.session import Session
-from capsock.stream import Stream
+from capsock.net.session import Session
+from capsock.net.stream import Stream
 from capsock.testing import handshake_pair
 
 pytestmark = pytest.mark.anyio

@@ -1,6 +1,6 @@
 """Wildcard binds (0.0.0.0, ::) put the machine's usable addresses into URIs.
 
-Unit tests of the selection rules (capsock._interfaces, pure), then a node on
+Unit tests of the selection rules (capsock.net._interfaces, pure), then a node on
 loopback, then network namespaces: a host with two links (a dialer on each
 side, each able to reach only its own side), an interface without carrier,
 link-local IPv6 addresses and a default route, and a namespace with nothing
@@ -28,8 +28,8 @@ import pytest
 
 import capsock
 from capsock import CapsockAttribute
-from capsock import _interfaces as interfaces
-from capsock._interfaces import InterfaceAddress, select_addresses
+from capsock.net import _interfaces as interfaces
+from capsock.net._interfaces import InterfaceAddress, select_addresses
 from capsock.uri import TcpHint
 
 from . import netns

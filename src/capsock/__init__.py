@@ -29,9 +29,9 @@ from .errors import (
 )
 from .keys import KeyPair, NodeId
 from .messages import receive_capability, receive_message, send_capability, send_message
+from .net.stream import CapsockAttribute, Stream
 from .node import Listener, Node
 from .services import forward, share, splice
-from .stream import CapsockAttribute, Stream
 from .transfer import (
     NotAnOffer,
     TransferDeclined,

@@ -43,8 +43,8 @@ from typing import Any
 import anyio
 
 from .errors import CapsockError, LocalUsageError
+from .net.stream import CapsockAttribute, Stream
 from .node import Listener, Node
-from .stream import CapsockAttribute, Stream
 from .uri import Capability
 
 __all__ = [

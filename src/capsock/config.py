@@ -21,8 +21,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
+from .core.frames import HEADER_LEN
 from .errors import LocalUsageError
-from .frames import HEADER_LEN
 
 __all__ = [
     "INITIAL_SESSION_WINDOW",
@@ -156,7 +156,7 @@ class SessionConfig:
     or below the peer's ``MuxConfig.max_pending_opens`` (default 128)."""
     push_reads: bool = True
     """On asyncio, read the socket in protocol callbacks instead of a task
-    (:mod:`capsock._pushio`; fewer event-loop turns per message).  Off: the
+    (:mod:`capsock.net._pushio`; fewer event-loop turns per message).  Off: the
     portable task-based read loop that trio and nested sessions always use."""
 
     def __post_init__(self) -> None:

@@ -6,7 +6,7 @@ API, :class:`ProtocolError` is the *remote* side misbehaving, and the other
 classes describe outcomes (a capability refused, a peer that is not who the URI
 says, no route that worked).
 
-At the stream boundary (:mod:`capsock.stream`) errors additionally derive from
+At the stream boundary (:mod:`capsock.net.stream`) errors additionally derive from
 anyio's stream exceptions, so generic anyio code that catches
 ``anyio.BrokenResourceError`` keeps working.  This module itself stays free of
 anyio so the sans-IO core can import it.
@@ -160,9 +160,9 @@ class HandshakeError(ProtocolError):
 class HandshakeDecryptError(HandshakeError):
     """A handshake message failed AEAD authentication.
 
-    A separate class so that :mod:`capsock.handshake` can tell "the peer does
+    A separate class so that :mod:`capsock.core.handshake` can tell "the peer does
     not hold the key" (an authentication failure) from "malformed message".
-    Also importable from :mod:`capsock.noise`.
+    Also importable from :mod:`capsock.core.noise`.
     """
 
 

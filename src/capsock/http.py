@@ -58,8 +58,8 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     ) from exc
 
 from .errors import CapsockError
+from .net.stream import CapsockAttribute, Stream
 from .node import Listener, Node
-from .stream import CapsockAttribute, Stream
 from .uri import Capability, parse
 
 __all__ = [

@@ -32,8 +32,8 @@ import anyio
 import anyio.abc
 
 from .errors import CapsockError, ErrorCode, LocalUsageError, StreamReset
+from .net.stream import Stream
 from .node import Listener, Node
-from .stream import Stream
 from .uri import Capability
 
 __all__ = ["bridge", "check_address", "forward", "share", "splice"]

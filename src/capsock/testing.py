@@ -35,14 +35,14 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from ._session_engine import SessionEngine, TimerEvent
 from .config import MuxConfig, SessionConfig
-from .handshake import HandshakeResult, InitiatorHandshake, ResponderHandshake
+from .core._session_engine import SessionEngine, TimerEvent
+from .core.handshake import HandshakeResult, InitiatorHandshake, ResponderHandshake
+from .core.mux import Event, Mux
+from .core.records import PREFIX_LEN
 from .keys import KeyPair
-from .mux import Event, Mux
+from .net.stream import Stream
 from .node import Listener, Node
-from .records import PREFIX_LEN
-from .stream import Stream
 
 __all__ = [
     "EnginePair",
@@ -328,7 +328,7 @@ def handshake_pair(
 
 
 class MuxPair:
-    """Two connected :class:`~capsock.mux.Mux` objects: ``dialer`` and ``responder``.
+    """Two connected :class:`~capsock.core.mux.Mux` objects: ``dialer`` and ``responder``.
 
     :meth:`pump` moves what each queued to the other, message by message, until
     both are quiet, and returns the events each side received."""
@@ -362,7 +362,7 @@ class MuxPair:
 
 
 class EnginePair:
-    """Two connected session engines (:mod:`capsock._session_engine`) and one
+    """Two connected session engines (:mod:`capsock.core._session_engine`) and one
     :class:`FakeClock`, for tests of session rules without an event loop.
 
     ``pump()`` moves records between them; ``advance(seconds)`` moves the clock

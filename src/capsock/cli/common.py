@@ -25,8 +25,8 @@ import anyio
 from .. import statedir
 from ..errors import ErrorCode, InvalidCapability, LocalUsageError, PeerAuthenticationError
 from ..keys import KeyPair, NodeId
+from ..net.stream import Stream
 from ..node import Listener, Node, NodeConfig
-from ..stream import Stream
 from ..uri import Capability, Expires, Peer, TcpHint, UnixHint, ViaHint
 from .output import CliError, Exit, bar_drawn, info, quiet, say, set_quiet
 

@@ -9,8 +9,8 @@ import anyio
 
 from ..errors import CapabilityRejected, LocalUsageError, PeerAuthenticationError
 from ..keys import KeyPair
+from ..net.stream import CapsockAttribute, Stream
 from ..node import Node, NodeConfig
-from ..stream import CapsockAttribute, Stream
 from ..testing import echo, read_to_eof
 from ..uri import Capability, Token
 from .common import Exit, say

@@ -22,9 +22,9 @@ import anyio.from_thread
 import anyio.lowlevel
 
 from ..errors import CapsockError, LocalUsageError
+from ..net.stream import Stream
 from ..services import bridge as _splice_and_report
 from ..services import check_address, forward, share, splice
-from ..stream import Stream
 from ..transfer import looks_like_offer
 from .common import (
     CliError,

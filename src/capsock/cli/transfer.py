@@ -17,8 +17,8 @@ from pathlib import Path
 
 from ..errors import CapabilityRejected, Unreachable
 from ..keys import NodeId
+from ..net.stream import Stream
 from ..node import Node
-from ..stream import Stream
 from ..transfer import (
     Item,
     Sent,

@@ -55,8 +55,8 @@ import capnp
 
 from ..errors import CapsockError, LocalUsageError
 from ..keys import NodeId
+from ..net.stream import CapsockAttribute, Stream
 from ..node import Listener, Node
-from ..stream import CapsockAttribute, Stream
 from ..uri import Capability
 from ._capnp_errors import ErrorFilter
 

@@ -17,8 +17,8 @@ import msgpack
 
 from ..errors import CapsockError, InvalidCapability, LocalUsageError
 from ..keys import NodeId
+from ..net.stream import CapsockAttribute, Stream
 from ..node import Node
-from ..stream import CapsockAttribute, Stream
 from ..uri import Capability
 from . import ConnectionClosed, RemoteError, RpcProtocolError
 from .exports import Exports

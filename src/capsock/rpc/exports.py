@@ -19,8 +19,8 @@ import anyio.abc
 
 from ..errors import CapsockError, LocalUsageError
 from ..keys import NodeId
+from ..net.stream import Stream
 from ..node import Listener, Node
-from ..stream import Stream
 from ..uri import Capability
 from .remote import RemoteObject
 from .service import Service, _Forwarder

@@ -39,8 +39,8 @@ from contextlib import asynccontextmanager
 
 import anyio.abc
 
+from ..net.stream import Stream
 from ..node import Listener, Node
-from ..stream import Stream
 from ..uri import Capability
 from . import ConnectionClosed, MalformedMessage, RemoteError, RpcError, RpcProtocolError
 from .connection import Connection
