@@ -26,7 +26,7 @@ ELSEWHERE = {
     "net/stream.py": "StreamResetError/ConnectionLostError also derive from anyio's stream "
     "errors, and errors.py must stay free of anyio (the sans-IO core imports it)",
     "node/_direct.py": "_Stay is private control flow inside a punch round, never raised out of it",
-    "http.py": "ClientDisconnected is an OSError for the ASGI/WSGI servers, not a capsock error",
+    "http/_server.py": "ClientDisconnected is an OSError for ASGI servers, not a capsock error",
 }
 """Modules of the package (rpc and cli excepted: layers of their own with their
 own error modules) that may still define an exception class, by path under src/capsock."""

@@ -203,7 +203,8 @@ def _names(node: ast.AST) -> set[str]:
 
 
 @pytest.mark.parametrize(
-    "module", ["store.py", "uri/__init__.py", "uri/_token.py", "core/handshake.py", "node/forwarding.py"]
+    "module",
+    ["store.py", "uri/__init__.py", "uri/_token.py", "core/handshake.py", "node/forwarding.py"],
 )
 def test_tags_and_secrets_are_compared_in_constant_time_only(module: str) -> None:
     """Breakage: a tag compared with ``==`` / ``!=`` instead of

@@ -36,7 +36,6 @@ LONG_MODULES: dict[str, str] = {
         "the theory of operation; the rest (ViaHint, the compact via codec, Capability, "
         "the parser) call each other"
     ),
-    "capsock.http": "the HTTP adapter; not touched by issue 15",
     "capsock.rpc.connection": "one msgpack-RPC connection; rpc was not part of issue 15's split",
 }
 
@@ -62,7 +61,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
              "capsock.messages")),
     ("node", ("capsock.node", "capsock.node.")),
     ("adapters", ("capsock.services", "capsock.sockets", "capsock.transfer",
-                  "capsock.transfer.", "capsock.aio", "capsock.http", "capsock.testing",
+                  "capsock.transfer.", "capsock.aio", "capsock.http", "capsock.http.",
+                  "capsock.testing",
                   "capsock.rpc", "capsock.rpc.")),
     ("cli", ("capsock.cli", "capsock.cli.", "capsock.__main__")),
     ("facade", ("capsock",)),
