@@ -31,11 +31,6 @@ LONG_MODULES: dict[str, str] = {
         "the anyio driver of _session_engine plus the stream-facing half Stream calls "
         "(send, credit, open, close); splitting that off goes with the session-stream cycle"
     ),
-    "capsock.uri": (
-        "627 lines after the split into _uri_caveats, _uri_token and _uri_hints: 80 are "
-        "the theory of operation; the rest (ViaHint, the compact via codec, Capability, "
-        "the parser) call each other"
-    ),
     "capsock.rpc.connection": "one msgpack-RPC connection; rpc was not part of issue 15's split",
 }
 

@@ -54,7 +54,7 @@ each caveat against the opening context is the endpoint's job, not this module's
 - ``via=`` a capability URI encoded as ``urllib.parse.quote(uri, safe="")``;
   at most 3 ``via`` levels (the innermost capability has no ``via``);
 - ``v=`` the *compact* form of a ``via`` hint: canonical base64url of a binary
-  encoding (layout at :func:`_compact_via`).  It applies when the forwarder
+  encoding (layout in :mod:`capsock.uri._compact`).  It applies when the forwarder
   capability ends with a ``to`` caveat naming this URI's own node (a node's
   relay hints and introductions do) and has only ``tcp``/``unix`` hints; the
   ``to`` caveat's node id is then left out of the text and restored from the
@@ -86,9 +86,6 @@ codec in ``_uri_token``, the direct hints in ``_uri_hints``; this module holds
 
 from __future__ import annotations
 
-import base64
-import binascii
-import ipaddress
 import math
 import re
 import time
@@ -111,9 +108,9 @@ from ._caveats import (
     UnknownCaveat,
     Uses,
     _check_type,
-    _decode_caveat,
     encode_caveat,
 )
+from ._compact import b64decode, b64encode, decode_compact, encode_compact
 from ._hints import MAX_DNS_NAME_LEN, MAX_UNIX_PATH_BYTES, TcpHint, UnixHint, _canonical_host
 from ._token import (
     _REDACTED,
@@ -128,7 +125,16 @@ from ._token import (
 )
 
 # Also importable from here, though this module does not use them itself.
-_REEXPORTED = (MAX_DNS_NAME_LEN, MAX_LABEL_BYTES, MAX_UNIX_PATH_BYTES, ROOT_KEY_LEN, TOKEN_VERSION)
+_REEXPORTED = (
+    MAX_CAVEATS,
+    MAX_DNS_NAME_LEN,
+    MAX_LABEL_BYTES,
+    MAX_UNIX_PATH_BYTES,
+    ROOT_ID_LEN,
+    ROOT_KEY_LEN,
+    TAG_LEN,
+    TOKEN_VERSION,
+)
 
 __all__ = [
     "Capability",
@@ -166,9 +172,6 @@ MAX_VIA_DEPTH = 3
 
 
 _HINT_KEYS = ("tcp", "unix", "via", "v")
-
-
-_B64URL = re.compile(r"[A-Za-z0-9_-]+")
 
 
 _NOT_URI_CHAR = re.compile(r"[^\x21-\x7e]")
@@ -228,139 +231,24 @@ def _redacted_hint(hint: Hint) -> str:
     return str(hint)
 
 
-def _b64encode(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _b64decode(what: str, text: str) -> bytes:
-    """Canonical base64url without padding, or InvalidCapability naming ``what``."""
-    if "=" in text:
-        raise InvalidCapability(f"{what} must be base64url without '=' padding")
-    if not _B64URL.fullmatch(text):
-        raise InvalidCapability(f"{what} is not base64url (allowed: A-Z a-z 0-9 - _)")
-    if len(text) % 4 == 1:
-        raise InvalidCapability(f"{what} has an impossible base64url length")
-    try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
-        raise InvalidCapability(f"{what} is not valid base64url") from None
-    if _b64encode(raw) != text:
-        raise InvalidCapability(f"{what} is not canonical base64url (non-zero padding bits)")
-    return raw
-
-
-_ITEM_CAVEAT = 0
-
-
-_ITEM_TCP4 = 1
-
-
-_ITEM_TCP6 = 2
-
-
-_ITEM_TCP_NAME = 3
-
-
-_ITEM_UNIX = 4
-
-
-_COMPACT_HEAD = 32 + ROOT_ID_LEN + TAG_LEN
-
-
 def _compact_via(hint: ViaHint, outer: NodeId) -> bytes | None:
-    """The binary compact form of ``hint`` inside a URI for node ``outer``, or None.
-
-    It applies when the forwarder capability's last caveat is ``to=outer``
-    and its own hints are ``tcp`` and ``unix`` only; otherwise the hint is
-    written in the long form (``via=``).
-    """
+    """The binary compact form of ``hint`` inside a URI for node ``outer``, or None
+    (see :func:`._compact.encode_compact`)."""
     cap = hint.capability
-    caveats = cap.token.caveats
-    if not caveats or caveats[-1] != To(outer):
-        return None
-    if any(isinstance(h, ViaHint) for h in cap.hints):
-        return None
-    out = [cap.node.raw, cap.token.root_id, cap.token.tag]
-    out.extend(bytes((_ITEM_CAVEAT,)) + encode_caveat(c) for c in caveats[:-1])
-    for h in cap.hints:
-        if isinstance(h, TcpHint):
-            port = h.port.to_bytes(2, "big")
-            try:
-                addr = ipaddress.ip_address(h.host)
-            except ValueError:
-                name = h.host.encode("ascii")
-                out.append(bytes((_ITEM_TCP_NAME, len(name))) + name + port)
-            else:
-                kind = _ITEM_TCP4 if addr.version == 4 else _ITEM_TCP6
-                out.append(bytes((kind,)) + addr.packed + port)
-        elif isinstance(h, UnixHint):
-            path = h.path.encode("utf-8")
-            out.append(bytes((_ITEM_UNIX, len(path))) + path)
-    return b"".join(out)
+    return encode_compact(cap.node, cap.token, cap.hints, outer)
 
 
 def _hint_text(hint: Hint, outer: NodeId) -> str:
     if isinstance(hint, ViaHint):
         compact = _compact_via(hint, outer)
         if compact is not None:
-            return "v=" + _b64encode(compact)
+            return "v=" + b64encode(compact)
     return str(hint)
 
 
-def _take(raw: bytes, pos: int, size: int, index: int) -> bytes:
-    if pos + size > len(raw):
-        raise InvalidCapability(f"truncated in item {index}")
-    return raw[pos : pos + size]
-
-
 def _decode_compact_via(raw: bytes, outer: NodeId) -> ViaHint:
-    if len(raw) < _COMPACT_HEAD:
-        raise InvalidCapability(f"truncated ({len(raw)} bytes, at least {_COMPACT_HEAD})")
-    node = NodeId(raw[:32])
-    root_id, tag = raw[32 : 32 + ROOT_ID_LEN], raw[32 + ROOT_ID_LEN : _COMPACT_HEAD]
-    caveats: list[Caveat] = []
-    hints: list[Hint] = []
-    pos, index = _COMPACT_HEAD, 0
-    while pos < len(raw):
-        index += 1
-        item = raw[pos]
-        pos += 1
-        if item == _ITEM_CAVEAT:
-            if hints:
-                raise InvalidCapability(f"item {index}: a caveat after a hint")
-            kind, length = _take(raw, pos, 2, index)
-            value = _take(raw, pos + 2, length, index)
-            pos += 2 + length
-            try:
-                caveats.append(_decode_caveat(kind, value))
-            except InvalidCapability as exc:
-                raise InvalidCapability(f"item {index}: {exc}") from None
-            continue
-        if item in (_ITEM_TCP4, _ITEM_TCP6):
-            size = 4 if item == _ITEM_TCP4 else 16
-            packed = _take(raw, pos, size + 2, index)
-            pos += size + 2
-            host = str(ipaddress.ip_address(packed[:size]))
-        elif item in (_ITEM_TCP_NAME, _ITEM_UNIX):
-            (length,) = _take(raw, pos, 1, index)
-            extra = 2 if item == _ITEM_TCP_NAME else 0
-            packed = _take(raw, pos + 1, length + extra, index)
-            pos += 1 + length + extra
-            try:
-                text = packed[:length].decode("ascii" if extra else "utf-8")
-            except UnicodeDecodeError:
-                raise InvalidCapability(f"item {index}: not valid text") from None
-            if item == _ITEM_UNIX:
-                hints.append(UnixHint(text))
-                continue
-            host = text
-        else:
-            raise InvalidCapability(f"item {index}: unknown item type {item}")
-        hints.append(TcpHint(host, int.from_bytes(packed[-2:], "big")))
-    caveats.append(To(outer))
-    if len(caveats) > MAX_CAVEATS:
-        raise InvalidCapability(f"too many caveats ({len(caveats)} > {MAX_CAVEATS})")
-    hint = ViaHint(Capability(node, Token(root_id, tuple(caveats), tag), tuple(hints)))
+    node, token, hints = decode_compact(raw, outer)
+    hint = ViaHint(Capability(node, token, hints))
     if _compact_via(hint, outer) != raw:
         raise InvalidCapability("not in canonical form")
     return hint
@@ -480,7 +368,7 @@ class Capability:
         return text
 
     def __str__(self) -> str:
-        text = f"{SCHEME}{self.node}/{_b64encode(self.token.encode())}"
+        text = f"{SCHEME}{self.node}/{b64encode(self.token.encode())}"
         if self.hints:
             text += "?" + "&".join(_hint_text(h, self.node) for h in self.hints)
         return text
@@ -543,7 +431,7 @@ def _parse(text: object, depth: int) -> Capability:
 
 
 def _parse_token_text(text: str) -> Token:
-    return Token.decode(_b64decode("token", text))  # its messages say "token" or "caveat"
+    return Token.decode(b64decode("token", text))  # its messages say "token" or "caveat"
 
 
 def _show_key(key: str) -> str:
@@ -575,7 +463,7 @@ def _parse_hint(part: str, index: int, depth: int, outer: NodeId) -> Hint:
         if depth >= MAX_VIA_DEPTH:
             raise InvalidCapability(f"via hints nested deeper than {MAX_VIA_DEPTH} levels")
         try:
-            return _decode_compact_via(_b64decode("value", value), outer)
+            return _decode_compact_via(b64decode("value", value), outer)
         except InvalidCapability as exc:
             raise InvalidCapability(f"v hint: {exc}") from None
     decoded = _percent_decode(key, value)
