@@ -45,7 +45,7 @@ from capsock.errors import (
 )
 from capsock.keys import KeyPair
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "capsock"
+SRC = Path(__file__).resolve().parents[1] / "src" / "capsock" / "core"
 KEY_A = KeyPair.generate()
 KEY_B = KeyPair.generate()
 SMALL = PathSwitchConfig(retain_limit=MIN_RETAIN_LIMIT, ack_bytes=8192, ack_delay=0.2)

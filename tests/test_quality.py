@@ -13,17 +13,25 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "src" / "capsock"
 SANS_IO = [
-    "errors", "frames", "handshake", "keys", "mux", "noise", "uri",
-    "records", "config", "_noise_crypto", "_noise_handshake", "_noise_transport",
-    "_uri_caveats", "_uri_hints", "_uri_token", "direct", "_logs", "_session_engine",
-    "_path_switch", "_path_auth",
+    "errors", "keys", "config", "_logs", "uri", "uri._caveats", "uri._hints", "uri._token",
+    "uri._compact", "core", "core.frames", "core.handshake", "core.mux", "core.noise",
+    "core.records", "core._noise_crypto", "core._noise_handshake", "core._noise_transport",
+    "core.direct", "core._session_engine", "core._path_switch", "core._path_auth",
 ]  # fmt: skip
+"""The sans-IO core, as module names under ``capsock``."""
 FORBIDDEN = {"anyio", "trio", "asyncio", "socket", "selectors", "sniffio"}
 
 
+def _path(module: str) -> Path:
+    base = PKG.joinpath(*module.split("."))
+    return base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+
+
 def _imports(module: str) -> tuple[set[str], set[str]]:
-    """(third-party/stdlib top-level names, sibling capsock modules) imported by a module."""
-    tree = ast.parse((PKG / f"{module}.py").read_text())
+    """(third-party/stdlib top-level names, capsock modules) imported by a module."""
+    path = _path(module)
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    tree = ast.parse(path.read_text())
     external: set[str] = set()
     siblings: set[str] = set()
     for node in ast.walk(tree):
@@ -31,13 +39,16 @@ def _imports(module: str) -> tuple[set[str], set[str]]:
             external.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level > 0:
-                if node.module:
-                    siblings.add(node.module.split(".")[0])
-                else:
-                    siblings.update(alias.name for alias in node.names)
+                base = package[: len(package) - (node.level - 1)]
+                target = [*base, *(node.module.split(".") if node.module else [])]
+                for alias in node.names:
+                    sub = [*target, alias.name]
+                    as_module = PKG.joinpath(*sub)
+                    is_module = as_module.is_dir() or as_module.with_suffix(".py").exists()
+                    siblings.add(".".join(sub if is_module else target))
             elif node.module:
                 external.add(node.module.split(".")[0])
-    return external, siblings
+    return external, {s for s in siblings if s}
 
 
 @pytest.mark.parametrize("module", SANS_IO)
