@@ -9,6 +9,8 @@ accepts the wrong type is seen.  Each table row names the mutants it was
 written against (mutmut's numbers of the run at ``dbd0447``).
 """
 
+# ruff: noqa: E501  (tables of exact messages: one row a line reads best)
+
 from __future__ import annotations
 
 import math
@@ -130,8 +132,12 @@ def test_the_edge_values_are_accepted_as_given(cls: type[Any], fields: dict[str,
 def test_the_half_windows_are_whole_numbers() -> None:
     """MuxConfig 77, 87 (``// 2`` made ``/ 2``): the credit batches are ints,
     also for an odd window."""
-    mux = MuxConfig(stream_window=INITIAL_STREAM_WINDOW + 1, session_window=INITIAL_SESSION_WINDOW + 3)
-    assert type(mux.half_stream_window) is int and mux.half_stream_window == INITIAL_STREAM_WINDOW // 2
+    mux = MuxConfig(
+        stream_window=INITIAL_STREAM_WINDOW + 1, session_window=INITIAL_SESSION_WINDOW + 3
+    )
+    assert (
+        type(mux.half_stream_window) is int and mux.half_stream_window == INITIAL_STREAM_WINDOW // 2
+    )
     assert type(mux.half_session_window) is int
     assert mux.half_session_window == (INITIAL_SESSION_WINDOW + 3) // 2
 
