@@ -1,3 +1,389 @@
-"""Tests that kill the mutants of scripts/mutation node (docs/testing.md)."""
+"""Tests that kill the mutants of ``scripts/mutation node`` (docs/testing.md).
+
+The node's OPEN decision and what it rests on: the admission tables
+(capsock._admission, sans-IO, so tested alone with time as a number), the
+listener's retirement, and the node's ``listen`` / ``mint`` / ``revoke``.
+Each test names, in its docstring, the mutants it was written against
+(mutmut's numbers of the run at ``dbd0447``).  Node-level tests run on
+asyncio and trio over loopback.
+"""
 
 from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+
+import capsock
+from capsock import NodeConfig
+from capsock._node_state import MAX_AUTHORIZED_PEERS, HalfOpen
+from capsock.errors import ErrorCode, HandshakeError, LocalUsageError
+from capsock.keys import KeyPair, NodeId
+from capsock.store import Verdict
+from capsock.uri import Capability, Peer, Token, Uses
+
+from capsock import _admission
+from capsock._admission import (
+    HalfOpenTable,
+    ReplayCache,
+    SourceBuckets,
+    descriptor_budget,
+    source_of,
+)
+
+pytestmark = pytest.mark.anyio
+
+# ------------------------------------------------------------------ ReplayCache
+
+
+def test_a_replay_entry_ends_exactly_at_its_window() -> None:
+    """ReplayCache._expire 5 (``until > now`` made ``>=``): a key added at 0
+    with a window of 10 is seen until just before 10, not at 10."""
+    cache = ReplayCache(capacity=4, window=10.0)
+    cache.add(b"k", 0.0)
+    assert cache.seen(b"k", 9.999)
+    assert not cache.seen(b"k", 10.0)
+    assert len(cache) == 0
+
+
+def test_a_replay_cache_of_one_keeps_the_newest_key() -> None:
+    """ReplayCache.add 2 (``capacity <= 0`` made ``<= 1``): a capacity of 1
+    still remembers one key (the newest)."""
+    cache = ReplayCache(capacity=1, window=10.0)
+    cache.add(b"a", 0.0)
+    assert cache.seen(b"a", 1.0)
+    cache.add(b"b", 0.0)
+    assert cache.seen(b"b", 1.0) and not cache.seen(b"a", 1.0)
+    assert len(cache) == 1
+
+
+def test_a_key_added_again_moves_to_the_end() -> None:
+    """Re-adding a key refreshes its place: the least recently added goes first."""
+    cache = ReplayCache(capacity=2, window=10.0)
+    cache.add(b"a", 0.0)
+    cache.add(b"b", 0.0)
+    cache.add(b"a", 0.0)
+    cache.add(b"c", 0.0)
+    assert cache.seen(b"a", 1.0) and cache.seen(b"c", 1.0) and not cache.seen(b"b", 1.0)
+
+
+# ------------------------------------------------------------------ SourceBuckets
+
+
+def test_a_bucket_refills_from_the_time_since_its_last_take() -> None:
+    """SourceBuckets.take 13 (``now - at`` made ``now + at``) and 25 (the wait
+    ``1 - tokens`` made ``1 + tokens``): the refill counts the time since the
+    last take, and the wait is the time until one whole token."""
+    buckets = SourceBuckets(rate=4.0, burst=1.0)
+    assert buckets.take("a", 100.0) == 0.0
+    assert buckets.take("a", 100.125) == 0.125  # half a token there
+    assert buckets.take("a", 100.25) == 0.0
+    assert buckets.take("a", 100.25) == 0.25
+
+
+def test_a_bucket_with_no_rate_never_refills() -> None:
+    """SourceBuckets.take 23, 27, 29, 30 (rate 0: the infinite wait made a
+    division by zero or a bad ``float``) and 28 (``rate > 0`` made ``> 1``: a
+    rate under one a second would never refill)."""
+    stopped = SourceBuckets(rate=0.0, burst=1.0)
+    assert stopped.take("a", 0.0) == 0.0
+    assert stopped.take("a", 1e6) == float("inf")
+    slow = SourceBuckets(rate=0.5, burst=1.0)
+    assert slow.take("a", 0.0) == 0.0
+    assert slow.take("a", 0.0) == pytest.approx(2.0)
+    assert slow.take("a", 2.0) == 0.0
+
+
+def test_the_least_recently_seen_source_is_forgotten_first() -> None:
+    """SourceBuckets._forget 3 (``popitem(last=False)`` made ``last=True``):
+    past ``max_sources`` the oldest source goes, never the one just seen."""
+    buckets = SourceBuckets(rate=1.0, burst=1.0, max_sources=2)
+    buckets.take("a", 0.0)
+    buckets.take("b", 0.0)
+    buckets.take("a", 0.0)  # a is now the most recent (and drained)
+    buckets.take("c", 0.0)  # b goes
+    assert set(buckets._buckets) == {"a", "c"}
+    assert buckets.take("a", 0.0) > 0.0  # a kept its empty bucket
+    assert buckets.take("b", 0.0) == 0.0  # b starts full again
+
+
+def test_the_default_bound_is_65536_sources() -> None:
+    """SourceBuckets.__init__ 1 (the default ``max_sources`` made 65537)."""
+    buckets = SourceBuckets(rate=1.0, burst=1.0)
+    assert buckets.max_sources == 65536
+    for i in range(65537):
+        buckets.take(i, 0.0)
+    assert len(buckets._buckets) == 65536 and 0 not in buckets._buckets
+
+
+# ------------------------------------------------------------------ HalfOpenTable
+
+
+def test_a_lone_entry_is_the_default_victim_and_leaves_no_source_behind() -> None:
+    """HalfOpenTable.pop_victim 1 (the default ``min_count`` made 2) and 17
+    (an emptied source kept: one empty dict per source ever seen)."""
+    table: HalfOpenTable[str] = HalfOpenTable(capacity=4)
+    table.add("s", 1, "x")
+    assert table.pop_victim() == "x"
+    assert len(table) == 0 and table._by_source == {}
+    assert table.pop_victim() is None
+
+
+def test_a_source_holding_exactly_min_count_entries_is_shed_from() -> None:
+    """HalfOpenTable.pop_victim 10 (``len < min_count`` made ``<=``)."""
+    table: HalfOpenTable[str] = HalfOpenTable(capacity=4)
+    table.add("s", 1, "old")
+    table.add("s", 2, "new")
+    assert table.pop_victim(min_count=2) == "old"
+    assert table.pop_victim(min_count=2) is None  # one left: a lone newcomer stays
+    assert len(table) == 1
+
+
+def test_remove_takes_out_exactly_that_entry_once() -> None:
+    """HalfOpenTable.remove 1-5, 8-10, 12: the entry of that source and key
+    only, counted once, an unknown source or key changes nothing, and an
+    emptied source leaves no entry."""
+    table: HalfOpenTable[str] = HalfOpenTable(capacity=8)
+    table.add("a", 1, "a1")
+    table.add("a", 2, "a2")
+    table.add("b", 3, "b1")
+    table.remove("nobody", 1)  # an unknown source
+    table.remove("a", 3)  # a key of another source
+    assert len(table) == 3
+    table.remove("a", 1)
+    assert len(table) == 2 and list(table._by_source["a"]) == [2]
+    table.remove("a", 1)  # again: nothing
+    assert len(table) == 2
+    table.remove("b", 3)
+    assert len(table) == 1 and set(table._by_source) == {"a"}
+    table.remove("a", 2)
+    assert len(table) == 0 and table._by_source == {}
+
+
+# ------------------------------------------------------------------ source_of
+
+
+@pytest.mark.parametrize(
+    ("address", "source"),
+    [
+        (("fe80::1%eth0", 1, 0, 2), "fe80::/64"),  # the zone id is not part of the address
+        (("fe80::1%a%b", 1, 0, 2), "fe80::/64"),  # only up to the first %
+        (("2001:db8::8000:0:0:1", 1, 0, 0), "2001:db8::/64"),  # bit 64 is outside the /64
+        (("not an address", 1), "tcp:?"),
+        (("", 1), "tcp:?"),
+        ((), "unix"),
+        ((7, 1), "unix"),
+        (None, "unix"),
+    ],
+)
+def test_each_kind_of_address_has_its_source(address: object, source: str) -> None:
+    """source_of 5, 9, 11 (the zone id split wrong), 14, 15 (the unparseable
+    source's name), 23 (a /65 instead of a /64)."""
+    assert source_of(address) == source
+
+
+# ------------------------------------------------------------------ descriptor_budget
+
+
+@pytest.mark.parametrize(
+    ("soft", "reserve", "budget"),
+    [
+        (10000, 64, 10000 - 100 - 1250),  # an eighth of the limit kept free
+        (10007, 64, 10007 - 100 - 1250),  # an eighth, rounded down
+        (10000, 2000, 10000 - 100 - 2000),  # the reserve, when larger
+        (100, 0, 8),  # never fewer than 8
+    ],
+)
+def test_the_descriptor_budget_is_the_limit_less_what_is_open_and_kept(
+    soft: int, reserve: int, budget: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """descriptor_budget 3, 4 (the open descriptors or the reserve added
+    instead of taken), 9, 10 (``soft // 8`` made ``/ 8``, ``// 9``), 15 (the
+    floor of 8 made 9)."""
+    monkeypatch.setattr(_admission, "_open_descriptors", lambda: 100)
+    got = descriptor_budget(reserve, limits=lambda: (soft, soft * 2))
+    assert got == budget and type(got) is int
+
+
+# ------------------------------------------------------------------ the node's parts, with fake sessions
+#
+# The OPEN decision and the admission bookkeeping are methods of the node
+# that take a session and answer through it (``reject``, ``accept``, ``end``,
+# ``close_now``).  A fake session records those calls, so each decision is
+# checked exactly, in milliseconds, on a running node (both backends).
+
+
+class FakeStream:
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+class FakeSession:
+    def __init__(self, peer: NodeId | None = None, *, dialer: bool = False) -> None:
+        self.peer = peer or KeyPair.generate().node_id
+        self.dialer = dialer
+        self.is_usable = True
+        self.calls: list[tuple[object, ...]] = []
+        self.accepted: object = None  # what accept() returns
+
+    def reject(self, sid: int, code: ErrorCode = ErrorCode.REFUSED) -> None:
+        self.calls.append(("reject", sid, code))
+
+    def accept(self, sid: int, capability: Capability | None) -> object:
+        self.calls.append(("accept", sid, capability))
+        return self.accepted
+
+    def end(self, code: ErrorCode, reason: str) -> None:
+        self.calls.append(("end", code, reason))
+
+    def close_now(self) -> None:
+        self.calls.append(("close_now",))
+
+    async def aclose(self, grace: float = 0.0) -> None:
+        pass
+
+    def stats(self) -> dict[str, object]:
+        return {}
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@asynccontextmanager
+async def running(**config: Any) -> AsyncIterator[capsock.Node]:
+    async with capsock.Node(config=NodeConfig(**config), wall_clock=Clock(1e9)) as node:
+        try:
+            yield node
+        finally:
+            node._sessions.clear()  # fakes are not closed with the node
+            node._strangers.clear()
+
+
+def _logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records]
+
+
+async def test_screen_drops_replays_and_floods_with_their_own_counts_and_words(
+    anyio_backend: str,
+) -> None:
+    """_Admission._screen 2, 6-14, 19-27: a replayed message 1 and one beyond
+    its source's rate are dropped, each counted once per drop under its own
+    counter and with its own reason; another source is not affected."""
+    async with running(handshake_rate=(1.0, 2.0)) as node:
+        node._screen(b"e" * 32, "s")
+        node._replays.add(b"e" * 32, anyio.current_time())
+        for n in (1, 2):
+            with pytest.raises(HandshakeError) as info:
+                node._screen(b"e" * 32, "s")
+            assert str(info.value) == "a replayed first handshake message"
+            assert node.stats()["handshakes_replayed"] == n
+        node._screen(b"f" * 32, "s")  # the burst's second token
+        for n in (1, 2):
+            with pytest.raises(HandshakeError) as info:
+                node._screen(bytes([n]) * 32, "s")
+            assert str(info.value) == "too many handshakes from this source"
+            assert node.stats()["handshakes_throttled"] == n
+        node._screen(b"g" * 32, "other")  # its own bucket
+        assert node.stats()["handshakes_replayed"] == 2
+
+
+async def test_confirm_inbound_sheds_a_stranger_or_drops_the_newcomer_at_max_sessions(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """_confirm_inbound 3-10: at ``max_sessions`` the oldest stranger makes
+    room (the newcomer is pooled); with no stranger the newcomer is dropped
+    and the drop is logged with its peer."""
+    caplog.set_level(logging.INFO, logger="capsock")
+    async with running(max_sessions=1) as node:
+        a, b, c = FakeSession(), FakeSession(), FakeSession()
+        node._confirm_inbound(a)
+        assert node.stats()["session_count"] == 1 and list(node._strangers) == [a]
+        node._confirm_inbound(a)  # counted already: nothing changes
+        assert node.stats()["session_count"] == 1
+        node._confirm_inbound(b)
+        assert a.calls == [("close_now",)] and b.calls == []
+        assert node.stats()["session_count"] == 1 and list(node._strangers) == [b]
+        assert node._sessions == {b.peer: b}
+        node._strangers.clear()  # b opened a stream with a capability
+        node._confirm_inbound(c)
+        assert c.calls == [("close_now",)] and node.stats()["session_count"] == 1
+        assert f"dropping session from {c.peer.short()}: max_sessions reached" in _logged(caplog)
+
+
+async def test_shedding_takes_the_oldest_stranger_then_the_busiest_half_open(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """_shed_stranger and _shed_one (no selected test reached them): a
+    source holding several half-open connections first, then the oldest
+    stranger, then a lone half-open newcomer; each counted and logged."""
+    caplog.set_level(logging.INFO, logger="capsock")
+    async with running() as node:
+        assert not node._shed_stranger() and not node._shed_one()
+        s1, s2 = FakeSession(), FakeSession()
+        node._confirm_inbound(s1)
+        node._confirm_inbound(s2)
+        h1, h2, h3 = (HalfOpen(anyio.CancelScope()) for _ in range(3))
+        node._half_open.add("busy", 1, h1)
+        node._half_open.add("busy", 2, h2)
+        node._half_open.add("lone", 3, h3)
+        shed = node.stats()["connections_shed"]
+        assert node._shed_one() and h1.was_shed and not h2.was_shed
+        node._half_open.remove("busy", 2)
+        assert node._shed_one()  # the oldest stranger before the lone newcomer
+        assert s1.calls == [("close_now",)] and s2.calls == [] and not h3.was_shed
+        assert list(node._strangers) == [s2] and node.stats()["session_count"] == 1
+        assert f"shed the idle session from {s1.peer.short()} to make room" in _logged(caplog)
+        assert node._shed_stranger() and s2.calls == [("close_now",)]
+        assert node._sessions == {} and node.stats()["session_count"] == 0
+        assert node._shed_one() and h3.was_shed  # only the newcomer is left
+        assert not node._shed_one()
+        assert node.stats()["connections_shed"] == shed + 4
+
+
+async def test_a_forwarded_stranger_is_shed_from_its_carrier_first(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """_shed_nested_stranger (no selected test reached it) and
+    _confirm_forwarded 11: the oldest forwarded session that never presented
+    a capability, of this carrier, else (``any_carrier``) of any; each carrier
+    left with none is forgotten."""
+    caplog.set_level(logging.INFO, logger="capsock")
+    async with running() as node:
+        mine, other = FakeSession(), FakeSession()
+        m1, m2, o1 = FakeSession(), FakeSession(), FakeSession()
+        node._confirm_forwarded(other, o1)
+        node._confirm_forwarded(mine, m1)
+        node._confirm_forwarded(mine, m2)
+        assert node.stats()["session_count"] == 0  # not counted against max_sessions
+        assert node._stranger_carrier == {o1: other, m1: mine, m2: mine}
+        shed = node.stats()["connections_shed"]
+        assert node._shed_nested_stranger(mine, any_carrier=False)
+        assert m1.calls == [("close_now",)] and list(node._nested_strangers[mine]) == [m2]
+        assert m1 not in node._stranger_carrier and m1.peer not in node._sessions
+        assert f"shed the idle forwarded session from {m1.peer.short()} to make room" in (
+            _logged(caplog)
+        )
+        assert node._shed_nested_stranger(mine, any_carrier=True)  # its own first
+        assert m2.calls == [("close_now",)] and o1.calls == []
+        assert mine not in node._nested_strangers
+        assert not node._shed_nested_stranger(mine, any_carrier=False)
+        assert node._shed_nested_stranger(mine, any_carrier=True)  # another carrier's
+        assert o1.calls == [("close_now",)] and node._nested_strangers == {}
+        assert not node._shed_nested_stranger(mine, any_carrier=True)
+        assert node.stats()["connections_shed"] == shed + 3
+        x = FakeSession()
+        node._confirm_forwarded(other, x)
+        node._unstrange_nested(x)  # it presented a capability
+        assert node._nested_strangers == {} and node._stranger_carrier == {}
