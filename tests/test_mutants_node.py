@@ -387,3 +387,320 @@ async def test_a_forwarded_stranger_is_shed_from_its_carrier_first(
         node._confirm_forwarded(other, x)
         node._unstrange_nested(x)  # it presented a capability
         assert node._nested_strangers == {} and node._stranger_carrier == {}
+
+
+async def test_refusals_are_charged_to_the_source_and_cut_the_session_once(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """_charge_refusal 1-6, 12-29: refusals draw on the bucket of the
+    session's admission source (else of its peer); the refusal that finds it
+    empty ends the session once with LIMIT_EXCEEDED, counted and logged; a
+    cut session is charged no more."""
+    caplog.set_level(logging.INFO, logger="capsock")
+    async with running(refused_open_rate=(0.001, 2.0)) as node:
+        first, same_source = FakeSession(), FakeSession()
+        node._sources[first] = node._sources[same_source] = "192.0.2.1"
+        node._charge_refusal(first)
+        node._charge_refusal(first)
+        assert first.calls == [] and first not in node._cut
+        node._charge_refusal(first)
+        cut = ("end", ErrorCode.LIMIT_EXCEEDED, "too many refused streams")
+        assert first.calls == [cut] and first in node._cut
+        assert node.stats()["sessions_cut_for_refusals"] == 1
+        assert (
+            f"ending the session from {first.peer.short()}: too many refused streams from its source"
+            in _logged(caplog)
+        )
+        node._charge_refusal(first)  # cut already
+        assert first.calls == [cut] and node.stats()["sessions_cut_for_refusals"] == 1
+        node._charge_refusal(same_source)  # the same source's bucket is empty
+        assert same_source.calls == [cut] and node.stats()["sessions_cut_for_refusals"] == 2
+        peer = KeyPair.generate().node_id
+        one, two = FakeSession(peer), FakeSession(peer)  # no source: charged to the peer
+        for session in (one, one, two):
+            node._charge_refusal(session)
+        assert one.calls == [] and two.calls == [cut]
+        stranger = FakeSession()
+        node._charge_refusal(stranger)
+        assert stranger.calls == []
+
+
+async def _mint(node: capsock.Node, **caveats: Any) -> capsock.Listener:
+    return await node.mint(**caveats) if caveats else await node.listen()
+
+
+async def test_an_allowed_open_at_a_closed_listener_is_refused_as_closed(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """_answer_open 3, 4, 6-8, 19, 24, 35: an allowing verdict with no
+    listener, or a retired one, is refused (REFUSED), counted, and logged as
+    "listener closed"."""
+    caplog.set_level(logging.INFO, logger="capsock")
+    async with running() as node:
+        listener = await node.listen()
+        token = listener.uri.token
+        for n, target in enumerate((None, listener), start=1):
+            if target is not None:
+                listener._retire()
+            session = FakeSession()
+            node._answer_open(session, 5, token, target, Verdict(None, tags=(token.tag,)))  # type: ignore[arg-type]
+            assert session.calls == [("reject", 5, ErrorCode.REFUSED)]
+            assert node.stats()["opens_refused"] == n and node.stats()["streams_accepted"] == 0
+            assert f"refused a stream from {session.peer.short()}: listener closed" in (
+                _logged(caplog)
+            )
+
+
+async def test_the_refusal_log_says_why_a_retired_root_is_unknown(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """_answer_open 9-18: an "unknown root" whose root was a temporary
+    listener's is logged with why it retired; any other stays "unknown root"."""
+    caplog.set_level(logging.INFO, logger="capsock")
+    async with running() as node:
+        gone = (await node.listen()).uri.token
+        never = Token(bytes(16), (), bytes(32))
+        node._retired_roots[gone.root_id] = "used up"
+        for token, why in ((gone, "used up"), (never, "unknown root")):
+            session = FakeSession()
+            node._answer_open(session, 1, token, None, Verdict("unknown root"))  # type: ignore[arg-type]
+            assert session.calls == [("reject", 1, ErrorCode.REFUSED)]
+            assert f"refused a stream from {session.peer.short()}: {why}" in _logged(caplog)
+        session = FakeSession()
+        node._answer_open(session, 1, gone, None, Verdict("bad tag"))  # type: ignore[arg-type]
+        assert f"refused a stream from {session.peer.short()}: bad tag" in _logged(caplog)
+
+
+async def test_an_accepted_open_is_counted_delivered_and_its_peer_trusted(
+    anyio_backend: str,
+) -> None:
+    """_answer_open 42, 51, 55, 56, 59, 60, 63, 66-68: the stream is accepted
+    with the capability opened (this node's id, the token), counted, handed to
+    the listener with its chain tags; its session is no stranger any more
+    (direct or forwarded), and its peer joins the bounded, most-recent-last
+    table of authorized peers."""
+    async with running() as node:
+        listener = await node.listen()
+        token = listener.uri.token
+        carrier = FakeSession()
+        streams = []
+        first_peer = None
+        for n in (1, 2):
+            session = FakeSession()
+            node._confirm_inbound(session)
+            node._confirm_forwarded(carrier, session)
+            session.accepted = stream = FakeStream()
+            streams.append(stream)
+            if n == 1:
+                first_peer = session.peer
+                node._authorized_peers.update(
+                    (KeyPair.generate().node_id, None) for _ in range(MAX_AUTHORIZED_PEERS - 1)
+                )
+            verdict = Verdict(None, tags=(token.tag, b"t" * 32))
+            node._answer_open(session, 3, token, listener, verdict)  # type: ignore[arg-type]
+            assert session.calls == [("accept", 3, Capability(node.id, token, ()))]
+            assert node.stats()["streams_accepted"] == n and node.stats()["opens_refused"] == 0
+            assert session not in node._strangers and session not in node._stranger_carrier
+            assert node._stream_tags[stream] == verdict.tags  # type: ignore[index]
+            assert len(node._authorized_peers) == MAX_AUTHORIZED_PEERS
+            assert next(reversed(node._authorized_peers)) == session.peer
+            assert first_peer in node._authorized_peers
+        assert node._nested_strangers == {}
+        for stream in streams:
+            assert await listener.accept() is stream  # type: ignore[comparison-overlap]
+        node._stream_tags.clear()
+
+
+async def test_an_open_not_taken_by_the_session_counts_nothing(anyio_backend: str) -> None:
+    """The other side: when the session does not take the stream (it is
+    ending), nothing is counted or delivered."""
+    async with running() as node:
+        listener = await node.listen()
+        session = FakeSession()
+        node._answer_open(session, 3, listener.uri.token, listener, Verdict(None))  # type: ignore[arg-type]
+        assert node.stats()["streams_accepted"] == 0 and node._authorized_peers == {}
+        assert not listener._full() and session.peer not in node._authorized_peers
+
+
+async def test_on_open_counts_each_open_and_answers_at_once_when_there_is_room(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """_on_open 15, 19, 20, 23, 26, 27, 29, 31: every OPEN counted once; a
+    malformed token refused as such (logged); a good one at a listener with
+    room accepted at once, not sent to wait for room."""
+    caplog.set_level(logging.INFO, logger="capsock")
+    async with running() as node:
+        listener = await node.listen()
+        session = FakeSession()
+        assert node._on_open(session, 1, b"\x07not a token") is None  # type: ignore[arg-type]
+        assert session.calls == [("reject", 1, ErrorCode.REFUSED)]
+        assert node.stats()["opens_received"] == 1
+        (line,) = [m for m in _logged(caplog) if m.startswith("refused a stream")]
+        assert line.startswith(f"refused a stream from {session.peer.short()}: malformed token (")
+        session.accepted = FakeStream()
+        assert node._on_open(session, 3, listener.uri.token.encode()) is None  # type: ignore[arg-type]
+        assert session.calls[-1] == ("accept", 3, Capability(node.id, listener.uri.token, ()))
+        assert node.stats()["opens_received"] == 2
+        node._stream_tags.clear()
+
+
+async def test_an_open_that_waited_is_refused_busy_with_a_log_line_or_authorized_for_its_peer(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """_open_when_room 8-11, 20: still full after ``backlog_wait``: BUSY,
+    logged with the peer; room: authorized again for the session's peer (a
+    capability bound to that peer opens)."""
+    caplog.set_level(logging.INFO, logger="capsock")
+    async with running(listener_backlog=1, backlog_wait=0.05) as node:
+        listener = await node.listen()
+        listener._send.send_nowait(FakeStream())  # type: ignore[arg-type]
+        session = FakeSession()
+        bound = listener.uri.attenuate(Peer(session.peer)).token
+        await node._open_when_room(session, 9, bound, listener)  # type: ignore[arg-type]
+        assert session.calls == [("reject", 9, ErrorCode.BUSY)]
+        assert f"listener is full; refusing a stream from {session.peer.short()}" in (
+            _logged(caplog)
+        )
+        await listener._recv.receive()  # room
+        session.accepted = FakeStream()
+        await node._open_when_room(session, 11, bound, listener)  # type: ignore[arg-type]
+        assert session.calls[-1] == ("accept", 11, Capability(node.id, bound, ()))
+        node._stream_tags.clear()
+
+
+def _relay_cap(relay: NodeId) -> Capability:
+    return Capability(relay, Token(bytes(16), (), bytes(32)), ())
+
+
+async def test_who_may_forward_sessions_to_a_node(anyio_backend: str) -> None:
+    """_trusts_forwarding 7-9, 11, 13, 20, 24, 25, 31, 32: "never" trusts
+    nobody (not even a peer we dialed); "trusted" trusts a session we dialed,
+    our relay, a peer that opened a stream with our capability, or a valid
+    voucher of ours, checked for the session's peer and the wall clock and
+    never spending a use; nothing else."""
+    async with running(accept_forwarded="never") as never:
+        assert not never._trusts_forwarding(FakeSession(dialer=True), b"")  # type: ignore[arg-type]
+    async with running(accept_forwarded="any") as anyone:
+        assert anyone._trusts_forwarding(FakeSession(), b"")  # type: ignore[arg-type]
+    async with running() as node:
+        relay = FakeSession()
+        node._relays = (_relay_cap(relay.peer),)
+        assert node._trusts_forwarding(FakeSession(dialer=True), b"")  # type: ignore[arg-type]
+        assert node._trusts_forwarding(relay, b"")  # type: ignore[arg-type]
+        assert not node._trusts_forwarding(FakeSession(), b"")  # type: ignore[arg-type]
+        known = FakeSession()
+        node._authorized_peers[known.peer] = None
+        assert node._trusts_forwarding(known, b"")  # type: ignore[arg-type]
+        assert not node._trusts_forwarding(FakeSession(), b"\x07junk")  # type: ignore[arg-type]
+        listener = await node.mint(uses=1)
+        session = FakeSession()
+        bound = listener.uri.attenuate(Peer(session.peer)).token.encode()
+        for _ in range(2):
+            assert node._trusts_forwarding(session, bound)  # type: ignore[arg-type]
+        assert node._store.uses(listener._uses[0]) == 0  # type: ignore[index]
+        assert not node._trusts_forwarding(FakeSession(), bound)  # type: ignore[arg-type]
+        expiring = listener.uri.attenuate(ttl=10, now=1e9).token.encode()
+        assert node._trusts_forwarding(session, expiring)  # type: ignore[arg-type]
+        node._wall_clock = Clock(1e9 + 11)
+        assert not node._trusts_forwarding(session, expiring)  # type: ignore[arg-type]
+
+
+def _nested(node: capsock.Node, carrier: FakeSession) -> FakeSession:
+    stranger = FakeSession()
+    node._confirm_forwarded(carrier, stranger)  # type: ignore[arg-type]
+    return stranger
+
+
+async def test_forwarded_sessions_are_bounded_per_carrier_and_node_wide(
+    anyio_backend: str,
+) -> None:
+    """_accept_transport 23, 25, 27, 30, 32-43, 47, 48, 51: a carrier at its
+    share is BUSY (a relay at its larger share sheds its own stranger, never
+    another carrier's); at the node-wide limit the carrier's own stranger is
+    shed first, else any carrier's; each BUSY is counted once.  (The session
+    here does not take the stream, so the decision is all that runs.)"""
+    async with running(
+        accept_forwarded="any", max_forwarded_per_session=1, max_forwarded_sessions=2
+    ) as node:
+        relay, peer, other = FakeSession(), FakeSession(), FakeSession()
+        node._relays = (_relay_cap(relay.peer),)
+        busy = ("reject", 1, ErrorCode.BUSY)
+        took = ("accept", 1, None)
+
+        async def ask(carrier: FakeSession, carried: int, nested: int) -> tuple[object, ...]:
+            node._nested_by_carrier[carrier] = carried  # type: ignore[index]
+            node._nested_count = nested
+            await node._accept_transport(carrier, 1, b"")  # type: ignore[arg-type]
+            return carrier.calls.pop()
+
+        assert await ask(peer, 0, 0) == took
+        assert await ask(peer, 1, 1) == busy  # its own share (a stranger of its own or not)
+        peers = _nested(node, peer)
+        assert await ask(peer, 1, 1) == busy
+        assert node.stats()["forwarded_refused"] == 2
+        assert await ask(relay, 1, 1) == took  # a relay's share is max_forwarded_sessions
+        theirs = _nested(node, other)
+        assert await ask(relay, 2, 1) == busy  # another carrier's stranger is not shed
+        assert theirs.calls == []
+        own = _nested(node, relay)
+        assert await ask(relay, 2, 1) == took
+        assert own.calls == [("close_now",)] and theirs.calls == []
+        mine = _nested(node, relay)
+        assert await ask(relay, 1, 2) == took  # node-wide: its own stranger first
+        assert mine.calls == [("close_now",)] and theirs.calls == []
+        assert await ask(relay, 1, 2) == took  # then another carrier's, the first first
+        assert peers.calls == [("close_now",)] and theirs.calls == []
+        assert await ask(relay, 1, 2) == took
+        assert theirs.calls == [("close_now",)]
+        assert await ask(relay, 1, 2) == busy  # no stranger left anywhere
+        assert node.stats()["forwarded_refused"] == 4 and node._nested_strangers == {}
+        node._nested_by_carrier.clear()
+        node._nested_count = 0
+
+
+class SilentStream(FakeStream):
+    """A transport stream whose far end sends nothing until told to hang up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hang_up = anyio.Event()
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        await self.hang_up.wait()
+        raise anyio.EndOfStream
+
+    async def send(self, data: bytes) -> None:
+        pass
+
+    def extra(self, attribute: object, default: object = None) -> object:
+        return default
+
+
+async def test_a_forwarded_session_is_counted_while_it_runs_under_its_carriers_source(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """_accept_transport 67, 69-71, 78-80, 82: while its handshake runs, a
+    forwarded session counts node-wide and for its carrier, half-open under
+    the source ``forwarded:<carrier>``; when it ends, both counts come back
+    exactly (other sessions' counts stay), and the drop names the carrier."""
+    caplog.set_level(logging.INFO, logger="capsock")
+    async with running(accept_forwarded="any") as node:
+        carrier = FakeSession()
+        carrier.accepted = stream = SilentStream()
+        node._nested_count = 1  # another carrier's session
+        node._nested_by_carrier[carrier] = 1  # type: ignore[index]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(node._accept_transport, carrier, 1, b"")
+            with anyio.fail_after(5):
+                while not len(node._nested_half_open):
+                    await anyio.sleep(0.01)
+            assert node._nested_count == 2 and node._nested_by_carrier[carrier] == 2  # type: ignore[index]
+            assert set(node._nested_half_open._by_source) == {f"forwarded:{carrier.peer}"}
+            stream.hang_up.set()
+        assert node._nested_count == 1 and node._nested_by_carrier == {carrier: 1}
+        assert (
+            f"dropped inbound connection from a session forwarded by {carrier.peer.short()}: "
+            in "\n".join(_logged(caplog))
+        )
+        node._nested_by_carrier.clear()
+        node._nested_count = 0
