@@ -19,14 +19,7 @@ import anyio
 import pytest
 
 import capsock
-from capsock import NodeConfig
-from capsock._node_state import MAX_AUTHORIZED_PEERS, HalfOpen
-from capsock.errors import ErrorCode, HandshakeError, LocalUsageError
-from capsock.keys import KeyPair, NodeId
-from capsock.store import Verdict
-from capsock.uri import Capability, Peer, Token, Uses
-
-from capsock import _admission
+from capsock import NodeConfig, _admission
 from capsock._admission import (
     HalfOpenTable,
     ReplayCache,
@@ -34,6 +27,11 @@ from capsock._admission import (
     descriptor_budget,
     source_of,
 )
+from capsock._node_state import MAX_AUTHORIZED_PEERS, HalfOpen
+from capsock.errors import ErrorCode, HandshakeError, LocalUsageError
+from capsock.keys import KeyPair, NodeId
+from capsock.store import Verdict
+from capsock.uri import Capability, Peer, Token
 
 pytestmark = pytest.mark.anyio
 
@@ -209,7 +207,7 @@ def test_the_descriptor_budget_is_the_limit_less_what_is_open_and_kept(
     assert got == budget and type(got) is int
 
 
-# ------------------------------------------------------------------ the node's parts, with fake sessions
+# ------------------------------------------------------------------ node parts, fake sessions
 #
 # The OPEN decision and the admission bookkeeping are methods of the node
 # that take a session and answer through it (``reject``, ``accept``, ``end``,
@@ -408,8 +406,8 @@ async def test_refusals_are_charged_to_the_source_and_cut_the_session_once(
         assert first.calls == [cut] and first in node._cut
         assert node.stats()["sessions_cut_for_refusals"] == 1
         assert (
-            f"ending the session from {first.peer.short()}: too many refused streams from its source"
-            in _logged(caplog)
+            f"ending the session from {first.peer.short()}: "
+            "too many refused streams from its source" in _logged(caplog)
         )
         node._charge_refusal(first)  # cut already
         assert first.calls == [cut] and node.stats()["sessions_cut_for_refusals"] == 1
@@ -704,3 +702,154 @@ async def test_a_forwarded_session_is_counted_while_it_runs_under_its_carriers_s
         )
         node._nested_by_carrier.clear()
         node._nested_count = 0
+
+
+# ------------------------------------------------------------------ listen, mint, retirement
+
+
+async def test_a_named_listener_keeps_its_capability_until_revoked(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Node.listen 1-5, 8, 10-20, 25, 28, 34, 35, 37, 57, 58: the same name
+    gives the same capability again (its root is kept when it closes);
+    unnamed listeners are distinct and temporary; a name open twice is
+    refused; once revoked, the name gets a new root (logged) and the old
+    root is forgotten."""
+    caplog.set_level(logging.INFO, logger="capsock")
+    async with running() as node:
+        first = await node.listen("svc")
+        assert not first._temporary
+        with pytest.raises(LocalUsageError) as info:
+            await node.listen("svc")
+        assert str(info.value) == "a listener named 'svc' is already open"
+        await first.aclose()
+        again = await node.listen("svc")
+        assert again.uri.token == first.uri.token
+        assert node._store.get_root(first.uri.token.root_id) is not None
+        a, b = await node.listen(), await node.listen()
+        assert a._temporary and b._temporary and a.uri.token.root_id != b.uri.token.root_id
+        await node.revoke(again.uri)
+        await again.aclose()
+        fresh = await node.listen("svc")
+        assert fresh.uri.token.root_id != first.uri.token.root_id
+        assert node._store.get_root(first.uri.token.root_id) is None
+        assert "the sturdy capability 'svc' was revoked; minting a new one" in _logged(caplog)
+        await fresh.aclose()
+        assert (await node.listen("svc")).uri.token == fresh.uri.token
+
+
+async def test_a_temporary_listener_retires_when_used_up_and_says_so(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Listener._retire 1-4, _check_used_up 3-12, aclose 3, 5, 8-11, 16-20,
+    27, 31: with ``uses=2`` it retires after the second open, not the first
+    (logged); retired, it is out of the node's table; closed, it is out of
+    the node's listeners, its root is forgotten and the refusal log will say
+    "used up"."""
+    caplog.set_level(logging.INFO, logger="capsock")
+    async with (
+        capsock.Node(listen=["tcp:127.0.0.1:0"]) as node,
+        capsock.Node() as client,
+    ):
+        listener = await node.mint(uses=2)
+        root_id = listener.uri.token.root_id
+        await (await client.connect(listener.uri)).aclose()
+        assert not listener._retired and node._listeners[root_id] is listener
+        await (await client.connect(listener.uri)).aclose()
+        assert listener._retired is True and root_id not in node._listeners
+        assert f"temporary listener {listener.uri.redacted()} is used up" in _logged(caplog)
+        await listener.aclose()
+        assert listener not in node._all_listeners
+        assert node._retired_roots[root_id] == "used up"
+        assert node._store.get_root(root_id) is None
+
+
+@pytest.mark.parametrize(
+    ("caveats", "advance", "why"),
+    [
+        ({"uses": 2}, 0, "temporary listener closed"),
+        ({"ttl": 10}, 10, "expired"),  # at the expiry second itself
+        ({"ttl": 10}, 9, "temporary listener closed"),
+        ({}, 0, "temporary listener closed"),
+    ],
+)
+async def test_a_closed_temporary_listener_records_why(
+    anyio_backend: str, caveats: dict[str, Any], advance: float, why: str
+) -> None:
+    """Listener.aclose 12, 14, 15, 21-26: why a temporary listener retired,
+    for the refusal log: expired (its ``exp`` at or before now), or closed."""
+    clock = Clock(1e9)
+    async with capsock.Node(wall_clock=clock) as node:
+        listener = await _mint(node, **caveats)
+        clock.now += advance
+        await listener.aclose()
+        assert node._retired_roots[listener.uri.token.root_id] == why
+
+
+async def test_the_retired_roots_are_bounded_oldest_first(anyio_backend: str) -> None:
+    """Listener.aclose 28, 30: at most MAX_RETIRED_ROOTS are remembered; the
+    oldest goes, never the one just closed."""
+    from capsock._listener import MAX_RETIRED_ROOTS
+
+    async with running() as node:
+        node._retired_roots.update(
+            (i.to_bytes(16, "big"), "x") for i in range(MAX_RETIRED_ROOTS - 1)
+        )
+        first = await node.listen()
+        await first.aclose()
+        assert len(node._retired_roots) == MAX_RETIRED_ROOTS
+        second = await node.listen()
+        await second.aclose()
+        assert len(node._retired_roots) == MAX_RETIRED_ROOTS
+        assert bytes(16) not in node._retired_roots
+        assert first.uri.token.root_id in node._retired_roots
+        assert second.uri.token.root_id in node._retired_roots
+
+
+async def test_closing_a_listener_closes_the_streams_nobody_accepted(anyio_backend: str) -> None:
+    """Listener.aclose 32 (the drain loop removed)."""
+    async with running() as node:
+        listener = await node.listen()
+        queued = [FakeStream(), FakeStream()]
+        for stream in queued:
+            listener._send.send_nowait(stream)  # type: ignore[arg-type]
+        await listener.aclose()
+        assert all(s.closed for s in queued)
+
+
+async def test_a_minted_listener_retires_at_its_expiry_by_the_wall_clock(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Node._expire (no selected test reached it): the listener retires once
+    the wall clock reaches its ``exp``, not before (logged); the task sleeps
+    until then (here one second) rather than spinning."""
+    caplog.set_level(logging.INFO, logger="capsock")
+    clock = Clock(1e9)
+    async with capsock.Node(wall_clock=clock) as node:
+        listener = await node.mint(ttl=1)
+        await anyio.sleep(0.2)  # the task sleeps a whole second first
+        assert not listener._retired
+        clock.now += 1
+        with anyio.fail_after(5):
+            while not listener._retired:
+                await anyio.sleep(0.01)
+        assert f"temporary listener {listener.uri.redacted()} expired" in _logged(caplog)
+        assert listener.uri.token.root_id not in node._listeners
+
+
+async def test_a_forwarded_session_names_its_forwarder_as_its_route(anyio_backend: str) -> None:
+    """_accept_transport 69 (the route of a forwarded session made None): the
+    endpoint's streams say which node forwarded their session."""
+    from capsock import CapsockAttribute
+
+    from .test_forwarding import triangle
+
+    async with triangle() as (intro, recipient, endpoint, _cap):
+        own = await endpoint.listen()
+        introduced = await intro.introduce(own.uri, to=recipient.id, ttl=60)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(recipient.connect, introduced)
+            with anyio.fail_after(10):
+                accepted = await own.accept()
+        assert accepted.extra(CapsockAttribute.route) == f"forwarded by {intro.id.short()}"
+        await accepted.aclose()
