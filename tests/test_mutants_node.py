@@ -31,7 +31,7 @@ from capsock._node_state import MAX_AUTHORIZED_PEERS, HalfOpen
 from capsock.errors import ErrorCode, HandshakeError, LocalUsageError
 from capsock.keys import KeyPair, NodeId
 from capsock.store import Verdict
-from capsock.uri import Capability, Peer, Token
+from capsock.uri import Capability, Label, Peer, Token
 
 pytestmark = pytest.mark.anyio
 
@@ -677,7 +677,7 @@ class SilentStream(FakeStream):
 async def test_a_forwarded_session_is_counted_while_it_runs_under_its_carriers_source(
     anyio_backend: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """_accept_transport 67, 69-71, 78-80, 82: while its handshake runs, a
+    """_accept_transport 67, 69-71, 78-80, 82 (78 in the second run): while its handshake runs, a
     forwarded session counts node-wide and for its carrier, half-open under
     the source ``forwarded:<carrier>``; when it ends, both counts come back
     exactly (other sessions' counts stay), and the drop names the carrier."""
@@ -685,17 +685,17 @@ async def test_a_forwarded_session_is_counted_while_it_runs_under_its_carriers_s
     async with running(accept_forwarded="any") as node:
         carrier = FakeSession()
         carrier.accepted = stream = SilentStream()
-        node._nested_count = 1  # another carrier's session
+        node._nested_count = 2  # other carriers' sessions
         node._nested_by_carrier[carrier] = 1  # type: ignore[index]
         async with anyio.create_task_group() as tg:
             tg.start_soon(node._accept_transport, carrier, 1, b"")
             with anyio.fail_after(5):
                 while not len(node._nested_half_open):
                     await anyio.sleep(0.01)
-            assert node._nested_count == 2 and node._nested_by_carrier[carrier] == 2  # type: ignore[index]
+            assert node._nested_count == 3 and node._nested_by_carrier[carrier] == 2  # type: ignore[index]
             assert set(node._nested_half_open._by_source) == {f"forwarded:{carrier.peer}"}
             stream.hang_up.set()
-        assert node._nested_count == 1 and node._nested_by_carrier == {carrier: 1}
+        assert node._nested_count == 2 and node._nested_by_carrier == {carrier: 1}
         assert (
             f"dropped inbound connection from a session forwarded by {carrier.peer.short()}: "
             in "\n".join(_logged(caplog))
@@ -853,3 +853,68 @@ async def test_a_forwarded_session_names_its_forwarder_as_its_route(anyio_backen
                 accepted = await own.accept()
         assert accepted.extra(CapsockAttribute.route) == f"forwarded by {intro.id.short()}"
         await accepted.aclose()
+
+
+async def test_mint_puts_each_caveat_asked_for_into_the_capability(anyio_backend: str) -> None:
+    """Node.mint 22, 23, 28, 29, 33, 34, 38, 39 (second run): with no caveat
+    the capability is the root; ``peer`` alone, ``label`` alone, each gives
+    exactly its caveat."""
+    async with running() as node:
+        other = KeyPair.generate().node_id
+        plain = await node.mint()
+        assert plain.uri.token.caveats == () and plain._temporary
+        assert (await node.mint(peer=other)).uri.token.caveats == (Peer(other),)
+        assert (await node.mint(label="x")).uri.token.caveats == (Label("x"),)
+        both = await node.mint(peer=other, label="x")
+        assert both.uri.token.caveats == (Peer(other), Label("x"))
+
+
+async def test_revoke_takes_only_this_nodes_genuine_capabilities(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Node.revoke 3, 4, 7, 11, 24-26, 28, 32-35, 54 (mint's ``_tags``; second
+    run): a URI text is parsed; a capability naming another node, or one of
+    our roots with a forged tag, is refused with the same message and revokes
+    nothing; a genuine one retires its listener, is logged redacted, and its
+    revocation is recorded under its root (forgotten with it)."""
+    caplog.set_level(logging.INFO, logger="capsock")
+    async with running() as node:
+        listener = await node.mint(label="m")
+        token = listener.uri.token
+        forged = Capability(node.id, Token(token.root_id, token.caveats, bytes(32)), ())
+        elsewhere = Capability(KeyPair.generate().node_id, token, ())
+        for bad in (forged, elsewhere):
+            with pytest.raises(capsock.InvalidCapability) as info:
+                await node.revoke(bad)
+            assert str(info.value) == "this capability was not minted by this node"
+        assert not listener._retired and node._store.sizes()["revoked"] == 0
+        await node.revoke(str(listener.uri))
+        assert listener._retired
+        assert f"revoked {listener.uri.redacted()}" in _logged(caplog)
+        assert node._store.sizes()["revoked"] == 1
+        await listener.aclose()  # the temporary root goes, with its revocations
+        assert node._store.sizes()["revoked"] == 0
+
+
+async def test_revoking_resets_exactly_the_streams_opened_with_it(anyio_backend: str) -> None:
+    """Node.revoke 39, 41-43, 46, 47 (second run): the streams opened with the
+    revoked capability (or one derived from it) are reset, REFUSED, saying
+    why; a stream of another capability goes on."""
+    async with (
+        capsock.Node(listen=["tcp:127.0.0.1:0"]) as node,
+        capsock.Node() as client,
+    ):
+        doomed, spared = await node.listen(), await node.listen()
+        derived = doomed.uri.attenuate(label="d")
+        c1, c2 = await client.connect(derived), await client.connect(spared.uri)
+        s1, s2 = await doomed.accept(), await spared.accept()
+        await node.revoke(doomed.uri)
+        with pytest.raises(capsock.StreamReset) as info:
+            await s1.receive()
+        assert info.value.code == ErrorCode.REFUSED
+        assert str(info.value).endswith(": its capability was revoked")
+        await c2.send(b"still here")
+        with anyio.fail_after(5):
+            assert await s2.receive() == b"still here"
+        for stream in (c1, c2, s1, s2):
+            await stream.aclose()
