@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import capsock
@@ -28,9 +29,15 @@ from capsock.forwarding import (
     _reason,
     _route_info,
     observed_address,
+    open_via,
+    open_via_info,
+    register,
+    register_info,
+    splice,
     transport_token,
     transport_voucher,
 )
+from capsock.keys import KeyPair
 from capsock.messages import receive_message, send_message
 from capsock.uri import To
 
@@ -53,6 +60,7 @@ pytestmark = pytest.mark.anyio
         ("inbound tcp:192.0.2.1:x", None),
         ("inbound tcp:192.0.2.1:0", None),  # not a valid candidate port
         ("inbound tcp:192.0.2.1:70000", None),
+        ("inbound tcp:X192.0.2.1X:5", None),  # only brackets are stripped
         ("", None),
     ],
 )
@@ -246,7 +254,11 @@ async def test_registrations_are_counted_while_they_last() -> None:
             await send_message(stream, request)
             answer = await receive_message(stream)
             assert answer.get("ok") is True
-            assert ("observed" in answer) is direct  # a direct TCP session has an address
+            if direct:  # a direct TCP session: the address the forwarder sees
+                host, port = answer["observed"]
+                assert host == "127.0.0.1" and isinstance(port, int) and port > 0
+            else:
+                assert "observed" not in answer
             streams.append(stream)
         assert node.forwarder.registered == {client.id: 3}
         assert node.forwarder.direct_capable == {client.id: 2}
@@ -277,3 +289,133 @@ async def test_a_forwarded_session_is_counted_while_it_is_carried() -> None:
             while intro.forwarder.active:
                 await anyio.sleep(0.01)
         assert intro.forwarder._per_peer == {}
+
+
+async def test_a_registration_over_a_unix_socket_has_no_observed_address(tmp_path: Any) -> None:
+    """_observed_field 9 (second half of protocol 10.8): no TCP address, no
+    ``observed`` field (and no failure)."""
+    path = f"{tmp_path}/f.sock"
+    async with capsock.Node(listen=[f"unix:{path}"]) as node, capsock.Node() as client:
+        cap = (await node.forwarding()).uri
+        stream, info = await register_info(client, cap)
+        assert info == RouteInfo(None, False)
+        await stream.aclose()
+
+
+async def test_register_and_open_via_say_direct_and_read_the_answer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """register / register_info 5-9, 17-19, 24, open_via_info 8-11, open_via
+    (no selected test called it), _registered 19-24: a node that does direct
+    paths asks for the observed address and gets it; one that does not
+    asks nothing and gets nothing; ``register`` and ``open_via`` return the
+    stream; a refused registration is a ProtocolError with the reason."""
+    import logging
+
+    from .test_forwarding import triangle
+
+    caplog.set_level(logging.INFO, logger="capsock")
+    async with forwarder() as (node, client, cap):
+        stream, info = await register_info(client, cap)
+        assert isinstance(info.observed, Address) and info.observed.host == "127.0.0.1"
+        assert f"{client.id.short()} registered for forwarding" in [
+            r.getMessage() for r in caplog.records
+        ]
+        await stream.aclose()
+        plain = await register(client, cap)
+        assert isinstance(plain, capsock.Stream)
+        await plain.aclose()
+        async with capsock.Node(config=NodeConfig(direct_paths=False)) as old:
+            stream, info = await register_info(old, cap)
+            assert info == RouteInfo(None, False)
+            await stream.aclose()
+        limited = cap.attenuate(To(node.id))
+        with pytest.raises(capsock.ProtocolError) as refused:
+            await register_info(client, limited)
+        assert str(refused.value) == (
+            "the relay did not accept the registration: "
+            "this forwarding capability is limited to one target"
+        )
+    async with triangle() as (_intro, recipient, endpoint, introduced):
+        via = introduced.hints[-1]
+        assert isinstance(via, capsock.uri.ViaHint)
+        carried, info = await open_via_info(recipient, via.capability, endpoint.id)
+        assert isinstance(info.observed, Address)
+        await carried.aclose()
+        carried = await open_via(recipient, via.capability, endpoint.id)
+        assert isinstance(carried, capsock.Stream)
+        await carried.aclose()
+
+
+@pytest.mark.parametrize("answer", ["hang up", "not a map"])
+async def test_a_forwarder_that_does_not_answer_properly_is_named(answer: str) -> None:
+    """_request 9, 10, 12: hanging up is Unreachable saying how; an answer that
+    is not a map is a ProtocolError naming the forwarder."""
+    async with (
+        capsock.Node(listen=["tcp:127.0.0.1:0"]) as bad,
+        capsock.Node() as client,
+        anyio.create_task_group() as tg,
+    ):
+        listener = await bad.listen()
+
+        async def handler(stream: capsock.Stream) -> None:
+            await receive_message(stream)
+            if answer == "not a map":
+                await send_message(stream, [1, 2])
+            await stream.send_eof()
+
+        tg.start_soon(listener.serve, handler)
+        short = bad.id.short()
+        if answer == "hang up":
+            with pytest.raises(capsock.Unreachable) as info:
+                await open_via(client, listener.uri, KeyPair.generate().node_id)
+            assert str(info.value).startswith(
+                f"the forwarder {short} hung up without answering (EndOfStream"
+            )
+        else:
+            with pytest.raises(capsock.ProtocolError) as info2:
+                await open_via(client, listener.uri, KeyPair.generate().node_id)
+            assert str(info2.value) == f"the forwarder {short} sent a malformed answer"
+        tg.cancel_scope.cancel()
+
+
+class _Stream:
+    """A byte stream for splice: ``fail`` breaks at once, else it waits."""
+
+    def __init__(self, fail: bool) -> None:
+        self.fail = fail
+        self.closed = False
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if self.fail:
+            raise anyio.BrokenResourceError
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    async def send(self, data: bytes) -> None:
+        pass
+
+    async def send_eof(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        await anyio.lowlevel.checkpoint()  # a checkpoint: cancelled unless shielded
+        self.closed = True
+
+
+async def test_splice_ends_both_ways_on_a_broken_side() -> None:
+    """splice 11, 19 (the pumps without the scope to cancel): a broken side
+    ends the splice (both sides closed), whichever side it is."""
+    for broken_first in (True, False):
+        a, b = _Stream(broken_first), _Stream(not broken_first)
+        with anyio.fail_after(5):
+            await splice(a, b)  # type: ignore[arg-type]
+        assert a.closed and b.closed
+
+
+async def test_a_cancelled_splice_still_closes_both_sides() -> None:
+    """splice 24, 25 (the closing not shielded from the cancellation)."""
+    a, b = _Stream(False), _Stream(False)
+    with anyio.move_on_after(0.05):
+        await splice(a, b)  # type: ignore[arg-type]
+    assert a.closed and b.closed
