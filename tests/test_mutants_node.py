@@ -909,7 +909,7 @@ async def test_revoking_resets_exactly_the_streams_opened_with_it(anyio_backend:
         c1, c2 = await client.connect(derived), await client.connect(spared.uri)
         s1, s2 = await doomed.accept(), await spared.accept()
         await node.revoke(doomed.uri)
-        with pytest.raises(capsock.StreamReset) as info:
+        with anyio.fail_after(5), pytest.raises(capsock.StreamReset) as info:
             await s1.receive()
         assert info.value.code == ErrorCode.REFUSED
         assert str(info.value).endswith(": its capability was revoked")
