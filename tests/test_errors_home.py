@@ -31,9 +31,7 @@ ELSEWHERE = {
 """Modules of the package (rpc and cli excepted: layers of their own with their
 own error modules) that may still define an exception class, by path under src/capsock."""
 
-MODULES = sorted(
-    p for p in SRC.rglob("*.py") if p.relative_to(SRC).parts[0] not in ("rpc", "cli")
-)
+MODULES = sorted(p for p in SRC.rglob("*.py") if p.relative_to(SRC).parts[0] not in ("rpc", "cli"))
 
 
 def _exception_classes(path: Path) -> list[str]:
