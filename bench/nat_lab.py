@@ -771,8 +771,8 @@ class _Marks(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         now = time.perf_counter()
         text = str(record.msg)
-        if text.startswith("reached node"):
-            self.at.setdefault("up", now)
+        if text.startswith("reached node") and ": relayed route" in record.getMessage():
+            self.at.setdefault("up", now)  # the end-to-end session (not the one to the relay)
         elif text.startswith("direct path to"):
             self.at.setdefault("direct", now)
         elif text.startswith("staying relayed"):
