@@ -295,7 +295,10 @@ class Peer:
                     raise LabError(f"{self.name} exited with {code}{self._tail()}")
                 self._buf += data
         raw, _, self._buf = self._buf.partition(b"\n")
-        answer: dict[str, Any] = json.loads(raw)
+        try:
+            answer: dict[str, Any] = json.loads(raw)
+        except ValueError as exc:
+            raise LabError(f"{self.name} printed {raw[:100]!r}, not a JSON line") from exc
         if "error" in answer:
             raise LabError(f"{self.name}: {answer['error']}")
         return answer
@@ -495,10 +498,11 @@ class _Runs:
             return  # failed before
         try:
             got = measure()
-        except LabError as exc:
+        except Exception as exc:  # one group's failure must not sink the other rows
+            why = str(exc) if isinstance(exc, LabError) else f"{type(exc).__name__}: {exc}"
             for key in keys:
-                self.values[key] = {"error": str(exc)[:300]}
-            say(f"  nat {group}: {exc}")
+                self.values[key] = {"error": why[:300]}
+            say(f"  nat {group}: {why}")
             return
         for key in keys:
             entry = self.values[key]
@@ -674,7 +678,7 @@ def rows(
         return skipped_rows(reason, size_mib)
     try:
         results = measure(runs, size_mib, backend, say)
-    except LabError as exc:  # the lab itself could not be built or started
+    except (LabError, OSError) as exc:  # the lab itself could not be built or started
         return skipped_rows(f"lab failed: {exc}"[:300], size_mib)
     return _rows(results.row, size_mib)
 
@@ -860,9 +864,7 @@ async def _client_role(uri: str, mode: str) -> None:
                     _say(await rtt(int(args[0]), args[1]))
                 else:
                     _say({"error": f"unknown command {command!r}"})
-            except (LabError, capsock.CapsockError, anyio.EndOfStream) as exc:
-                _say({"error": f"{command}: {type(exc).__name__}: {exc}"})
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            except Exception as exc:  # answered, so the bench says what went wrong
                 _say({"error": f"{command}: {type(exc).__name__}: {exc}"})
 
 
