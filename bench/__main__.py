@@ -35,7 +35,7 @@ from typing import Any
 from . import latency, libp2p_peer, memory, report, rpc, throughput
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = ("bulk", "parallel", "setup", "rtt", "opens", "memory", "relay", "rpc")
+ROWS = ("bulk", "parallel", "setup", "rtt", "opens", "memory", "relay", "rpc", "nat")
 
 Values = dict[str, list[float] | dict[str, str]]
 
@@ -284,6 +284,11 @@ class Bench:
                 **common,
             },
         ]
+
+    def nat(self) -> list[dict[str, Any]]:
+        from . import nat_lab  # the two-NAT lab (root + ip netns, else the rows say skipped)
+
+        return nat_lab.rows(self.runs, self.size(), self.backend)
 
 
 def _last(entry: list[float] | dict[str, str]) -> str:
