@@ -15,6 +15,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
+import capsock
 from capsock.stream import Stream
 from capsock.testing import read_to_eof, stream_pair
 
@@ -139,3 +140,24 @@ async def test_a_loop_of_aclose_lets_other_tasks_run() -> None:
     async with stream_pair() as (a, _b):
         turns = await loop_lets_others_run(a.aclose)
         assert turns >= CALLS // 2, f"{CALLS} aclose() calls gave another task {turns} turns"
+
+
+async def test_a_listener_closed_in_a_cancelled_scope_closes_every_queued_stream() -> None:
+    """Stream.aclose can now raise the caller's cancellation: closing a
+    listener's queue of unaccepted streams must not stop at the first."""
+    async with capsock.Node(listen=["tcp:127.0.0.1:0"]) as server, capsock.Node() as client:
+        listener = await server.listen()
+        dialed = [await client.connect(listener.uri) for _ in range(3)]
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await listener.aclose()
+        with pytest.raises(anyio.ClosedResourceError):
+            await listener.accept()
+        for stream in dialed:  # each queued stream was closed: its dialer sees the end
+            with (
+                anyio.fail_after(30),
+                pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)),
+            ):
+                while True:
+                    await stream.receive()
+            await stream.aclose()
