@@ -219,10 +219,11 @@ async def test_stream_errors_map_to_anyio() -> None:
 async def test_cancelled_small_sends_never_break_the_session() -> None:
     """Small sends write from the caller's task; cancelling it must not cut a record.
 
-    Half the senders run in an already-cancelled scope.  A small send queues
-    its bytes before its first checkpoint and its write is shielded, so every
-    byte arrives, in order, and the session stays the same one (a record cut
-    short would desynchronise it and force a re-dial).
+    Half the senders run in an already-cancelled scope.  A send is a
+    cancellation point before it queues anything (so a cancelled one sends
+    nothing), and once it queued, its write is shielded: every byte of the
+    sends that returned arrives, in order, and the session stays the same one
+    (a record cut short would desynchronise it and force a re-dial).
     """
     async with (
         capsock.Node(listen=["tcp:127.0.0.1:0"]) as server,
@@ -244,9 +245,9 @@ async def test_cancelled_small_sends_never_break_the_session() -> None:
             with anyio.CancelScope() as scope:
                 if i % 2:
                     scope.cancel()
+                await stream.send(piece)  # cancelled: raises at once, nothing queued
                 sent += piece
-                await stream.send(piece)
-                await anyio.lowlevel.checkpoint()  # where the cancellation lands
+                await anyio.lowlevel.checkpoint()
         await stream.send_eof()
         with anyio.fail_after(10):
             while not received:

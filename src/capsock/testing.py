@@ -20,7 +20,10 @@ still send back); ``aclose`` is idempotent, makes local use raise
 and makes the peer's further sends fail with ``BrokenResourceError``;
 concurrent use of one direction raises ``BusyResourceError``; a cancelled
 ``receive`` loses nothing; a writer whose reader does not read is blocked
-rather than buffered without bound.
+rather than buffered without bound; ``receive``, ``send``, ``send_eof`` and
+``aclose`` are checkpoints (a cancellation point and a turn for other tasks on
+every call, as trio's suite asserts).  It needs no real time: it waits with
+``anyio.wait_all_tasks_blocked()`` and counts turns, never sleeps.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import anyio
@@ -85,8 +88,9 @@ async def stream_pair(
         try:
             yield a, b
         finally:
-            await a.aclose()
-            await b.aclose()
+            with anyio.CancelScope(shield=True):  # one cancelled aclose skips no other
+                await a.aclose()
+                await b.aclose()
 
 
 async def _read_exactly(stream: anyio.abc.ByteReceiveStream, n: int) -> bytes:
@@ -189,19 +193,18 @@ async def _check_aclose(make: StreamMaker) -> None:
             else:
                 raise AssertionError("use after aclose must raise ClosedResourceError")
         assert await read_to_eof(b) == b"before close", "data sent before aclose was lost"
-        with anyio.fail_after(10):
-            try:
-                while True:
-                    await b.send(b"y" * 65536)
-                    await anyio.lowlevel.checkpoint()
-            except anyio.BrokenResourceError:
-                pass
+        try:
+            while True:  # bounded by the suite's overall deadline
+                await b.send(b"y" * 65536)
+                await anyio.lowlevel.checkpoint()  # even for a send that is none
+        except anyio.BrokenResourceError:
+            pass
 
 
 async def _check_busy(make: StreamMaker) -> None:
     async with make() as (a, b), anyio.create_task_group() as tg:
         tg.start_soon(b.receive)
-        await anyio.sleep(0.05)
+        await anyio.wait_all_tasks_blocked()  # the first receive is waiting
         try:
             await b.receive()
         except anyio.BusyResourceError:
@@ -211,7 +214,7 @@ async def _check_busy(make: StreamMaker) -> None:
         # Clog the a->b direction: the second concurrent sender must be refused.
         big = b"z" * (64 << 20)
         tg.start_soon(a.send, big)
-        await anyio.sleep(0.2)
+        await anyio.wait_all_tasks_blocked()  # the first send is stuck on backpressure
         try:
             await a.send(b"second writer")
         except anyio.BusyResourceError:
@@ -223,23 +226,114 @@ async def _check_busy(make: StreamMaker) -> None:
 
 async def _check_cancelled_receive_loses_nothing(make: StreamMaker) -> None:
     async with make() as (a, b):
-        with anyio.move_on_after(0.05):
-            await b.receive()
+        scope = anyio.CancelScope()
+        got: list[bytes] = []
+
+        async def receive() -> None:
+            with scope:
+                got.append(await b.receive())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(receive)
+            await anyio.wait_all_tasks_blocked()  # the receive is waiting
+            scope.cancel()
+        assert scope.cancelled_caught and not got, "a waiting receive was not cancelled"
         await a.send(b"after cancel")
         assert await _read_exactly(b, 12) == b"after cancel"
 
 
 async def _check_backpressure(make: StreamMaker) -> None:
+    limit = 256 << 20
     async with make() as (a, b):
         sent = 0
-        chunk = b"w" * 65536
-        with anyio.move_on_after(1.0):
-            while sent < 256 << 20:
+
+        async def write() -> None:
+            nonlocal sent
+            chunk = b"w" * 65536
+            while sent < limit:
                 await a.send(chunk)
                 sent += len(chunk)
-        assert sent < 256 << 20, "a writer whose reader never reads was never blocked"
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(write)
+            await anyio.wait_all_tasks_blocked()  # the writer blocked, or wrote it all
+            tg.cancel_scope.cancel()
+        assert sent < limit, "a writer whose reader never reads was never blocked"
         with contextlib.suppress(Exception):
             await b.aclose()
+
+
+async def _loop_turns(call: Callable[[], Awaitable[object]], calls: int) -> int:
+    """How many turns a ticking task got while ``call()`` ran ``calls`` times."""
+    turns = 0
+
+    async def tick() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(tick)
+        for _ in range(calls):
+            await call()
+        tg.cancel_scope.cancel()
+    return turns
+
+
+async def _check_checkpoints(make: StreamMaker) -> None:
+    """Each method is a checkpoint (trio's rule, anyio's streams): a call in a
+    cancelled scope raises the cancellation even when it could finish at once,
+    and a loop of calls that never block lets other tasks run.  Turns are
+    counted, never timed."""
+    calls = 50
+    skipped = _NO_CHECKPOINT.get()
+
+    async def cancelled(call: Callable[[], Awaitable[object]]) -> bool:
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await call()
+        return scope.cancelled_caught
+
+    async def ready(a: anyio.abc.ByteStream, b: anyio.abc.ByteStream, n: int) -> None:
+        # One send, one byte read: the other n bytes of it are now at b (on
+        # asyncio, "all tasks blocked" does not mean loopback bytes arrived).
+        await a.send(b"r" * (n + 1))
+        assert await b.receive(1) == b"r"
+
+    if "receive" not in skipped:
+        async with make() as (a, b):
+            await ready(a, b, 1)
+            assert await cancelled(b.receive), "receive with data ready is no cancellation point"
+            assert await b.receive() == b"r", "a cancelled receive lost data"
+        async with make() as (a, b):
+            await ready(a, b, calls)
+            turns = await _loop_turns(lambda: b.receive(1), calls)
+            assert turns >= calls // 2, f"{calls} ready receive() calls let others run {turns}x"
+    if "send" not in skipped:
+        async with make() as (a, _b):
+            assert await cancelled(lambda: a.send(b"x")), "send is no cancellation point"
+        async with make() as (a, _b):
+            turns = await _loop_turns(lambda: a.send(b"s"), calls)
+            assert turns >= calls // 2, f"{calls} send() calls let others run {turns}x"
+    if "send_eof" not in skipped:
+        async with make() as (a, _b):
+            assert await cancelled(a.send_eof), "send_eof is no cancellation point"
+        async with make() as (a, _b):
+            turns = await _loop_turns(a.send_eof, calls)
+            assert turns >= calls // 2, f"{calls} send_eof() calls let others run {turns}x"
+    if "aclose" not in skipped:
+        async with make() as (a, _b):
+            assert await cancelled(a.aclose), "aclose is no cancellation point"
+            try:
+                await a.receive()
+            except anyio.ClosedResourceError:
+                pass
+            else:
+                raise AssertionError("a cancelled aclose must still close the stream")
+        async with make() as (a, _b):
+            turns = await _loop_turns(a.aclose, calls)
+            assert turns >= calls // 2, f"{calls} aclose() calls let others run {turns}x"
 
 
 CHECKS = (
@@ -250,11 +344,15 @@ CHECKS = (
     _check_busy,
     _check_cancelled_receive_loses_nothing,
     _check_backpressure,
+    _check_checkpoints,
 )
 
 
 _SEND_AFTER_EOF: contextvars.ContextVar[tuple[type[BaseException], ...]] = contextvars.ContextVar(
     "send_after_eof", default=(anyio.ClosedResourceError,)
+)
+_NO_CHECKPOINT: contextvars.ContextVar[Collection[str]] = contextvars.ContextVar(
+    "no_checkpoint", default=()
 )
 
 
@@ -263,6 +361,7 @@ async def check_byte_stream(
     *,
     send_after_eof_raises: tuple[type[BaseException], ...] = (anyio.ClosedResourceError,),
     skip: Collection[str] = (),
+    no_checkpoint: Collection[str] = (),
 ) -> None:
     """Run every conformance check against fresh pairs from ``make``.
 
@@ -271,13 +370,21 @@ async def check_byte_stream(
         send_after_eof_raises: what ``send`` after ``send_eof`` may raise
             (capsock: ``ClosedResourceError``; anyio's asyncio TCP streams
             raise ``RuntimeError`` there).
-        skip: names of checks to leave out (``"backpressure"``, ...), for
-            streams that knowingly do not promise them.
+        skip: names of checks to leave out (``"backpressure"``,
+            ``"checkpoints"``, ...), for streams that knowingly do not promise them.
+        no_checkpoint: methods (``"receive"``, ``"send"``, ``"send_eof"``,
+            ``"aclose"``) the checkpoints check leaves out (anyio's asyncio TCP
+            ``send_eof`` is no checkpoint).
+
+    The suite never sleeps: it waits with ``anyio.wait_all_tasks_blocked()``
+    and counts turns instead of timing them (one overall deadline per check
+    only turns a hang into a failure).
 
     Raises:
         AssertionError: naming the first contract the streams break.
     """
     _SEND_AFTER_EOF.set(send_after_eof_raises)
+    _NO_CHECKPOINT.set(no_checkpoint)
     for check in CHECKS:
         if check.__name__.removeprefix("_check_") in skip:
             continue

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 from anyio import TypedAttributeSet, typed_attribute
 
 from ..errors import ConnectionLost, ErrorCode, StreamReset
@@ -216,6 +217,11 @@ class Stream(anyio.abc.ByteStream):
     async def receive(self, max_bytes: int = _READ_CHUNK) -> bytes:
         """Receive up to ``max_bytes`` bytes (at least one).
 
+        A checkpoint, like anyio's own streams: every call is a cancellation
+        point and lets other tasks run, also when data is ready (a loop of
+        ``receive()`` cannot hold the event loop).  A cancelled call takes
+        nothing from the buffer.
+
         Raises:
             anyio.EndOfStream: the peer half-closed after an authenticated EOF.
             StreamReset: the peer reset the stream (also ``anyio.BrokenResourceError``).
@@ -227,10 +233,20 @@ class Stream(anyio.abc.ByteStream):
             raise anyio.BusyResourceError("receiving from")
         self._receiving = True
         try:
+            # One checkpoint per call: the wait below when nothing is ready,
+            # else this one, taken before anything is consumed (so a
+            # cancellation here loses nothing) and followed by a fresh look.
+            checkpointed = False
             while True:
+                buf = self._buf
+                if not checkpointed and (
+                    buf or self._eof or self._closed or self._error is not None
+                ):
+                    await anyio.lowlevel.checkpoint()
+                    checkpointed = True
+                    continue
                 if self._closed:
                     raise anyio.ClosedResourceError
-                buf = self._buf
                 if buf:
                     # Gather what is buffered, up to max_bytes, in one copy.
                     pieces: list[bytes | bytearray | memoryview] = []
@@ -253,6 +269,7 @@ class Stream(anyio.abc.ByteStream):
                     raise self._error.with_traceback(None)  # no growing chain of old frames
                 event = self._readable = anyio.Event()
                 await event.wait()
+                checkpointed = True
         finally:
             self._receiving = False
 
@@ -260,7 +277,9 @@ class Stream(anyio.abc.ByteStream):
         """Send all of ``item``; waits while the peer's credit is used up.
 
         Returns once the bytes are queued in the session (within the peer's
-        window), not when the peer has read them.
+        window), not when the peer has read them.  A checkpoint on every call
+        (a cancellation point before anything is queued, and a turn for other
+        tasks), like anyio's own streams.
 
         Raises:
             StreamReset: the peer reset the stream (also ``anyio.BrokenResourceError``).
@@ -272,6 +291,7 @@ class Stream(anyio.abc.ByteStream):
             raise anyio.BusyResourceError("sending to")
         self._sending = True
         try:
+            await anyio.lowlevel.checkpoint()  # cancelled here: nothing was queued
             data = item if isinstance(item, bytes) else bytes(item)
             view = memoryview(data)
             session = self._session
@@ -303,10 +323,13 @@ class Stream(anyio.abc.ByteStream):
     async def send_eof(self) -> None:
         """Half-close: the peer reads the rest, then ``EndOfStream``.  Idempotent.
 
+        A checkpoint (cancelled there, the stream is not half-closed).
+
         Raises:
             anyio.ClosedResourceError: the stream was closed.
             StreamReset / ConnectionLost: the stream is already broken.
         """
+        await anyio.lowlevel.checkpoint()
         if self._closed:
             raise anyio.ClosedResourceError
         if self._local_eof:
@@ -317,12 +340,23 @@ class Stream(anyio.abc.ByteStream):
         self._session.send_eof(self._sid)
 
     async def aclose(self) -> None:
-        """Close the stream.  Idempotent, never raises.
+        """Close the stream.  Idempotent.
 
         Everything already sent is still delivered, followed by an EOF.  If the
         peer had not finished sending, the stream is also reset, so its further
         sends fail instead of filling a buffer nobody reads.
+
+        A checkpoint, like anyio's own streams: the stream is closed first, then
+        other tasks get a turn; the only thing it can raise is the caller's
+        cancellation, and the stream is closed even then (close several
+        streams in a cancelled scope inside ``CancelScope(shield=True)``, or
+        with ``anyio.aclose_forcefully``, so that one cancellation does not
+        skip the rest).
         """
+        self._close()
+        await anyio.lowlevel.checkpoint()
+
+    def _close(self) -> None:
         if self._closed:
             return
         self._closed = True

@@ -160,10 +160,11 @@ class Listener(anyio.abc.Listener[Stream]):
             if len(node._retired_roots) > MAX_RETIRED_ROOTS:
                 node._retired_roots.popitem(last=False)
             node._store.remove_root(root_id)
-        while True:
-            try:
-                stream = self._recv.receive_nowait()
-            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-                break
-            await stream.aclose()
+        with anyio.CancelScope(shield=True):  # Stream.aclose checkpoints: close them all
+            while True:
+                try:
+                    stream = self._recv.receive_nowait()
+                except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                    break
+                await stream.aclose()
         self._recv.close()
