@@ -16,7 +16,7 @@ import anyio.lowlevel
 import pytest
 
 import capsock
-from capsock.stream import Stream
+from capsock.net.stream import Stream
 from capsock.testing import read_to_eof, stream_pair
 
 pytestmark = pytest.mark.anyio
