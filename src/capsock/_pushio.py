@@ -186,8 +186,19 @@ class PushTransport:
 
     # ---------------------------------------------------------- writing
 
-    async def send(self, item: bytes) -> None:
-        """Write ``item``; wait only while the socket's send buffer is full."""
+    def writable_now(self) -> bool:
+        """Whether :meth:`write_now` would write without anything to wait for
+        (open, not lost, the socket's send buffer not full)."""
+        return not (self._paused or self._closed) and self._lost is None
+
+    def write_now(self, item: bytes | bytearray) -> None:
+        """Write ``item`` without waiting (the caller checked :meth:`writable_now`;
+        if this write fills the buffer, the next :meth:`send` waits for it).
+
+        Raises:
+            anyio.ClosedResourceError: closed on this side.
+            anyio.BrokenResourceError: the connection is lost.
+        """
         if self._closed:
             raise anyio.ClosedResourceError
         if self._lost is not None:
@@ -196,6 +207,10 @@ class PushTransport:
             self._transport.write(item)
         except RuntimeError as exc:
             raise anyio.BrokenResourceError from exc
+
+    async def send(self, item: bytes) -> None:
+        """Write ``item``; wait only while the socket's send buffer is full."""
+        self.write_now(item)
         if self._paused:
             waiter = self._drained
             if waiter is None:

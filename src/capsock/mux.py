@@ -45,8 +45,10 @@ Everything the remote side can do wrong raises :class:`~capsock.errors.ProtocolE
 
 from __future__ import annotations
 
+import struct
 import warnings
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 
@@ -59,12 +61,14 @@ from .config import (
 )
 from .errors import ErrorCode, LocalUsageError, ProtocolError, ResourceLimitExceeded
 from .frames import (
+    HEADER,
     HEADER_LEN,
     MAX_TOKEN_LEN,
     Accept,
     Control,
     Data,
     Eof,
+    FrameType,
     GoAway,
     Open,
     Ping,
@@ -72,7 +76,6 @@ from .frames import (
     Reject,
     Reset,
     Window,
-    data_header,
     decode_frames,
     encode_frame,
 )
@@ -96,6 +99,15 @@ __all__ = [
 ]
 
 _MAX_STREAM_ID = 2**32 - 1
+
+# Precompiled encoders of the frames the engine itself queues (a header and a
+# fixed payload in one pack: no frame object, no match, no concatenation).
+_pack_header = HEADER.pack
+_unpack_header = HEADER.unpack_from
+_pack_window = struct.Struct(">BIHI").pack
+_pack_code = struct.Struct(">BIHH").pack  # REJECT, RESET
+_DATA = FrameType.DATA.value
+_WINDOW = FrameType.WINDOW.value
 
 
 # ---------------------------------------------------------------- events
@@ -392,6 +404,13 @@ class Mux:
         self._error: ProtocolError | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.deliver: Callable[[int, memoryview], None] | None = None
+        """If set, called with ``(stream_id, data)`` for a message that is one
+        DATA frame for an open stream, instead of returning a
+        :class:`DataReceived` for it (no event object on the hottest path).
+        The owner must then handle each message's events before it feeds the
+        next message (as the session does), so the order stays the wire's;
+        the data is a zero-copy view of the message, as in :class:`DataReceived`."""
         extra = self.config.session_window - INITIAL_SESSION_WINDOW
         if extra:
             self._windows[0] = extra
@@ -479,7 +498,7 @@ class Mux:
             ids = self._local_ids = [s for s in ids if s in streams]
         ids.append(sid)
         streams[sid] = _Stream(_State.OPENING, self.config.stream_window)
-        self._queue(encode_frame(Open(sid, token)))
+        self._queue(_pack_header(FrameType.OPEN, sid, len(token)) + token)
         self._queue_initial_window(sid)
         return sid
 
@@ -492,7 +511,7 @@ class Mux:
         st = self._pending(stream_id)
         st.state = _State.OPEN
         self._pending_opens -= 1
-        self._queue(encode_frame(Accept(stream_id)))
+        self._queue(_pack_header(FrameType.ACCEPT, stream_id, 0))
         self._queue_initial_window(stream_id)
 
     def reject_stream(self, stream_id: int, code: ErrorCode = ErrorCode.REFUSED) -> None:
@@ -505,7 +524,7 @@ class Mux:
             return
         del self._streams[stream_id]
         self._pending_opens -= 1
-        self._queue(encode_frame(Reject(stream_id, code)))
+        self._queue(_pack_code(FrameType.REJECT, stream_id, 2, code))
 
     def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
         """Queue as much of ``data`` as the credit allows; return how much was taken.
@@ -541,7 +560,7 @@ class Mux:
             if st is not None and st.state is _State.EOF_SENT:
                 raise LocalUsageError(f"stream {stream_id} was half-closed already")
             raise LocalUsageError(f"stream {stream_id} is not open")
-        self._queue(encode_frame(Eof(stream_id)))
+        self._queue(_pack_header(FrameType.EOF, stream_id, 0))
         if st.state is _State.EOF_RECEIVED:
             self._forget(stream_id, st)
         else:
@@ -563,7 +582,7 @@ class Mux:
             self._return_session_credit(held)
         if st.state is _State.PENDING:
             self._pending_opens -= 1
-        self._queue(encode_frame(Reset(stream_id, code)))
+        self._queue(_pack_code(FrameType.RESET, stream_id, 2, code))
 
     def discard_received(self, stream_id: int) -> None:
         """The application dropped what it held of ``stream_id`` unread:
@@ -685,57 +704,97 @@ class Mux:
     ) -> list[bytes | memoryview] | None:
         """Like :meth:`data_to_send`, as pieces to concatenate (saves a copy)."""
         parts: list[bytes | memoryview] = []
+        self._fill_record(parts, limit)
+        return parts or None
+
+    def data_to_send_records(
+        self, budget: int, limit: int = MAX_MESSAGE_PLAINTEXT
+    ) -> tuple[list[list[bytes | memoryview]], list[int]]:
+        """Whole records for about ``budget`` plaintext bytes in one call: each
+        record's pieces (as :meth:`data_to_send_parts`) and, in a second list,
+        each record's size.  Empty lists when nothing is queued.  Every record
+        is filled up to ``limit`` before the next one starts, so frames queued
+        since the last flush share records."""
+        records: list[list[bytes | memoryview]] = []
+        sizes: list[int] = []
+        total = 0
+        fill = self._fill_record
+        while total < budget:
+            parts: list[bytes | memoryview] = []
+            size = fill(parts, limit)
+            if not size:
+                break
+            records.append(parts)
+            sizes.append(size)
+            total += size
+        return records, sizes
+
+    def _fill_record(self, parts: list[bytes | memoryview], limit: int) -> int:
+        """Append one record's frames (at most ``limit`` bytes) to ``parts``; its size."""
         size = 0
-        if self._windows:
-            for sid in list(self._windows):
+        windows = self._windows
+        if windows:
+            streams = self._streams
+            for sid in list(windows):
                 if size + HEADER_LEN + 4 > limit:
                     break
-                inc = self._windows.pop(sid)
-                if sid == 0 or sid in self._streams:
-                    parts.append(encode_frame(Window(sid, inc)))
+                inc = windows.pop(sid)
+                if sid == 0 or sid in streams:
+                    parts.append(_pack_window(_WINDOW, sid, 4, inc))
                     size += HEADER_LEN + 4
         urgent = self._urgent
-        taken = 0
-        for frame in urgent:
-            if size + len(frame) > limit:
-                break
-            self._queued_control -= len(frame)
-            parts.append(frame)
-            size += len(frame)
-            taken += 1
-        if taken:
-            del urgent[:taken]
+        if urgent:
+            taken = 0
+            for frame in urgent:
+                if size + len(frame) > limit:
+                    break
+                self._queued_control -= len(frame)
+                parts.append(frame)
+                size += len(frame)
+                taken += 1
+            if taken:
+                del urgent[:taken]
         fifo = self._fifo
+        if not fifo:
+            return size
         max_data = self.config.max_frame_data
+        sent = 0
         while fifo:
             item = fifo[0]
-            if isinstance(item, bytes):
-                if size + len(item) > limit:
+            if type(item) is bytes:
+                n = len(item)
+                if size + n > limit:
                     break
                 fifo.popleft()
-                self._queued_control -= len(item)
+                self._queued_control -= n
                 parts.append(item)
-                size += len(item)
+                size += n
                 continue
-            room = min(limit - size - HEADER_LEN, max_data)
+            assert type(item) is _Chunk  # for mypy: the FIFO holds bytes or chunks
+            room = limit - size - HEADER_LEN
+            if room > max_data:
+                room = max_data
             if room <= 0:
                 break
             sid, view = item.stream_id, item.view
-            if len(view) <= room:
+            n = len(view)
+            if n <= room:
                 fifo.popleft()
-                chunk = view
-            else:
-                chunk = view[:room]
-                item.view = view[room:]
-            n = len(chunk)
-            parts.append(data_header(sid, n))
-            parts.append(chunk)
-            size += HEADER_LEN + n
-            self._queued_data -= n
-            self.bytes_sent += n
-            if len(view) > room:
-                break
-        return parts or None
+                parts.append(_pack_header(_DATA, sid, n))
+                parts.append(view)
+                size += HEADER_LEN + n
+                sent += n
+                continue
+            parts.append(_pack_header(_DATA, sid, room))
+            parts.append(view[:room])
+            item.view = view[room:]
+            size += HEADER_LEN + room
+            sent += room
+            break
+        if sent:
+            self._queued_data -= sent
+            self.bytes_sent += sent
+        return size
 
     # ------------------------------------------------------------ input
 
@@ -752,6 +811,32 @@ class Mux:
         """
         if self._error is not None:
             raise self._error.with_traceback(None)  # no growing chain of old frames
+        # The hot path: a message that is one DATA frame for a stream that
+        # delivers (open, or EOF sent), within both windows.  Every check of the
+        # general path below is made before anything changes, so the outcome is
+        # the same; anything else (an error included) takes the general path.
+        end = len(message)
+        if end > HEADER_LEN and message[0] == _DATA:
+            _, sid, length = _unpack_header(message, 0)
+            st = self._streams.get(sid)
+            session = self._recv_session
+            if (
+                length == end - HEADER_LEN
+                and st is not None
+                and st.state in _DELIVERING
+                and length <= session.recv_window
+                and length <= st.recv_window
+                and self._queued_control <= self.config.max_queued_control
+            ):
+                session.recv_window -= length
+                st.recv_window -= length
+                self.bytes_received += length
+                data = memoryview(message)[HEADER_LEN:]
+                deliver = self.deliver
+                if deliver is None:
+                    return [DataReceived(sid, data)]
+                deliver(sid, data)
+                return []
         events: list[Event] = []
         try:
             for frame in decode_frames(message):
@@ -826,7 +911,7 @@ class Mux:
                         self._pending_opens -= 1
                     events.append(ResetReceived(sid, ErrorCode.from_wire(code)))
             case Ping(opaque):
-                self._queue(encode_frame(Pong(opaque)), urgent=True)
+                self._queue(_pack_header(FrameType.PONG, 0, 8) + opaque, urgent=True)
             case Pong(opaque):
                 events.append(PongReceived(opaque))
             case GoAway(last, code):
@@ -841,13 +926,13 @@ class Mux:
             raise ProtocolError(f"peer reused or reordered stream id {sid}")
         self._highest_remote = sid
         if self.goaway_sent:
-            self._queue(encode_frame(Reject(sid, ErrorCode.SHUTTING_DOWN)))
+            self._queue(_pack_code(FrameType.REJECT, sid, 2, ErrorCode.SHUTTING_DOWN))
             return
         if (
             self._pending_opens >= self.config.max_pending_opens
             or len(self._streams) >= self.config.max_streams
         ):
-            self._queue(encode_frame(Reject(sid, ErrorCode.BUSY)))
+            self._queue(_pack_code(FrameType.REJECT, sid, 2, ErrorCode.BUSY))
             return
         self._streams[sid] = _Stream(_State.PENDING, self.config.stream_window)
         self._pending_opens += 1
@@ -935,7 +1020,7 @@ class Mux:
     def _queue_initial_window(self, sid: int) -> None:
         extra = self.config.stream_window - INITIAL_STREAM_WINDOW
         if extra:
-            self._queue(encode_frame(Window(sid, extra)))
+            self._queue(_pack_window(_WINDOW, sid, 4, extra))
 
     def _grant(self, sid: int, amount: int) -> None:
         self._windows[sid] = self._windows.get(sid, 0) + amount
