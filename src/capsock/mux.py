@@ -68,6 +68,7 @@ from .frames import (
     Control,
     Data,
     Eof,
+    Frame,
     FrameType,
     GoAway,
     Open,
@@ -877,47 +878,54 @@ class Mux:
             )
         events.append(DataReceived(sid, data))
 
-    def _on_frame(self, frame: object, events: list[Event]) -> None:
-        match frame:
-            case Open(sid, token):
-                self._on_open(sid, token, events)
-            case Window(0, inc):
+    def _on_frame(self, frame: Frame, events: list[Event]) -> None:
+        # Dispatch on the exact type (one identity test each, most frequent
+        # first): a class-pattern ``match`` costs an isinstance per case.
+        if type(frame) is Window:
+            sid, inc = frame.stream_id, frame.increment
+            if sid == 0:
                 self._send_session_credit += inc
                 if self._send_session_credit > MAX_WINDOW:
                     raise ProtocolError("session credit overflow", ErrorCode.FLOW_CONTROL_ERROR)
                 events.append(CreditGranted(0))
-            case Window(sid, inc):
-                st, _, _ = self._step(sid, _Input.WINDOW)
-                if st is not None:
-                    st.send_credit += inc
-                    if st.send_credit > MAX_WINDOW:
-                        raise ProtocolError(
-                            f"stream {sid} credit overflow", ErrorCode.FLOW_CONTROL_ERROR
-                        )
-                    events.append(CreditGranted(sid))
-            case Accept(sid):
-                if self._step(sid, _Input.ACCEPT)[1] is _Action.ACCEPTED:
-                    events.append(StreamAccepted(sid))
-            case Reject(sid, code):
-                if self._step(sid, _Input.REJECT)[1] is _Action.REJECTED:
-                    events.append(StreamRejected(sid, ErrorCode.from_wire(code)))
-            case Eof(sid):
-                if self._step(sid, _Input.EOF)[1] is _Action.EOF:
-                    events.append(EofReceived(sid))
-            case Reset(sid, code):
-                _, action, before = self._step(sid, _Input.RESET)
-                if action is _Action.RESET:
-                    if before is _State.PENDING:
-                        self._pending_opens -= 1
-                    events.append(ResetReceived(sid, ErrorCode.from_wire(code)))
-            case Ping(opaque):
-                self._queue(_pack_header(FrameType.PONG, 0, 8) + opaque, urgent=True)
-            case Pong(opaque):
-                events.append(PongReceived(opaque))
-            case GoAway(last, code):
-                self._on_goaway(last, ErrorCode.from_wire(code), events)
-            case Control(body):
-                events.append(ControlReceived(body))
+                return
+            st, _, _ = self._step(sid, _Input.WINDOW)
+            if st is not None:
+                st.send_credit += inc
+                if st.send_credit > MAX_WINDOW:
+                    raise ProtocolError(
+                        f"stream {sid} credit overflow", ErrorCode.FLOW_CONTROL_ERROR
+                    )
+                events.append(CreditGranted(sid))
+        elif type(frame) is Open:
+            self._on_open(frame.stream_id, frame.token, events)
+        elif type(frame) is Accept:
+            sid = frame.stream_id
+            if self._step(sid, _Input.ACCEPT)[1] is _Action.ACCEPTED:
+                events.append(StreamAccepted(sid))
+        elif type(frame) is Eof:
+            sid = frame.stream_id
+            if self._step(sid, _Input.EOF)[1] is _Action.EOF:
+                events.append(EofReceived(sid))
+        elif type(frame) is Reset:
+            sid = frame.stream_id
+            _, action, before = self._step(sid, _Input.RESET)
+            if action is _Action.RESET:
+                if before is _State.PENDING:
+                    self._pending_opens -= 1
+                events.append(ResetReceived(sid, ErrorCode.from_wire(frame.code)))
+        elif type(frame) is Reject:
+            sid = frame.stream_id
+            if self._step(sid, _Input.REJECT)[1] is _Action.REJECTED:
+                events.append(StreamRejected(sid, ErrorCode.from_wire(frame.code)))
+        elif type(frame) is Ping:
+            self._queue(_pack_header(FrameType.PONG, 0, 8) + frame.opaque, urgent=True)
+        elif type(frame) is Pong:
+            events.append(PongReceived(frame.opaque))
+        elif type(frame) is GoAway:
+            self._on_goaway(frame.last_stream_id, ErrorCode.from_wire(frame.code), events)
+        elif type(frame) is Control:
+            events.append(ControlReceived(frame.body))
 
     def _on_open(self, sid: int, token: bytes, events: list[Event]) -> None:
         if (sid % 2 == 1) == self.dialer:
