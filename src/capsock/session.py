@@ -666,7 +666,12 @@ class Session:
         try:
             transport = self._transport
             if type(transport) is PushTransport and transport.writable_now():
-                self._flush_now(transport)  # cannot wait, so nothing to shield
+                # No cancel scope unless the write filled the socket's buffer:
+                # then wait for it to drain, shielded, as send() does.
+                self._flush_now(transport)
+                if not transport.writable_now():
+                    with anyio.CancelScope(shield=True):
+                        await transport.drained()
             else:
                 with anyio.CancelScope(shield=True):
                     await self._flush_once()
@@ -687,9 +692,8 @@ class Session:
             await anyio.lowlevel.cancel_shielded_checkpoint()
 
     def _flush_now(self, transport: PushTransport) -> None:
-        """:meth:`_flush_once` for a socket with room (asyncio fast path): a
-        write that does not wait, so it needs no cancel scope.  If it fills
-        the socket's buffer, the next write (``send``) waits for the drain."""
+        """:meth:`_flush_once` for a socket with room (asyncio fast path): the
+        write without the wait (the caller waits if it filled the buffer)."""
         data = self._engine.data_to_send()
         if data is not None:
             if self._send_waiters and not self._mux.send_buffer_full:
