@@ -834,8 +834,7 @@ class Mux:
             st = self._streams.get(sid)
             session = self._recv_session
             if (
-                pos == end
-                and total
+                pos == end  # so no frame is empty (the loop stops at an empty one)
                 and st is not None
                 and st.state in _DELIVERING
                 and total <= session.recv_window
