@@ -87,6 +87,7 @@ def test_sans_io_modules_do_no_io() -> None:
         "__future__",
         "collections",
         "dataclasses",
+        "hashlib",
         "hmac",
         "os",
         "re",

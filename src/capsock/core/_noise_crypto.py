@@ -9,6 +9,7 @@ switches ``_FAST_AEAD`` (call libsodium's C functions directly) and
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import struct
 from collections.abc import Callable
@@ -20,7 +21,6 @@ import nacl.exceptions
 from nacl.bindings import (
     crypto_aead_chacha20poly1305_ietf_decrypt,
     crypto_aead_chacha20poly1305_ietf_encrypt,
-    crypto_generichash_blake2b_salt_personal,
     crypto_scalarmult,
     crypto_scalarmult_base,
 )
@@ -185,23 +185,19 @@ def _aead(name: str) -> _Aead:
 # --- Crypto functions (spec §4) ---
 
 
-_LIB_BLAKE2B: Final[Any] = getattr(_lib, "crypto_generichash_blake2b_salt_personal", None)
+_blake2b: Final = hashlib.blake2b
 
 
 def _hash(data: bytes) -> bytes:
-    """HASH(): BLAKE2b with a 64-byte output.
+    """HASH(): BLAKE2b with a 64-byte output (hashlib's default digest size).
 
-    libsodium's function directly when ``nacl._sodium`` has it: the public
-    binding's argument checks cost ~15x the hash itself for these short inputs,
-    and a handshake hashes ~37 times per side.
+    The standard library's BLAKE2b, not libsodium's: the same function, and a
+    C call with no cffi marshalling in between costs 0.30 us against 1.1 us
+    for libsodium's ``crypto_generichash`` through cffi and ~15 us through
+    pynacl's public binding, for the ~100-byte inputs of the hash chain (a
+    handshake hashes ~37 times per side).  See docs/decisions.md.
     """
-    if _LIB_BLAKE2B is not None and _FAST_AEAD:
-        out = _ffi.new("unsigned char[]", HASHLEN)
-        null = _ffi.NULL  # no key; NULL salt and personalization mean all zeros
-        if _LIB_BLAKE2B(out, HASHLEN, data, len(data), null, 0, null, null) != 0:
-            raise _CryptoError("BLAKE2b failed")  # pragma: no cover - libsodium never fails here
-        return bytes(_ffi.buffer(out))
-    return crypto_generichash_blake2b_salt_personal(data, digest_size=HASHLEN)
+    return _blake2b(data).digest()
 
 
 def _hmac(key: bytes, data: bytes) -> bytes:

@@ -181,12 +181,16 @@ class TransportCipher:
         assert self._out_view is not None
         return self._out_view[2 : 2 + length].tobytes()
 
-    def encrypt_records(self, records: list[list[bytes | memoryview]]) -> bytes | bytearray:
+    def encrypt_records(
+        self, records: list[list[bytes | memoryview]], sizes: list[int] | None = None
+    ) -> bytes | bytearray:
         """Several transport records in one new buffer, ready for one write.
 
         Each element of ``records`` is the plaintext of one record, given as a
         list of pieces (e.g. frame headers and payload views), so the only
-        copy is into the output; encryption then happens in place.
+        copy is into the output; encryption then happens in place.  ``sizes``,
+        if given, is each record's plaintext size (what
+        :meth:`Mux.data_to_send_records` returns with the records).
 
         Raises:
             LocalUsageError: a record exceeds :data:`MAX_PLAINTEXT_LEN`, or the
@@ -194,7 +198,8 @@ class TransportCipher:
         """
         if not self._fast:
             return b"".join(self.encrypt_record(b"".join(parts)) for parts in records)
-        sizes = [sum(len(p) for p in parts) for parts in records]
+        if sizes is None:
+            sizes = [sum(len(p) for p in parts) for parts in records]
         buf = bytearray(sum(sizes) + len(sizes) * (2 + TAG_LEN))
         view = memoryview(buf)
         ptr = _ffi.from_buffer(buf)

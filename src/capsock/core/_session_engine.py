@@ -316,15 +316,10 @@ class SessionEngine:
         """Encrypted records (prefix included) for about ``limit`` plaintext bytes, or None."""
         if self.phase is Phase.UNCONFIRMED or self.phase is Phase.CLOSED:
             return None
-        take = self.mux.data_to_send_parts
-        records: list[list[bytes | memoryview]] = []
-        size = 0
-        while size < limit and (parts := take()) is not None:
-            records.append(parts)
-            size += sum(len(p) for p in parts)
+        records, sizes = self.mux.data_to_send_records(limit)
         if not records:
             return None
-        return self._cipher.encrypt_records(records)
+        return self._cipher.encrypt_records(records, sizes)
 
     def output_flushed(self) -> bool:
         """The driver wrote everything it took: a draining session with

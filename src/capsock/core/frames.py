@@ -208,6 +208,7 @@ _FIXED_LEN = {
     FrameType.PONG: 8,
     FrameType.GOAWAY: 6,
 }
+_KINDS = {int(kind): kind for kind in FrameType}
 _SESSION_FRAMES = frozenset({FrameType.PING, FrameType.PONG, FrameType.GOAWAY, FrameType.CONTROL})
 
 
@@ -242,10 +243,9 @@ def decode_frames(message: bytes | bytearray | memoryview) -> list[Frame]:
                 raise ProtocolError("empty DATA frame")
             frames.append(Data(sid, payload))
             continue
-        try:
-            kind = FrameType(kind_raw)
-        except ValueError:
-            raise ProtocolError(f"unknown frame type {kind_raw}") from None
+        kind = _KINDS.get(kind_raw)  # a dict lookup: FrameType(x) costs two calls
+        if kind is None:
+            raise ProtocolError(f"unknown frame type {kind_raw}")
         fixed = _FIXED_LEN.get(kind)
         if fixed is not None and length != fixed:
             raise ProtocolError(f"{kind.name} frame must carry {fixed} bytes, not {length}")

@@ -45,8 +45,10 @@ Everything the remote side can do wrong raises :class:`~capsock.errors.ProtocolE
 
 from __future__ import annotations
 
+import struct
 import warnings
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 
@@ -59,12 +61,15 @@ from ..config import (
 )
 from ..errors import ErrorCode, LocalUsageError, ProtocolError, ResourceLimitExceeded
 from .frames import (
+    HEADER,
     HEADER_LEN,
     MAX_TOKEN_LEN,
     Accept,
     Control,
     Data,
     Eof,
+    Frame,
+    FrameType,
     GoAway,
     Open,
     Ping,
@@ -72,7 +77,6 @@ from .frames import (
     Reject,
     Reset,
     Window,
-    data_header,
     decode_frames,
     encode_frame,
 )
@@ -96,6 +100,15 @@ __all__ = [
 ]
 
 _MAX_STREAM_ID = 2**32 - 1
+
+# Precompiled encoders of the frames the engine itself queues (a header and a
+# fixed payload in one pack: no frame object, no match, no concatenation).
+_pack_header = HEADER.pack
+_unpack_header = HEADER.unpack_from
+_pack_window = struct.Struct(">BIHI").pack
+_pack_code = struct.Struct(">BIHH").pack  # REJECT, RESET
+_DATA = FrameType.DATA.value
+_WINDOW = FrameType.WINDOW.value
 
 
 # ---------------------------------------------------------------- events
@@ -392,6 +405,13 @@ class Mux:
         self._error: ProtocolError | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.deliver: Callable[[int, memoryview], None] | None = None
+        """If set, called with ``(stream_id, data)`` for a message that is one
+        DATA frame for an open stream, instead of returning a
+        :class:`DataReceived` for it (no event object on the hottest path).
+        The owner must then handle each message's events before it feeds the
+        next message (as the session does), so the order stays the wire's;
+        the data is a zero-copy view of the message, as in :class:`DataReceived`."""
         extra = self.config.session_window - INITIAL_SESSION_WINDOW
         if extra:
             self._windows[0] = extra
@@ -479,7 +499,7 @@ class Mux:
             ids = self._local_ids = [s for s in ids if s in streams]
         ids.append(sid)
         streams[sid] = _Stream(_State.OPENING, self.config.stream_window)
-        self._queue(encode_frame(Open(sid, token)))
+        self._queue(_pack_header(FrameType.OPEN, sid, len(token)) + token)
         self._queue_initial_window(sid)
         return sid
 
@@ -492,7 +512,7 @@ class Mux:
         st = self._pending(stream_id)
         st.state = _State.OPEN
         self._pending_opens -= 1
-        self._queue(encode_frame(Accept(stream_id)))
+        self._queue(_pack_header(FrameType.ACCEPT, stream_id, 0))
         self._queue_initial_window(stream_id)
 
     def reject_stream(self, stream_id: int, code: ErrorCode = ErrorCode.REFUSED) -> None:
@@ -505,7 +525,7 @@ class Mux:
             return
         del self._streams[stream_id]
         self._pending_opens -= 1
-        self._queue(encode_frame(Reject(stream_id, code)))
+        self._queue(_pack_code(FrameType.REJECT, stream_id, 2, code))
 
     def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
         """Queue as much of ``data`` as the credit allows; return how much was taken.
@@ -541,7 +561,7 @@ class Mux:
             if st is not None and st.state is _State.EOF_SENT:
                 raise LocalUsageError(f"stream {stream_id} was half-closed already")
             raise LocalUsageError(f"stream {stream_id} is not open")
-        self._queue(encode_frame(Eof(stream_id)))
+        self._queue(_pack_header(FrameType.EOF, stream_id, 0))
         if st.state is _State.EOF_RECEIVED:
             self._forget(stream_id, st)
         else:
@@ -563,7 +583,7 @@ class Mux:
             self._return_session_credit(held)
         if st.state is _State.PENDING:
             self._pending_opens -= 1
-        self._queue(encode_frame(Reset(stream_id, code)))
+        self._queue(_pack_code(FrameType.RESET, stream_id, 2, code))
 
     def discard_received(self, stream_id: int) -> None:
         """The application dropped what it held of ``stream_id`` unread:
@@ -685,57 +705,97 @@ class Mux:
     ) -> list[bytes | memoryview] | None:
         """Like :meth:`data_to_send`, as pieces to concatenate (saves a copy)."""
         parts: list[bytes | memoryview] = []
+        self._fill_record(parts, limit)
+        return parts or None
+
+    def data_to_send_records(
+        self, budget: int, limit: int = MAX_MESSAGE_PLAINTEXT
+    ) -> tuple[list[list[bytes | memoryview]], list[int]]:
+        """Whole records for about ``budget`` plaintext bytes in one call: each
+        record's pieces (as :meth:`data_to_send_parts`) and, in a second list,
+        each record's size.  Empty lists when nothing is queued.  Every record
+        is filled up to ``limit`` before the next one starts, so frames queued
+        since the last flush share records."""
+        records: list[list[bytes | memoryview]] = []
+        sizes: list[int] = []
+        total = 0
+        fill = self._fill_record
+        while total < budget:
+            parts: list[bytes | memoryview] = []
+            size = fill(parts, limit)
+            if not size:
+                break
+            records.append(parts)
+            sizes.append(size)
+            total += size
+        return records, sizes
+
+    def _fill_record(self, parts: list[bytes | memoryview], limit: int) -> int:
+        """Append one record's frames (at most ``limit`` bytes) to ``parts``; its size."""
         size = 0
-        if self._windows:
-            for sid in list(self._windows):
+        windows = self._windows
+        if windows:
+            streams = self._streams
+            for sid in list(windows):
                 if size + HEADER_LEN + 4 > limit:
                     break
-                inc = self._windows.pop(sid)
-                if sid == 0 or sid in self._streams:
-                    parts.append(encode_frame(Window(sid, inc)))
+                inc = windows.pop(sid)
+                if sid == 0 or sid in streams:
+                    parts.append(_pack_window(_WINDOW, sid, 4, inc))
                     size += HEADER_LEN + 4
         urgent = self._urgent
-        taken = 0
-        for frame in urgent:
-            if size + len(frame) > limit:
-                break
-            self._queued_control -= len(frame)
-            parts.append(frame)
-            size += len(frame)
-            taken += 1
-        if taken:
-            del urgent[:taken]
+        if urgent:
+            taken = 0
+            for frame in urgent:
+                if size + len(frame) > limit:
+                    break
+                self._queued_control -= len(frame)
+                parts.append(frame)
+                size += len(frame)
+                taken += 1
+            if taken:
+                del urgent[:taken]
         fifo = self._fifo
+        if not fifo:
+            return size
         max_data = self.config.max_frame_data
+        sent = 0
         while fifo:
             item = fifo[0]
-            if isinstance(item, bytes):
-                if size + len(item) > limit:
+            if type(item) is bytes:
+                n = len(item)
+                if size + n > limit:
                     break
                 fifo.popleft()
-                self._queued_control -= len(item)
+                self._queued_control -= n
                 parts.append(item)
-                size += len(item)
+                size += n
                 continue
-            room = min(limit - size - HEADER_LEN, max_data)
+            assert type(item) is _Chunk  # for mypy: the FIFO holds bytes or chunks
+            room = limit - size - HEADER_LEN
+            if room > max_data:
+                room = max_data
             if room <= 0:
                 break
             sid, view = item.stream_id, item.view
-            if len(view) <= room:
+            n = len(view)
+            if n <= room:
                 fifo.popleft()
-                chunk = view
-            else:
-                chunk = view[:room]
-                item.view = view[room:]
-            n = len(chunk)
-            parts.append(data_header(sid, n))
-            parts.append(chunk)
-            size += HEADER_LEN + n
-            self._queued_data -= n
-            self.bytes_sent += n
-            if len(view) > room:
-                break
-        return parts or None
+                parts.append(_pack_header(_DATA, sid, n))
+                parts.append(view)
+                size += HEADER_LEN + n
+                sent += n
+                continue
+            parts.append(_pack_header(_DATA, sid, room))
+            parts.append(view[:room])
+            item.view = view[room:]
+            size += HEADER_LEN + room
+            sent += room
+            break
+        if sent:
+            self._queued_data -= sent
+            self.bytes_sent += sent
+        return size
 
     # ------------------------------------------------------------ input
 
@@ -752,6 +812,46 @@ class Mux:
         """
         if self._error is not None:
             raise self._error.with_traceback(None)  # no growing chain of old frames
+        # The hot path: a message made only of DATA frames for one stream that
+        # delivers (open, or EOF sent), within both windows -- one frame, or a
+        # few when the sender's writes do not line up with full records.  Every
+        # check of the general path below is made before anything changes, so
+        # the outcome is the same; anything else (an error included) takes the
+        # general path.
+        end = len(message)
+        if end > HEADER_LEN and message[0] == _DATA:
+            unpack = _unpack_header
+            _, sid, total = unpack(message, 0)
+            pos = HEADER_LEN + total
+            frames = 1
+            while total and end - pos > HEADER_LEN:
+                kind, other, length = unpack(message, pos)
+                if kind != _DATA or other != sid or not length:
+                    break
+                total += length
+                pos += HEADER_LEN + length
+                frames += 1
+            st = self._streams.get(sid)
+            session = self._recv_session
+            if (
+                pos == end  # so no frame is empty (the loop stops at an empty one)
+                and st is not None
+                and st.state in _DELIVERING
+                and total <= session.recv_window
+                and total <= st.recv_window
+                and self._queued_control <= self.config.max_queued_control
+            ):
+                session.recv_window -= total
+                st.recv_window -= total
+                self.bytes_received += total
+                view = memoryview(message)
+                deliver = self.deliver
+                if frames == 1:
+                    if deliver is None:
+                        return [DataReceived(sid, view[HEADER_LEN:])]
+                    deliver(sid, view[HEADER_LEN:])
+                    return []
+                return self._deliver_run(sid, view, deliver)
         events: list[Event] = []
         try:
             for frame in decode_frames(message):
@@ -766,6 +866,26 @@ class Mux:
         except ProtocolError as exc:
             self._error = exc
             raise
+        return events
+
+    @staticmethod
+    def _deliver_run(
+        sid: int, view: memoryview, deliver: Callable[[int, memoryview], None] | None
+    ) -> list[Event]:
+        """The payloads of a message of several DATA frames of one stream, checked
+        and counted by :meth:`receive_message`: handed over in order, or as events."""
+        events: list[Event] = []
+        end = len(view)
+        pos = 0
+        unpack = _unpack_header
+        while pos < end:
+            length = unpack(view, pos)[2]
+            data = view[pos + HEADER_LEN : pos + HEADER_LEN + length]
+            pos += HEADER_LEN + length
+            if deliver is None:
+                events.append(DataReceived(sid, data))
+            else:
+                deliver(sid, data)
         return events
 
     @property
@@ -792,47 +912,54 @@ class Mux:
             )
         events.append(DataReceived(sid, data))
 
-    def _on_frame(self, frame: object, events: list[Event]) -> None:
-        match frame:
-            case Open(sid, token):
-                self._on_open(sid, token, events)
-            case Window(0, inc):
+    def _on_frame(self, frame: Frame, events: list[Event]) -> None:
+        # Dispatch on the exact type (one identity test each, most frequent
+        # first): a class-pattern ``match`` costs an isinstance per case.
+        if type(frame) is Window:
+            sid, inc = frame.stream_id, frame.increment
+            if sid == 0:
                 self._send_session_credit += inc
                 if self._send_session_credit > MAX_WINDOW:
                     raise ProtocolError("session credit overflow", ErrorCode.FLOW_CONTROL_ERROR)
                 events.append(CreditGranted(0))
-            case Window(sid, inc):
-                st, _, _ = self._step(sid, _Input.WINDOW)
-                if st is not None:
-                    st.send_credit += inc
-                    if st.send_credit > MAX_WINDOW:
-                        raise ProtocolError(
-                            f"stream {sid} credit overflow", ErrorCode.FLOW_CONTROL_ERROR
-                        )
-                    events.append(CreditGranted(sid))
-            case Accept(sid):
-                if self._step(sid, _Input.ACCEPT)[1] is _Action.ACCEPTED:
-                    events.append(StreamAccepted(sid))
-            case Reject(sid, code):
-                if self._step(sid, _Input.REJECT)[1] is _Action.REJECTED:
-                    events.append(StreamRejected(sid, ErrorCode.from_wire(code)))
-            case Eof(sid):
-                if self._step(sid, _Input.EOF)[1] is _Action.EOF:
-                    events.append(EofReceived(sid))
-            case Reset(sid, code):
-                _, action, before = self._step(sid, _Input.RESET)
-                if action is _Action.RESET:
-                    if before is _State.PENDING:
-                        self._pending_opens -= 1
-                    events.append(ResetReceived(sid, ErrorCode.from_wire(code)))
-            case Ping(opaque):
-                self._queue(encode_frame(Pong(opaque)), urgent=True)
-            case Pong(opaque):
-                events.append(PongReceived(opaque))
-            case GoAway(last, code):
-                self._on_goaway(last, ErrorCode.from_wire(code), events)
-            case Control(body):
-                events.append(ControlReceived(body))
+                return
+            st, _, _ = self._step(sid, _Input.WINDOW)
+            if st is not None:
+                st.send_credit += inc
+                if st.send_credit > MAX_WINDOW:
+                    raise ProtocolError(
+                        f"stream {sid} credit overflow", ErrorCode.FLOW_CONTROL_ERROR
+                    )
+                events.append(CreditGranted(sid))
+        elif type(frame) is Open:
+            self._on_open(frame.stream_id, frame.token, events)
+        elif type(frame) is Accept:
+            sid = frame.stream_id
+            if self._step(sid, _Input.ACCEPT)[1] is _Action.ACCEPTED:
+                events.append(StreamAccepted(sid))
+        elif type(frame) is Eof:
+            sid = frame.stream_id
+            if self._step(sid, _Input.EOF)[1] is _Action.EOF:
+                events.append(EofReceived(sid))
+        elif type(frame) is Reset:
+            sid = frame.stream_id
+            _, action, before = self._step(sid, _Input.RESET)
+            if action is _Action.RESET:
+                if before is _State.PENDING:
+                    self._pending_opens -= 1
+                events.append(ResetReceived(sid, ErrorCode.from_wire(frame.code)))
+        elif type(frame) is Reject:
+            sid = frame.stream_id
+            if self._step(sid, _Input.REJECT)[1] is _Action.REJECTED:
+                events.append(StreamRejected(sid, ErrorCode.from_wire(frame.code)))
+        elif type(frame) is Ping:
+            self._queue(_pack_header(FrameType.PONG, 0, 8) + frame.opaque, urgent=True)
+        elif type(frame) is Pong:
+            events.append(PongReceived(frame.opaque))
+        elif type(frame) is GoAway:
+            self._on_goaway(frame.last_stream_id, ErrorCode.from_wire(frame.code), events)
+        elif type(frame) is Control:
+            events.append(ControlReceived(frame.body))
 
     def _on_open(self, sid: int, token: bytes, events: list[Event]) -> None:
         if (sid % 2 == 1) == self.dialer:
@@ -841,13 +968,13 @@ class Mux:
             raise ProtocolError(f"peer reused or reordered stream id {sid}")
         self._highest_remote = sid
         if self.goaway_sent:
-            self._queue(encode_frame(Reject(sid, ErrorCode.SHUTTING_DOWN)))
+            self._queue(_pack_code(FrameType.REJECT, sid, 2, ErrorCode.SHUTTING_DOWN))
             return
         if (
             self._pending_opens >= self.config.max_pending_opens
             or len(self._streams) >= self.config.max_streams
         ):
-            self._queue(encode_frame(Reject(sid, ErrorCode.BUSY)))
+            self._queue(_pack_code(FrameType.REJECT, sid, 2, ErrorCode.BUSY))
             return
         self._streams[sid] = _Stream(_State.PENDING, self.config.stream_window)
         self._pending_opens += 1
@@ -935,7 +1062,7 @@ class Mux:
     def _queue_initial_window(self, sid: int) -> None:
         extra = self.config.stream_window - INITIAL_STREAM_WINDOW
         if extra:
-            self._queue(encode_frame(Window(sid, extra)))
+            self._queue(_pack_window(_WINDOW, sid, 4, extra))
 
     def _grant(self, sid: int, amount: int) -> None:
         self._windows[sid] = self._windows.get(sid, 0) + amount

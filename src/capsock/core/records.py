@@ -57,7 +57,8 @@ class RecordReader:
     Feed received bytes with :meth:`feed`, then call :meth:`next_record` until it
     returns ``None``.  Records that lie inside one fed chunk are returned as
     zero-copy ``memoryview`` slices of it; only a record that straddles two
-    chunks is assembled in a small buffer.  Memory: the reader holds the last
+    chunks is assembled in a small buffer, which is then handed over (a view
+    of it) and replaced by a new one.  Memory: the reader holds the last
     chunk fed plus at most one incomplete record (< 65537 bytes).
     """
 
@@ -106,9 +107,10 @@ class RecordReader:
                 raise ProtocolError("received a zero-length transport record")
             if len(partial) < length + 2:
                 return None
-            record = bytes(partial[2:])
-            partial.clear()
-            return record
+            # Hand the assembled buffer over instead of copying it out (a
+            # maximum-size record straddles two reads often in bulk transfers).
+            self._partial = bytearray()
+            return memoryview(partial)[2:]
         chunk = self._chunk
         pos = self._pos
         available = len(chunk) - pos

@@ -186,8 +186,20 @@ class PushTransport:
 
     # ---------------------------------------------------------- writing
 
-    async def send(self, item: bytes) -> None:
-        """Write ``item``; wait only while the socket's send buffer is full."""
+    def writable_now(self) -> bool:
+        """Whether :meth:`write_now` would write without anything to wait for
+        (open, not lost, the socket's send buffer not full)."""
+        return not (self._paused or self._closed) and self._lost is None
+
+    def write_now(self, item: bytes | bytearray) -> None:
+        """Write ``item`` without waiting (the caller checked :meth:`writable_now`).
+        If this write filled the socket's buffer, await :meth:`drained` before
+        counting the bytes as sent (:meth:`send` is the two together).
+
+        Raises:
+            anyio.ClosedResourceError: closed on this side.
+            anyio.BrokenResourceError: the connection is lost.
+        """
         if self._closed:
             raise anyio.ClosedResourceError
         if self._lost is not None:
@@ -196,15 +208,29 @@ class PushTransport:
             self._transport.write(item)
         except RuntimeError as exc:
             raise anyio.BrokenResourceError from exc
+
+    async def send(self, item: bytes) -> None:
+        """Write ``item``; wait only while the socket's send buffer is full."""
+        self.write_now(item)
+        if self._paused:
+            await self.drained()
+
+    async def drained(self) -> None:
+        """Wait until the socket's send buffer has room again (at once if it has):
+        after :meth:`write_now`, what makes it a :meth:`send`.
+
+        Raises:
+            anyio.ClosedResourceError / anyio.BrokenResourceError: as :meth:`write_now`.
+        """
         if self._paused:
             waiter = self._drained
             if waiter is None:
                 waiter = self._drained = asyncio.get_running_loop().create_future()
             await asyncio.shield(waiter)  # shared by the writers that wait
-            if self._closed:
-                raise anyio.ClosedResourceError
-            if self._lost is not None:
-                raise anyio.BrokenResourceError from self._lost
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if self._lost is not None:
+            raise anyio.BrokenResourceError from self._lost
 
     async def aclose(self) -> None:
         """Abort the connection (what anyio's stream does): ``send`` returned only
