@@ -27,10 +27,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from capsock.config import INITIAL_SESSION_WINDOW, INITIAL_STREAM_WINDOW, MuxConfig
+from capsock.core.frames import Data, Eof, Open, Ping, Reset, Window, encode_frame
+from capsock.core.mux import CreditGranted, DataReceived, Event, Mux
+from capsock.core.records import RecordReader
 from capsock.errors import ErrorCode, ProtocolError, ResourceLimitExceeded
-from capsock.frames import Data, Eof, Open, Ping, Reset, Window, encode_frame
-from capsock.mux import CreditGranted, DataReceived, Event, Mux
-from capsock.records import RecordReader
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,8 +17,8 @@ import anyio.abc
 import anyio.lowlevel
 import pytest
 
-from capsock._pushio import PushTransport, adopt
-from capsock.session import Session
+from capsock.net._pushio import PushTransport, adopt
+from capsock.net.session import Session
 from capsock.testing import handshake_pair
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
