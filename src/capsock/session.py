@@ -126,16 +126,28 @@ async def dial_handshake(
     return hs.read_second(message), bytes(buf)
 
 
+class HandedOver(Exception):
+    """:func:`accept_handshake`: the connection was no handshake; ``hello`` took it."""
+
+
 async def accept_handshake(
     transport: anyio.abc.ByteStream,
     local: KeyPair,
     *,
     screen: Callable[[bytes], None] | None = None,
+    hello: Callable[[anyio.abc.ByteStream, bytearray], Awaitable[None]] | None = None,
 ) -> tuple[HandshakeResult, bytes]:
     """Run the responder's side of the IK handshake; return the result and leftover bytes.
 
     ``screen(message)`` sees message 1 before any public-key work and may raise
     (a replay, a source over its rate) to drop the connection cheaply.
+
+    ``hello(transport, buffered)``: when the connection starts with the two
+    bytes ``00 00`` (a record of length 0, which no handshake starts with:
+    the splice hello of protocol 10.10), it is given the transport and what
+    was read after those two bytes.  It either takes the transport (returns;
+    :class:`HandedOver` is raised, and the caller must leave the transport
+    alone) or raises (the caller drops the connection as for a bad handshake).
 
     Raises:
         HandshakeError: malformed, oversized or unauthentic first message (or
@@ -145,6 +157,12 @@ async def accept_handshake(
     """
     hs = ResponderHandshake(local)
     buf = bytearray()
+    if hello is not None:
+        head = await _read_exact(transport, 2, buf)
+        if head == b"\x00\x00":
+            await hello(transport, buf)
+            raise HandedOver
+        buf[:0] = head  # a handshake: read its record as usual
     message = await _read_handshake_record(transport, buf, _MAX_FIRST_MESSAGE)
     if screen is not None:
         screen(message)
