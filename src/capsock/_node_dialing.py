@@ -275,6 +275,11 @@ class Dialing(NodeState):
                 with anyio.CancelScope(shield=True):
                     await transport.aclose()
             return None
+        except BaseException:  # cancelled (the dial's own deadline): leave nothing open
+            if transport is not None:
+                with anyio.CancelScope(shield=True):
+                    await transport.aclose()
+            raise
         return transport
 
     async def _dial_shared(self, host: str, port: int) -> anyio.abc.ByteStream:

@@ -175,6 +175,11 @@ class RelayUpkeep:
                     with anyio.CancelScope(shield=True):
                         await transport.aclose()
                 return
+            except BaseException:  # cancelled (the node is closing): leave nothing open
+                if transport is not None:
+                    with anyio.CancelScope(shield=True):
+                        await transport.aclose()
+                raise
             peer = session.peer.short()
             await self._admit(
                 transport,

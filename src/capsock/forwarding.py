@@ -235,6 +235,7 @@ class Forwarder:
         self.splice_capable: dict[NodeId, Stream] = {}
         """Registered nodes that offered to dial splice connections: their
         latest registration stream, which carries the invitations."""
+        self._invite_locks: dict[Stream, anyio.Lock] = {}
         self.held = 0
         """Splice connections this forwarder holds (counted in the node's descriptor budget)."""
         self.counters = {
@@ -355,10 +356,11 @@ class Forwarder:
         """Carry the forward as a spliced pair (protocol 10.10); False: fall back to nesting.
 
         Falls back (before anything was answered) when no ticket can be
-        issued, the invitation cannot be sent, or the endpoint's connection
-        does not arrive in time.  Once the ``ok`` answer with the dialer's
-        ticket went out, the outcome is the dialer's: if its connection does
-        not arrive, the setup just ends (the dialer falls back by itself).
+        issued or the invitation cannot be sent to the endpoint.  Then the
+        endpoint's invitation and the dialer's ``ok`` answer go out at once,
+        and both connections must arrive within ``splice_ticket_ttl``; if one
+        does not, the setup just ends (the dialer, which waits for our ACK,
+        falls back by itself).
         """
         ttl = self._node.config.splice_ticket_ttl
         pending = self.tickets.issue(peer, target, ttl)
@@ -369,16 +371,18 @@ class Forwarder:
             invite = {"op": "splice", "ticket": pending.endpoint_ticket}
             try:
                 with anyio.fail_after(ttl):
-                    await send_message(self.splice_capable[target], invite)
-                    await pending.endpoint_arrived.wait()
+                    invitations = self.splice_capable[target]
+                    async with self._invite_locks[invitations]:  # one message at a time
+                        await send_message(invitations, invite)
             except (KeyError, TimeoutError, CapsockError, anyio.BrokenResourceError,
                     anyio.ClosedResourceError):  # fmt: skip
-                log.info("no splice for %s -> %s: the endpoint did not connect",
+                log.info("no splice for %s -> %s: cannot invite the endpoint",
                          peer.short(), target.short())  # fmt: skip
                 return False
             try:
                 await send_message(stream, {**ok, "ticket": pending.dialer_ticket})
                 with anyio.move_on_after(ttl):
+                    await pending.endpoint_arrived.wait()
                     await pending.dialer_arrived.wait()
             except (CapsockError, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 return True
@@ -388,8 +392,9 @@ class Forwarder:
             dialer, endpoint = pending.dialer, pending.endpoint
             if dialer is None or endpoint is None:
                 log.info(
-                    "splice %s -> %s: the dialer did not connect", peer.short(), target.short()
-                )
+                    "splice %s -> %s: the %s did not connect in time",
+                    peer.short(), target.short(), "endpoint" if endpoint is None else "dialer",
+                )  # fmt: skip
                 return True
             pending.dialer = pending.endpoint = None  # ours now, closed by copy_pair
             self.spliced_active += 1
@@ -476,6 +481,7 @@ class Forwarder:
             splice = False  # it could not dial us: its session did not come over TCP
         if splice:
             self.splice_capable[peer] = stream
+            self._invite_locks[stream] = anyio.Lock()
         self.registered[peer] = self.registered.get(peer, 0) + 1
         if direct:
             self.direct_capable[peer] = self.direct_capable.get(peer, 0) + 1
@@ -494,6 +500,7 @@ class Forwarder:
         finally:
             if self.splice_capable.get(peer) is stream:
                 del self.splice_capable[peer]
+            self._invite_locks.pop(stream, None)
             self.registered[peer] -= 1
             if not self.registered[peer]:
                 del self.registered[peer]
