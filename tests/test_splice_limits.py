@@ -105,7 +105,7 @@ async def test_an_endpoint_that_never_connects_costs_the_dialer_only_the_ticket_
 ) -> None:
     relay_cfg = capsock.NodeConfig(splice_ticket_ttl=0.5)
     dialer_cfg = capsock.NodeConfig(splice_ticket_ttl=0.5)
-    async with relayed(relay_cfg, None, dialer_cfg) as (relay, endpoint, dialer, cap):
+    async with relayed(relay_cfg, None, dialer_cfg) as (relay, _endpoint, dialer, cap):
         # The endpoint ignores invitations (as one that lost its route to the relay would).
         async def ignore(*_args: object) -> None:
             return None
@@ -118,4 +118,3 @@ async def test_an_endpoint_that_never_connects_costs_the_dialer_only_the_ticket_
         assert relay.stats()["spliced_forwards"] == 0
         assert relay.stats()["splice_setups"] == 0
         assert relay.forwarder.held == 0
-
