@@ -24,6 +24,16 @@ relay, or the introducer who handed R the URI) to carry a session for it::
    nested Noise records) and can only cut the path, never read or alter it
    unnoticed.
 
+Spliced forwarding (protocol 10.10, :mod:`capsock._splice`).  When R asks
+with ``"splice": true`` and E registered offering it, step 2 changes: F
+issues two one-time tickets for the authorised request, invites E on E's
+registration stream, and answers R ``{"ok": true, "ticket": ...}``.  R and E
+each dial F afresh and start with a hello (``00 00 01`` and the ticket); F
+pairs the two connections, sends R ``01``, and copies bytes without reading
+them.  The nested IK session then runs straight over TCP: F no longer
+decrypts and re-encrypts every record.  Any failure of that setup ends in
+the nested forwarding above (R asks again without ``"splice"``).
+
 Errors: a refused forwarding capability is :class:`~capsock.CapabilityRejected`;
 every request F does not carry is answered ``{"ok": false, "error": ...}``
 (without any address of E), which the dialer reports as
