@@ -117,9 +117,11 @@ async def test_forged_hellos_are_refused_at_constant_cost() -> None:
             assert await _hello(port, HELLO + os.urandom(32)) == b""
         # Junk after the hello is not read on: the hello alone decides.
         assert await _hello(port, HELLO + os.urandom(32) + os.urandom(1 << 16)) == b""
-        assert await _hello(port, b"\x00\x00\x07" + os.urandom(32)) == b""  # unknown version
+        # Another version is no hello: a zero-length record, a bad handshake.
+        assert await _hello(port, b"\x00\x00\x07" + os.urandom(32)) == b""
         after = relay.stats()
-        assert after["splice_hellos_refused"] - before["splice_hellos_refused"] == 22
+        assert after["splice_hellos_refused"] - before["splice_hellos_refused"] == 21
+        assert after["handshakes_failed"] - before["handshakes_failed"] == 22
         assert after["splice_setups"] == 0 and after["spliced_active"] == 0
         assert after["half_open"] == 0
         assert relay.forwarder.held == 0

@@ -29,6 +29,7 @@ from collections.abc import Callable
 import anyio
 import anyio.abc
 
+from .errors import HandshakeError
 from .keys import NodeId
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "TicketTable",
     "copy_pair",
     "dialed_tcp",
+    "read_hello",
 ]
 
 log = logging.getLogger("capsock.forwarding")
@@ -154,6 +156,36 @@ class TicketTable:
             self._per_peer[pending.requester] = left
         else:
             del self._per_peer[pending.requester]
+
+
+async def read_hello(
+    transport: anyio.abc.ByteStream,
+    buf: bytearray,
+    tickets: TicketTable,
+    counters: dict[str, int],
+) -> tuple[PendingSplice, bool]:
+    """Read the rest of a hello (``buf``: what came after ``00 00``) and redeem its ticket.
+
+    Reads exactly the hello (its sender waits for our move, so nothing may
+    follow).  A ``00 00`` not followed by the version byte is what it was
+    before spliced forwarding, a zero-length record: a bad handshake.
+
+    Raises:
+        HandshakeError: not a hello, a malformed one, or a ticket that is
+            unknown, used, expired or whose setup ended.
+    """
+    while not buf:
+        buf += await transport.receive(HELLO_LEN - 2)
+    if buf[:1] != HELLO[2:]:
+        raise HandshakeError("handshake record of 0 bytes (expected at most 1024)")
+    want = HELLO_LEN - 2
+    while len(buf) < want:
+        buf += await transport.receive(want - len(buf))
+    found = tickets.redeem(bytes(buf[1:])) if len(buf) == want else None
+    if found is None:
+        counters["splice_hellos_refused"] += 1
+        raise HandshakeError("a splice hello without a redeemable ticket")
+    return found
 
 
 def dialed_tcp(route: str) -> tuple[str, int] | None:

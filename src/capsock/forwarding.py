@@ -52,14 +52,13 @@ from typing import Any, Protocol
 import anyio
 import anyio.abc
 
-from ._splice import ACK, HELLO, HELLO_LEN, TicketTable, copy_pair
+from ._splice import ACK, HELLO, HELLO_LEN, TicketTable, copy_pair, read_hello
 from .config import NodeConfig
 from .direct import Address
 from .errors import (
     CapsockError,
     DirectMessageError,
     ErrorCode,
-    HandshakeError,
     ProtocolError,
     Unreachable,
 )
@@ -438,27 +437,13 @@ class Forwarder:
         self.counters["spliced_bytes"] += n
 
     async def arrive(self, transport: anyio.abc.ByteStream, buf: bytearray) -> None:
-        """A connection that started with ``00 00``: a splice hello (protocol 10.10).
-
-        Reads the rest of the hello (what follows it must wait for our move,
-        so nothing may), redeems the ticket and hands the connection to the
-        waiting setup.  O(1) work whatever the ticket.
+        """A connection that started ``00 00``: :func:`capsock._splice.read_hello`,
+        then the connection goes to its waiting setup.  O(1) work whatever the ticket.
 
         Raises:
-            HandshakeError: a malformed hello, or a ticket that is unknown,
-                used, expired or whose setup ended (the caller drops it).
+            HandshakeError: not a hello, or no redeemable ticket (the caller drops it).
         """
-        want = HELLO_LEN - 2
-        while len(buf) < want:
-            buf += await transport.receive(want - len(buf))
-        if len(buf) != want or buf[:1] != HELLO[2:]:
-            self.counters["splice_hellos_refused"] += 1
-            raise HandshakeError("a malformed splice hello")
-        found = self.tickets.redeem(bytes(buf[1:]))
-        if found is None:
-            self.counters["splice_hellos_refused"] += 1
-            raise HandshakeError("a splice hello without a valid ticket")
-        pending, is_dialer = found
+        pending, is_dialer = await read_hello(transport, buf, self.tickets, self.counters)
         self.held += 1
         if is_dialer:
             pending.dialer = transport
