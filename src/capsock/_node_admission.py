@@ -21,9 +21,10 @@ from ._admission import source_of
 from ._node_state import HalfOpen, NodeState
 from .errors import (
     CapsockError,
+    HandedOver,
     HandshakeError,
 )
-from .session import HandedOver, Session, accept_handshake
+from .session import Session, accept_handshake
 
 log = logging.getLogger("capsock.node")
 

@@ -49,6 +49,7 @@ from .errors import (
     CapabilityRejected,
     CapsockError,
     ErrorCode,
+    HandedOver,
     HandshakeError,
     LocalUsageError,
     PeerAuthenticationError,
@@ -124,10 +125,6 @@ async def dial_handshake(
             "capsock node at all); check that the URI is complete and current"
         ) from exc
     return hs.read_second(message), bytes(buf)
-
-
-class HandedOver(Exception):
-    """:func:`accept_handshake`: the connection was no handshake; ``hello`` took it."""
 
 
 async def accept_handshake(
