@@ -230,6 +230,17 @@ class NodeConfig:
     """Try a direct path (TCP hole punching) to peers reached through a relay,
     and answer peers that try (docs/direct-paths.md).  ``False``: no candidates
     are sent, no coordination is accepted, relay dials use an ordinary socket."""
+    splice: bool = True
+    """Spliced forwarding (docs/protocol.md 10.10): as a dialer, ask forwarders
+    for a dedicated connection per forwarded session; as a relay client, offer
+    to dial one; as a forwarder, copy such pairs without decrypting.  ``False``:
+    only nested forwarding (10.5), and a ``00 00`` start is a bad handshake."""
+    splice_ticket_ttl: float = 5.0
+    """Seconds a splice ticket stays redeemable (and a forwarder waits for
+    each half of a spliced pair) before the setup falls back to nesting."""
+    splice_idle_timeout: float = 300.0
+    """Seconds a spliced pair may carry no byte in either direction before
+    the forwarder closes it (``inf``: never)."""
     max_sessions: int = 4096
     """Direct sessions (inbound and outbound) this node keeps at once.  When an
     inbound session would exceed it (or the descriptor budget), the oldest
@@ -269,8 +280,11 @@ class NodeConfig:
             raise LocalUsageError(
                 f"accept_forwarded={self.accept_forwarded!r}: use 'trusted', 'any' or 'never'"
             )
-        for name in ("handshake_timeout", "connect_timeout", "direct_timeout"):
+        for name in ("handshake_timeout", "connect_timeout", "direct_timeout", "splice_ticket_ttl"):
             _seconds(name, getattr(self, name))
+        _seconds("splice_idle_timeout", self.splice_idle_timeout, infinite=True)
+        if not isinstance(self.splice, bool):
+            raise LocalUsageError(f"splice must be True or False, got {self.splice!r}")
         _seconds("backlog_wait", self.backlog_wait, zero=True)
         _seconds("replay_window", self.replay_window, zero=True)
         for name in ("max_half_open", "listener_backlog", "max_sessions"):

@@ -263,3 +263,9 @@ class TransferIntegrityError(TransferError):
 
 class NotAnOffer(TransferError):
     """The other side does not speak ``capsock-send/1``: not a ``send`` capability."""
+
+
+class HandedOver(Exception):
+    """Internal, never raised to users: :func:`capsock.net.session.accept_handshake`
+    found no handshake but a splice hello, and its ``hello`` hook took the
+    connection (protocol 10.10).  Not a :class:`CapsockError`: nothing failed."""

@@ -63,6 +63,7 @@ from ..errors import (
     CapabilityRejected,
     CapsockError,
     ErrorCode,
+    HandedOver,
     HandshakeError,
     LocalUsageError,
     PeerAuthenticationError,
@@ -132,11 +133,19 @@ async def accept_handshake(
     local: KeyPair,
     *,
     screen: Callable[[bytes], None] | None = None,
+    hello: Callable[[anyio.abc.ByteStream, bytearray], Awaitable[None]] | None = None,
 ) -> tuple[HandshakeResult, bytes]:
     """Run the responder's side of the IK handshake; return the result and leftover bytes.
 
     ``screen(message)`` sees message 1 before any public-key work and may raise
     (a replay, a source over its rate) to drop the connection cheaply.
+
+    ``hello(transport, buffered)``: when the connection starts with the two
+    bytes ``00 00`` (a record of length 0, which no handshake starts with:
+    the splice hello of protocol 10.10), it is given the transport and what
+    was read after those two bytes.  It either takes the transport (returns;
+    :class:`HandedOver` is raised, and the caller must leave the transport
+    alone) or raises (the caller drops the connection as for a bad handshake).
 
     Raises:
         HandshakeError: malformed, oversized or unauthentic first message (or
@@ -146,6 +155,12 @@ async def accept_handshake(
     """
     hs = ResponderHandshake(local)
     buf = bytearray()
+    if hello is not None:
+        head = await _read_exact(transport, 2, buf)
+        if head == b"\x00\x00":
+            await hello(transport, buf)
+            raise HandedOver
+        buf[:0] = head  # a handshake: read its record as usual
     message = await _read_handshake_record(transport, buf, _MAX_FIRST_MESSAGE)
     if screen is not None:
         screen(message)

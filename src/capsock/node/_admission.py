@@ -19,6 +19,7 @@ from anyio.abc import SocketAttribute
 
 from ..errors import (
     CapsockError,
+    HandedOver,
     HandshakeError,
 )
 from ..net.session import Session, accept_handshake
@@ -45,7 +46,8 @@ class Admission(NodeState):
         if self._tg is None:
             self._tg_close(transport)
             return
-        if self._inbound_direct >= self._fd_budget and not self._shed_one():
+        held = self._inbound_direct + self.forwarder.held  # spliced sockets count too
+        if held >= self._fd_budget and not self._shed_one():
             self._counters["connections_shed"] += 1
             log.info("dropped an inbound connection: the node is full")
             self._tg_close(transport)
@@ -113,6 +115,9 @@ class Admission(NodeState):
             self._counters["connections_shed"] += 1
         session: Session | None = None
         ephemeral = b""
+        handed = False
+        # A splice hello (protocol 10.10) may only come straight over TCP to a forwarder.
+        hello = self.forwarder.arrive if carrier is None and self.config.splice else None
 
         def screen(message: bytes) -> None:
             nonlocal ephemeral
@@ -122,7 +127,12 @@ class Admission(NodeState):
         try:
             with scope:
                 try:
-                    result, leftover = await accept_handshake(transport, self._key, screen=screen)
+                    result, leftover = await accept_handshake(
+                        transport, self._key, screen=screen, hello=hello
+                    )
+                except HandedOver:
+                    handed = True  # the forwarder holds it now (a spliced pair)
+                    return
                 except (
                     CapsockError,
                     anyio.EndOfStream,
@@ -146,7 +156,9 @@ class Admission(NodeState):
                 await session.confirmed.wait()
         finally:
             table.remove(source, key)
-            if session is None or not session.confirmed.is_set() or pending.was_shed:
+            if handed:
+                pass
+            elif session is None or not session.confirmed.is_set() or pending.was_shed:
                 if session is not None:
                     self._drop_log.info(
                         "dropped inbound session from %s: the dialer never spoke", origin

@@ -18,6 +18,7 @@ import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
 
+from ..core.handshake import HandshakeResult
 from ..errors import (
     CapsockError,
     PeerAuthenticationError,
@@ -34,8 +35,9 @@ from ..uri import (
     UnixHint,
     ViaHint,
 )
+from ._splice import ACK, HELLO, dialed_tcp
 from ._state import MAX_ROUTES, NodeState
-from .forwarding import open_via_info, transport_token
+from .forwarding import RouteInfo, open_via_info, transport_token
 
 log = logging.getLogger("capsock.node")
 
@@ -119,8 +121,11 @@ class Dialing(NodeState):
                 timeout = direct_timeout
             try:
                 with anyio.fail_after(timeout):
-                    transport = await self._connect_route(hint, node)
-                    result, leftover = await dial_handshake(transport, self._key, node)
+                    if isinstance(hint, ViaHint):
+                        transport, result, leftover, route = await self._dial_via(hint, node)
+                    else:
+                        transport = await self._connect_route(hint, node)
+                        result, leftover = await dial_handshake(transport, self._key, node)
             except PeerAuthenticationError as exc:
                 auth_failed = True
                 attempts.append((route, str(exc)))
@@ -168,9 +173,77 @@ class Dialing(NodeState):
             return await anyio.connect_unix(hint.path)
         if hint.capability.node == node:
             raise Unreachable("a forwarding route through the endpoint itself is useless")
+        carried, _ = await self._open_via(hint.capability, node, splice=False)
+        return carried
+
+    async def _dial_via(
+        self, hint: ViaHint, node: NodeId
+    ) -> tuple[anyio.abc.ByteStream, HandshakeResult, bytes, str]:
+        """A session to ``node`` through a forwarder: spliced when it can be, else nested.
+
+        The splice (protocol 10.10) is asked for only when this node's session
+        with the forwarder is one it dialed over TCP (the splice connection
+        goes to that same address).  Whatever goes wrong with the splice,
+        the dial falls back to a nested session: it never fails because of it.
+        The transport returned is the caller's to close; on an exception,
+        nothing is left open.
+        """
+        via = hint.capability
+        route = f"via {via.node.short()}"
+        if via.node == node:
+            raise Unreachable("a forwarding route through the endpoint itself is useless")
+        address = None
+        if self.config.splice:
+            token = SHARED_PORT_DIAL.set(True)
+            try:
+                carrier = await self._session_for(via.node, via.hints)
+            finally:
+                SHARED_PORT_DIAL.reset(token)
+            address = dialed_tcp(carrier.route)
+        if address is not None:
+            carried, info = await self._open_via(via, node, splice=True)
+            if info.ticket is None:  # the forwarder nests (no support, no room, ...)
+                return await self._nested_handshake(carried, node, route)
+            spliced = None
+            try:
+                spliced = await self._redeem(address, info.ticket)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await carried.aclose()
+            if spliced is not None:
+                try:
+                    result, leftover = await dial_handshake(spliced, self._key, node)
+                except (CapsockError, OSError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
+                    log.info("spliced route to %s failed (%s); nesting instead", node.short(),
+                             type(exc).__name__)  # fmt: skip
+                    with anyio.CancelScope(shield=True):
+                        await spliced.aclose()
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await spliced.aclose()
+                    raise
+                else:
+                    return spliced, result, leftover, f"{route} (spliced)"
+        carried, _ = await self._open_via(via, node, splice=False)
+        return await self._nested_handshake(carried, node, route)
+
+    async def _nested_handshake(
+        self, carried: anyio.abc.ByteStream, node: NodeId, route: str
+    ) -> tuple[anyio.abc.ByteStream, HandshakeResult, bytes, str]:
+        try:
+            result, leftover = await dial_handshake(carried, self._key, node)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await carried.aclose()
+            raise
+        return carried, result, leftover, route
+
+    async def _open_via(
+        self, via: Capability, node: NodeId, *, splice: bool
+    ) -> tuple[Stream, RouteInfo]:
         token = SHARED_PORT_DIAL.set(True)
         try:
-            carried, info = await open_via_info(self, hint.capability, node)
+            carried, info = await open_via_info(self, via, node, splice=splice)
         finally:
             SHARED_PORT_DIAL.reset(token)
         if self.config.direct_paths:
@@ -179,7 +252,35 @@ class Dialing(NodeState):
             self._route_info.move_to_end(node)
             if len(self._route_info) > MAX_ROUTES:
                 self._route_info.popitem(last=False)
-        return carried
+        return carried, info
+
+    async def _redeem(self, address: tuple[str, int], ticket: bytes) -> anyio.abc.ByteStream | None:
+        """Dial the forwarder, present ``ticket``, wait for its ACK: the spliced transport.
+
+        ``None`` (after logging why, never the ticket) when any of it fails.
+        """
+        transport: anyio.abc.ByteStream | None = None
+        try:
+            with anyio.fail_after(self.config.splice_ticket_ttl):
+                transport = await anyio.connect_tcp(*address)
+                sock = transport.extra(SocketAttribute.raw_socket)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await transport.send(HELLO + ticket)
+                if await transport.receive(1) != ACK:
+                    raise anyio.BrokenResourceError
+        except (OSError, TimeoutError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
+            log.info("splice connection to the forwarder failed (%s); nesting instead",
+                     type(exc).__name__)  # fmt: skip
+            if transport is not None:
+                with anyio.CancelScope(shield=True):
+                    await transport.aclose()
+            return None
+        except BaseException:  # cancelled (the dial's own deadline): leave nothing open
+            if transport is not None:
+                with anyio.CancelScope(shield=True):
+                    await transport.aclose()
+            raise
+        return transport
 
     async def _dial_shared(self, host: str, port: int) -> anyio.abc.ByteStream:
         """Dial from the shared port (chosen by the first such dial)."""

@@ -148,6 +148,9 @@ class NodeState:
             "forwarded_half_open": len(self._nested_half_open),
             "session_count": self._session_count,
             "forwarded_sessions": self._nested_count,
+            **self.forwarder.counters,  # spliced forwarding (protocol 10.10)
+            "spliced_active": self.forwarder.spliced_active,
+            "splice_setups": len(self.forwarder.tickets),
             "inbound_connections_open": self._inbound_direct,
             "descriptor_budget": self._fd_budget,
             "sessions": {str(p): s.stats() for p, s in self._sessions.items()},

@@ -24,6 +24,16 @@ relay, or the introducer who handed R the URI) to carry a session for it::
    nested Noise records) and can only cut the path, never read or alter it
    unnoticed.
 
+Spliced forwarding (protocol 10.10, :mod:`capsock.node._splice`).  When R asks
+with ``"splice": true`` and E registered offering it, step 2 changes: F
+issues two one-time tickets for the authorised request, invites E on E's
+registration stream, and answers R ``{"ok": true, "ticket": ...}``.  R and E
+each dial F afresh and start with a hello (``00 00 01`` and the ticket); F
+pairs the two connections, sends R ``01``, and copies bytes without reading
+them.  The nested IK session then runs straight over TCP: F no longer
+decrypts and re-encrypts every record.  Any failure of that setup ends in
+the nested forwarding above (R asks again without ``"splice"``).
+
 Errors: a refused forwarding capability is :class:`~capsock.CapabilityRejected`;
 every request F does not carry is answered ``{"ok": false, "error": ...}``
 (without any address of E), which the dialer reports as
@@ -36,7 +46,7 @@ import contextlib
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import anyio
@@ -49,6 +59,7 @@ from ..keys import NodeId
 from ..messages import printable, receive_message, send_message
 from ..net.stream import CapsockAttribute, Stream
 from ..uri import Capability, To
+from ._splice import ACK, HELLO, HELLO_LEN, TicketTable, copy_pair, read_hello
 
 __all__ = [
     "TRANSPORT_TOKEN",
@@ -85,12 +96,16 @@ class RouteInfo:
     ``observed``: the address the forwarder sees this node's connection come
     from (None when it did not say, or said something that is not a valid
     candidate); ``peer_direct``: the target registered with the forwarder
-    saying it takes part in direct-path coordination (forward answers only).
-    Both are hints from the forwarder, never proof of anything.
+    saying it takes part in direct-path coordination (forward answers only);
+    ``ticket``: see below.  The first two are hints from the forwarder, never
+    proof of anything.
     """
 
     observed: Address | None = None
     peer_direct: bool = False
+    ticket: bytes | None = field(default=None, repr=False)
+    """The dialer's splice ticket (protocol 10.10), when the forwarder offered
+    a splice; a secret, so never in the repr."""
 
 
 def observed_address(route: str) -> Address | None:
@@ -124,7 +139,10 @@ def _route_info(answer: dict[Any, Any]) -> RouteInfo:
             observed = Address(value[0], value[1])
         except DirectMessageError:
             observed = None
-    return RouteInfo(observed, answer.get("direct") is True)
+    ticket = answer.get("ticket")
+    if not isinstance(ticket, bytes) or len(ticket) != HELLO_LEN - len(HELLO):
+        ticket = None
+    return RouteInfo(observed, answer.get("direct") is True, ticket)
 
 
 def transport_token(voucher: bytes | None) -> bytes:
@@ -215,6 +233,23 @@ class Forwarder:
         self.direct_capable: dict[NodeId, int] = {}
         """Of those, the ones that said they coordinate direct paths (per stream count)."""
         self._per_peer: dict[NodeId, int] = {}
+        self.tickets = TicketTable()
+        """Splice setups waiting for their connections (protocol 10.10)."""
+        self.splice_capable: dict[NodeId, Stream] = {}
+        """Registered nodes that offered to dial splice connections: their
+        latest registration stream, which carries the invitations."""
+        self._invite_locks: dict[Stream, anyio.Lock] = {}
+        self.held = 0
+        """Splice connections this forwarder holds (counted in the node's descriptor budget)."""
+        self.counters = {
+            "spliced_forwards": 0,
+            "spliced_bytes": 0,
+            "splice_fallbacks": 0,
+            "splice_hellos_refused": 0,
+        }
+        """Spliced forwarding, for :meth:`capsock.Node.stats` (no secrets)."""
+        self.spliced_active = 0
+        """Spliced pairs being carried right now."""
 
     def _transit(self, data: bytes) -> bytes:
         if self.tap is None and self.tamper is None:
@@ -252,7 +287,8 @@ class Forwarder:
             if targets:
                 await self._refuse(stream, "this forwarding capability is limited to one target")
             else:
-                await self._registered(stream, request.get("direct") is True)
+                offers = request.get("splice") is True and self._node.config.splice
+                await self._registered(stream, request.get("direct") is True, offers)
             return
         if (
             not isinstance(request, dict)
@@ -278,14 +314,6 @@ class Forwarder:
         self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
         self.active += 1
         try:
-            try:
-                onward = await self._open_transport(target)
-            except (CapsockError, TimeoutError, OSError, anyio.BrokenResourceError) as exc:
-                # The details (every address tried) stay here: the requester
-                # learns only that the target is unreachable through us.
-                log.info("cannot forward %s -> %s: %s", peer.short(), target.short(), str(exc))
-                await self._refuse(stream, UNREACHABLE_REASON)
-                return
             ok: dict[str, Any] = {"ok": True}
             if request.get("direct") is True:
                 # Only for a requester that asked (protocol 10.8): an older
@@ -294,6 +322,23 @@ class Forwarder:
                 if observed is not None:
                     ok["observed"] = observed
                 ok["direct"] = target in self.direct_capable
+            if (
+                request.get("splice") is True
+                and self._node.config.splice
+                and target in self.splice_capable
+                and observed_address(str(stream.extra(CapsockAttribute.route, ""))) is not None
+            ):
+                if await self._splice(stream, peer, target, ok):
+                    return
+                self.counters["splice_fallbacks"] += 1
+            try:
+                onward = await self._open_transport(target)
+            except (CapsockError, TimeoutError, OSError, anyio.BrokenResourceError) as exc:
+                # The details (every address tried) stay here: the requester
+                # learns only that the target is unreachable through us.
+                log.info("cannot forward %s -> %s: %s", peer.short(), target.short(), str(exc))
+                await self._refuse(stream, UNREACHABLE_REASON)
+                return
             try:
                 await send_message(stream, ok)
             except (CapsockError, anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -308,6 +353,99 @@ class Forwarder:
             if not self._per_peer[peer]:
                 del self._per_peer[peer]
 
+    async def _splice(
+        self, stream: Stream, peer: NodeId, target: NodeId, ok: dict[str, Any]
+    ) -> bool:
+        """Carry the forward as a spliced pair (protocol 10.10); False: fall back to nesting.
+
+        Falls back (before anything was answered) when no ticket can be
+        issued or the invitation cannot be sent to the endpoint.  Then the
+        endpoint's invitation and the dialer's ``ok`` answer go out at once,
+        and both connections must arrive within ``splice_ticket_ttl``; if one
+        does not, the setup just ends (the dialer, which waits for our ACK,
+        falls back by itself).
+        """
+        ttl = self._node.config.splice_ticket_ttl
+        pending = self.tickets.issue(peer, target, ttl)
+        if pending is None:
+            log.info("no splice for %s -> %s: too many splice setups", peer.short(), target.short())
+            return False
+        try:
+            invite = {"op": "splice", "ticket": pending.endpoint_ticket}
+            try:
+                with anyio.fail_after(ttl):
+                    invitations = self.splice_capable[target]
+                    async with self._invite_locks[invitations]:  # one message at a time
+                        await send_message(invitations, invite)
+            except (KeyError, TimeoutError, CapsockError, anyio.BrokenResourceError,
+                    anyio.ClosedResourceError):  # fmt: skip
+                log.info("no splice for %s -> %s: cannot invite the endpoint",
+                         peer.short(), target.short())  # fmt: skip
+                return False
+            try:
+                await send_message(stream, {**ok, "ticket": pending.dialer_ticket})
+                with anyio.move_on_after(ttl):
+                    await pending.endpoint_arrived.wait()
+                    await pending.dialer_arrived.wait()
+            except (CapsockError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return True
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await stream.aclose()  # the request stream has done its work
+            dialer, endpoint = pending.dialer, pending.endpoint
+            if dialer is None or endpoint is None:
+                log.info(
+                    "splice %s -> %s: the %s did not connect in time",
+                    peer.short(), target.short(), "endpoint" if endpoint is None else "dialer",
+                )  # fmt: skip
+                return True
+            pending.dialer = pending.endpoint = None  # ours now, closed by copy_pair
+            self.spliced_active += 1
+            try:
+                with contextlib.suppress(
+                    anyio.BrokenResourceError, anyio.ClosedResourceError, OSError
+                ):
+                    await dialer.send(ACK)
+                    self.counters["spliced_forwards"] += 1
+                    log.info("forwarding %s -> %s (spliced)", peer.short(), target.short())
+                    await copy_pair(
+                        dialer, endpoint, self._node.config.splice_idle_timeout, self._moved,
+                        self._transit if self.tap is not None or self.tamper is not None else None,
+                    )  # fmt: skip
+            finally:
+                self.spliced_active -= 1
+                self.held -= 2
+                with anyio.CancelScope(shield=True):  # copy_pair closed them, unless it never ran
+                    await dialer.aclose()
+                    await endpoint.aclose()
+            return True
+        finally:
+            self.tickets.discard(pending)
+            for left in (pending.dialer, pending.endpoint):
+                if left is not None:
+                    self.held -= 1
+                    with anyio.CancelScope(shield=True):
+                        await left.aclose()
+
+    def _moved(self, n: int) -> None:
+        self.counters["spliced_bytes"] += n
+
+    async def arrive(self, transport: anyio.abc.ByteStream, buf: bytearray) -> None:
+        """A connection that started ``00 00``: :func:`capsock.node._splice.read_hello`,
+        then the connection goes to its waiting setup.  O(1) work whatever the ticket.
+
+        Raises:
+            HandshakeError: not a hello, or no redeemable ticket (the caller drops it).
+        """
+        pending, is_dialer = await read_hello(transport, buf, self.tickets, self.counters)
+        self.held += 1
+        if is_dialer:
+            pending.dialer = transport
+            pending.dialer_arrived.set()
+        else:
+            pending.endpoint = transport
+            pending.endpoint_arrived.set()
+
     async def _refuse(self, stream: Stream, why: str, code: ErrorCode = ErrorCode.REFUSED) -> None:
         log.info("refused a forwarding request from %s: %s", stream.peer.short(), why)
         with contextlib.suppress(
@@ -320,9 +458,19 @@ class Forwarder:
         stream.reset(code)
         await stream.aclose()
 
-    async def _registered(self, stream: Stream, direct: bool = False) -> None:
-        """A client keeps this stream open to stay reachable through us."""
+    async def _registered(self, stream: Stream, direct: bool = False, splice: bool = False) -> None:
+        """A client keeps this stream open to stay reachable through us.
+
+        With ``splice`` (the client offered to dial splice connections and
+        its session came straight over TCP), the stream also carries our
+        splice invitations to it (protocol 10.10).
+        """
         peer = stream.peer
+        if splice and observed_address(str(stream.extra(CapsockAttribute.route, ""))) is None:
+            splice = False  # it could not dial us: its session did not come over TCP
+        if splice:
+            self.splice_capable[peer] = stream
+            self._invite_locks[stream] = anyio.Lock()
         self.registered[peer] = self.registered.get(peer, 0) + 1
         if direct:
             self.direct_capable[peer] = self.direct_capable.get(peer, 0) + 1
@@ -339,6 +487,9 @@ class Forwarder:
         except (anyio.EndOfStream, anyio.BrokenResourceError, CapsockError):
             pass
         finally:
+            if self.splice_capable.get(peer) is stream:
+                del self.splice_capable[peer]
+            self._invite_locks.pop(stream, None)
             self.registered[peer] -= 1
             if not self.registered[peer]:
                 del self.registered[peer]
@@ -368,6 +519,8 @@ async def register_info(node: ForwardingHost, relay: Capability) -> tuple[Stream
     request: dict[str, Any] = {"op": "register"}
     if node.config.direct_paths:
         request["direct"] = True
+    if node.config.splice:
+        request["splice"] = True
     stream, answer = await _request(node, relay, request)
     if answer.get("ok") is not True:
         await stream.aclose()
@@ -416,12 +569,20 @@ async def open_via(node: ForwardingHost, via: Capability, target: NodeId) -> Str
 
 
 async def open_via_info(
-    node: ForwardingHost, via: Capability, target: NodeId
+    node: ForwardingHost, via: Capability, target: NodeId, *, splice: bool = False
 ) -> tuple[Stream, RouteInfo]:
-    """:func:`open_via`, and what the forwarder's answer said (protocol 10.8)."""
+    """:func:`open_via`, and what the forwarder's answer said (protocol 10.8).
+
+    With ``splice``, the request offers a spliced pair (protocol 10.10); when
+    the forwarder takes it up, ``RouteInfo.ticket`` is set and the returned
+    stream carries nothing more (close it once the ticket was redeemed or
+    given up); else the stream is the nested transport, as without it.
+    """
     request: dict[str, Any] = {"op": "forward", "to": target.raw}
     if node.config.direct_paths:
         request["direct"] = True
+    if splice:
+        request["splice"] = True
     stream, answer = await _request(node, via, request)
     if answer.get("ok") is not True:
         await stream.aclose()
